@@ -1,0 +1,319 @@
+"""LoRA as a pytree transformation: config, init, split/combine, masks, merge, summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax import _paths
+from lora_jax._implicit import ImplicitArray, is_implicit, materialize
+from lora_jax._lora_weight import LoraWeight, check_factors
+
+INITS = ("default", "gaussian", "zeros")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """What to adapt and how, with PEFT's meaning for each field.
+
+  Attributes:
+    rank: LoRA rank `r` (PEFT `r`).
+    alpha: scaling numerator (PEFT `lora_alpha`); scale is `alpha / rank`, or
+      `alpha / sqrt(rank)` with `rslora`. (Flax NNX's `LoRA` applies no scale.)
+    targets: regex (or list of regexes) fullmatched against "/"-joined leaf paths.
+    rslora: rank-stabilized scaling `alpha / sqrt(rank)` (PEFT `use_rslora`).
+    init: "default" (a Kaiming-uniform as PEFT, b zeros), "gaussian" (a ~ N(0, 1/r),
+      b zeros, PEFT's `init_lora_weights="gaussian"`), or "zeros" (both zero).
+    rank_pattern: {path regex: rank} overrides (first match wins).
+    alpha_pattern: {path regex: alpha} overrides.
+    dtype: dtype of the factors; `None` uses the base weight's dtype.
+    dropout: dropout rate on the low-rank branch input; active only when an rng
+      is attached with `with_dropout_rng` (training), off otherwise.
+    layouts: {path regex: layout} with one letter per kernel axis: "l" stacked
+      layer axis (leading), "i" contracting (input) axis, "o" output axis.
+      2-D kernels default to "io".
+  """
+
+  rank: int = 8
+  alpha: float = 8.0
+  targets: str | Sequence[str] = r".*kernel"
+  rslora: bool = False
+  init: str = "default"
+  rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  dtype: Any = None
+  dropout: float = 0.0
+  layouts: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    for name, v in [("rank", self.rank), *(("rank_pattern[" + k + "]", r)
+                                           for k, r in self.rank_pattern.items())]:
+      if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"LoraConfig.{name} must be a positive int, got {v!r}")
+    for name, v in [("alpha", self.alpha), *(("alpha_pattern[" + k + "]", a)
+                                             for k, a in self.alpha_pattern.items())]:
+      if not isinstance(v, (int, float, np.number)) or isinstance(v, bool) or not v > 0:
+        raise ValueError(f"LoraConfig.{name} must be a positive number, got {v!r}")
+    if self.init not in INITS:
+      raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+    for k, lay in self.layouts.items():
+      if not re.fullmatch(r"l*[io]+", lay or ""):
+        raise ValueError(f"LoraConfig.layouts[{k!r}] = {lay!r}: expected leading 'l's "
+                         "then one 'i' or 'o' per kernel axis, e.g. 'io', 'lio', 'iio'")
+
+  def rank_for(self, path: str) -> int:
+    return int(_paths.first_match(path, self.rank_pattern, self.rank))
+
+  def alpha_for(self, path: str) -> float:
+    return float(_paths.first_match(path, self.alpha_pattern, self.alpha))
+
+  def scale_for(self, path: str) -> float:
+    r, alpha = self.rank_for(path), self.alpha_for(path)
+    return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+
+def _is_lora(x) -> bool:
+  return isinstance(x, LoraWeight)
+
+
+def _layout_for(path: str, leaf, cfg: LoraConfig, traced: Mapping[str, str]) -> str:
+  lay = _paths.first_match(path, cfg.layouts)
+  if lay is None:
+    lay = traced.get(path)
+  if lay is None:
+    if leaf.ndim == 2:
+      lay = "io"
+    else:
+      raise ValueError(
+          f"{path}: kernel of shape {tuple(leaf.shape)} is not 2-D, so lora_jax cannot "
+          "tell its input and output axes. Pass LoraConfig(layouts={"
+          f"{re.escape(path)!r}: 'lio' or 'iio' ...}}) with one letter per axis "
+          "('l' stacked layer, 'i' contracting, 'o' output), or lj.init(..., fn=apply_fn, "
+          "args=example_args) to read them from the function's dot_generals.")
+  if len(lay) != leaf.ndim:
+    raise ValueError(f"{path}: layout {lay!r} has {len(lay)} letters but the kernel "
+                     f"has shape {tuple(leaf.shape)} ({leaf.ndim} axes)")
+  return lay
+
+
+def init(key: jax.Array, params: Any, cfg: LoraConfig, *, fn: Callable | None = None,
+         args: Sequence[Any] = ()) -> Any:
+  """Replace the leaves matched by `cfg.targets` with `LoraWeight`s.
+
+  Args:
+    key: PRNG key for the `a` factors.
+    params: the base parameter pytree.
+    cfg: `LoraConfig`.
+    fn, args: optional; `fn(params, *args)` is traced once and each target's
+      input/output/stacked axes are read from its `dot_general`s.
+
+  Returns:
+    `params` with each target `W` of shape `(*L, *kernel)` replaced by
+    `LoraWeight(w=W, a: (*L, *in, r), b: (*L, r, *out))`, `b` zero, so a fresh
+    adapter leaves the function unchanged.
+
+  Raises:
+    ValueError / TypeError naming the path: pattern matching nothing, a target
+    that is not a floating array with ndim >= 2, a rank larger than the kernel
+    allows, an unknown layout.
+  """
+  leaves = _paths.leaves_with_paths(params, is_leaf=is_implicit)
+  paths = [p for p, _ in leaves]
+  targets = _paths.select_paths(paths, cfg.targets)
+  for pattern in list(cfg.rank_pattern) + list(cfg.alpha_pattern):
+    _paths.select_paths(paths, pattern, what="rank_pattern/alpha_pattern")
+  traced = {}
+  if fn is not None:
+    from lora_jax._layouts import trace_layouts
+    traced = trace_layouts(fn, params, args, targets)
+  keys = iter(jax.random.split(key, max(len(targets), 1)))
+
+  def make(path, leaf):
+    if path not in targets:
+      return leaf
+    if isinstance(leaf, LoraWeight):
+      raise ValueError(f"{path}: already a LoraWeight; merge it first (lj.merge)")
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+      raise TypeError(f"{path}: target is a {type(leaf).__name__}, not an array")
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      raise TypeError(f"{path}: target has dtype {np.dtype(leaf.dtype).name} and shape "
+                      f"{tuple(leaf.shape)}; LoRA needs a floating kernel")
+    if leaf.ndim < 2:
+      raise ValueError(f"{path}: target has shape {tuple(leaf.shape)}; LoRA needs a "
+                       "kernel with at least 2 axes (is the pattern matching a bias "
+                       "or a norm scale?)")
+    lay = _layout_for(path, leaf, cfg, traced)
+    nl = len(lay) - len(lay.lstrip("l"))
+    axes = lay[nl:]
+    if "l" in axes or "i" not in axes or "o" not in axes:
+      raise ValueError(f"{path}: layout {lay!r} must be leading 'l's then at least one "
+                       "'i' and one 'o'")
+    shape = tuple(leaf.shape)
+    batch, kernel = shape[:nl], shape[nl:]
+    ins = tuple(d for d, ax in zip(kernel, axes) if ax == "i")
+    outs = tuple(d for d, ax in zip(kernel, axes) if ax == "o")
+    r = cfg.rank_for(path)
+    rmax = min(int(np.prod(ins)), int(np.prod(outs)))
+    if r > rmax:
+      raise ValueError(f"{path}: rank {r} exceeds min(in={int(np.prod(ins))}, "
+                       f"out={int(np.prod(outs))}) = {rmax} for kernel {shape} "
+                       f"(layout {lay!r})")
+    dtype = cfg.dtype or leaf.dtype
+    fan_in = int(np.prod(ins))
+    k = next(keys)
+    if cfg.init == "default":
+      # PEFT: kaiming_uniform_(A, a=sqrt(5)) on A (r, in) -> U(-1/sqrt(in), 1/sqrt(in)).
+      bound = 1.0 / math.sqrt(fan_in)
+      a = jax.random.uniform(k, (*batch, *ins, r), jnp.float32, -bound, bound)
+    elif cfg.init == "gaussian":
+      a = jax.random.normal(k, (*batch, *ins, r), jnp.float32) / r
+    else:
+      a = jnp.zeros((*batch, *ins, r), jnp.float32)
+    b = jnp.zeros((*batch, r, *outs), dtype)
+    return LoraWeight(w=leaf, a=a.astype(dtype), b=b, scale=cfg.scale_for(path),
+                      axes=axes, dropout=float(cfg.dropout))
+
+  return _paths.map_with_path(make, params, is_leaf=is_implicit)
+
+
+def trainable_mask(params: Any) -> Any:
+  """Bool pytree with `params`' structure: True on LoRA factors, False elsewhere.
+
+  Use with `optax.masked` / `optax.multi_transform`, or `split`.
+  """
+  def mark(x):
+    if isinstance(x, LoraWeight):
+      return _rebuild(x, {
+          name: jax.tree.map(lambda _: name in x.trainable_fields, getattr(x, name))
+          for name in x.data_fields})
+    return jax.tree.map(lambda _: False, x)
+  return jax.tree.map(mark, params, is_leaf=_is_lora)
+
+
+def _rebuild(x, fields: dict) -> Any:
+  """Rebuild a dataclass node with placeholder leaves, bypassing validation."""
+  new = object.__new__(type(x))
+  for f in dataclasses.fields(x):
+    object.__setattr__(new, f.name, fields.get(f.name, getattr(x, f.name)))
+  return new
+
+
+def split(params: Any) -> tuple[Any, Any]:
+  """`(adapter, frozen)`: the trainable LoRA factors, and everything else.
+
+  Both keep `params`' structure with `None` in place of the other part's leaves
+  (equinox's `partition`), so `grad` can be taken with respect to `adapter` alone.
+  """
+  mask = trainable_mask(params)
+  adapter = jax.tree.map(lambda m, x: x if m else None, mask, params)
+  frozen = jax.tree.map(lambda m, x: None if m else x, mask, params)
+  return adapter, frozen
+
+
+def combine(adapter: Any, frozen: Any) -> Any:
+  """Inverse of `split`: leaves of `adapter` where not `None`, else of `frozen`."""
+  is_none = lambda x: x is None  # noqa: E731
+  sa = jax.tree.structure(adapter, is_leaf=is_none)
+  sf = jax.tree.structure(frozen, is_leaf=is_none)
+  if sa != sf:
+    pa = _paths.tree_paths(adapter, is_leaf=is_none)
+    pf = _paths.tree_paths(frozen, is_leaf=is_none)
+    only_a = sorted(set(pa) - set(pf))[:5]
+    only_f = sorted(set(pf) - set(pa))[:5]
+    raise ValueError(
+        "combine: adapter and frozen trees do not have the same structure; "
+        f"paths only in adapter: {only_a or '-'}; only in frozen: {only_f or '-'}"
+        + ("" if only_a or only_f else f"; structures: {sa} vs {sf}"))
+
+  def pick(path, a, f):
+    if a is not None and f is not None:
+      raise ValueError(f"combine: {path} is set in both adapter and frozen")
+    return a if a is not None else f
+
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, a, f: pick(_paths.path_str(kp), a, f), adapter, frozen, is_leaf=is_none)
+
+
+def merge(params: Any) -> Any:
+  """Plain arrays again: every implicit leaf (LoRA `W + scale * A @ B`) materialized."""
+  return jax.tree.map(materialize, params, is_leaf=is_implicit)
+
+
+def with_dropout_rng(params: Any, key: jax.Array) -> Any:
+  """Attach a distinct dropout key to each `LoraWeight` with `dropout > 0`.
+
+  Keys of stacked (scanned) weights get the stacked batch shape, so each layer
+  draws its own mask. Pass the result to the training forward; inference uses
+  `params` without keys (no dropout).
+  """
+  leaves = _paths.leaves_with_paths(params, is_leaf=_is_lora)
+  n = sum(isinstance(x, LoraWeight) for _, x in leaves)
+  keys = iter(jax.random.split(key, max(n, 1)))
+
+  def attach(x):
+    if not isinstance(x, LoraWeight):
+      return x
+    k = next(keys)
+    if x.dropout <= 0:
+      return x
+    batch = tuple(x.w.shape[:x.nbatch])
+    rng = jax.random.split(k, batch) if batch else k
+    return dataclasses.replace(x, rng=rng)
+
+  return jax.tree.map(attach, params, is_leaf=_is_lora)
+
+
+def _nbytes(x) -> int:
+  return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+def summary(params: Any) -> str:
+  """A table of trainable vs total parameters and bytes (PEFT's `print_trainable_parameters`).
+
+  Returns the table as a string: one row per LoRA leaf (path, kernel shape, rank,
+  trainable parameters), then totals.
+  """
+  rows = []
+  total_n = total_b = train_n = train_b = 0
+  for path, x in _paths.leaves_with_paths(params, is_leaf=is_implicit):
+    if isinstance(x, LoraWeight):
+      tn = sum(int(np.prod(getattr(x, f).shape)) for f in x.trainable_fields)
+      tb = sum(_nbytes(getattr(x, f)) for f in x.trainable_fields)
+      base_leaves = jax.tree.leaves(x.w)
+      bn = int(np.prod(x.shape))
+      bb = sum(_nbytes(l) for l in base_leaves)
+      rows.append((path, "x".join(map(str, x.shape)), str(x.rank), f"{tn:,}"))
+      total_n += bn + tn
+      total_b += bb + tb
+      train_n += tn
+      train_b += tb
+    elif isinstance(x, ImplicitArray):
+      total_n += x.size
+      total_b += sum(_nbytes(l) for l in jax.tree.leaves(x))
+    elif hasattr(x, "shape") and hasattr(x, "dtype"):
+      total_n += int(np.prod(x.shape))
+      total_b += _nbytes(x)
+  head = ("path", "shape", "rank", "trainable")
+  widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+            for i, h in enumerate(head)]
+  fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+  lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+  lines += [fmt.format(*r) for r in rows]
+  pct = 100.0 * train_n / total_n if total_n else 0.0
+  lines.append("")
+  lines.append(f"trainable params: {train_n:,} || all params: {total_n:,} || "
+               f"trainable%: {pct:.4f}")
+  lines.append(f"trainable bytes: {train_b:,} || all bytes: {total_b:,}")
+  return "\n".join(lines)
+
+
+__all__ = ["LoraConfig", "init", "split", "combine", "trainable_mask", "merge",
+           "summary", "with_dropout_rng", "check_factors"]

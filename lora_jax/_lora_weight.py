@@ -1,0 +1,306 @@
+"""`LoraWeight`: a kernel `W` with a low-rank update, `W + scale * A @ B`.
+
+Axis layout. `axes` gives one letter per trailing axis of `w`: "i" a contracting
+(input) axis, "o" an output axis; any further leading axes of `w` are batch axes
+(stacked layers under `scan`) shared by `w`, `a` and `b`:
+
+    w: (*batch, *kernel)      kernel axes described by `axes`, e.g. "io", "iio"
+    a: (*batch, *in, r)       the "i" axes of `w`, in order
+    b: (*batch, r, *out)      the "o" axes of `w`, in order
+
+Keeping the layout relative to the trailing axes is what lets `scan`/`vmap`
+slice a stacked `LoraWeight` into per-layer ones without touching metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import primitives as P
+
+from lora_jax._implicit import ImplicitArray, bind, register_rule
+
+
+def _has_shape(x) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, bool)
+
+
+def _delta_einsum(axes: str, nbatch: int) -> str:
+  """einsum spec "...I r, ... r O -> ... W" for a trailing layout like "io"."""
+  letters = "abcdefghjklmnpqstuvwxyz"
+  ins, outs, kernel = [], [], []
+  for k, ax in enumerate(axes):
+    c = letters[k]
+    kernel.append(c)
+    (ins if ax == "i" else outs).append(c)
+  return f"...{''.join(ins)}R,...R{''.join(outs)}->...{''.join(kernel)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraWeight(ImplicitArray):
+  """A kernel with a LoRA update. `materialize()` is `w + scale * A @ B` (in `w`'s layout).
+
+  Attributes:
+    w: base kernel, `(*batch, *kernel)`; a plain array or an `ImplicitArray`
+      (a quantized base makes this QLoRA).
+    a: `(*batch, *in, r)`.
+    b: `(*batch, r, *out)`.
+    rng: optional PRNG key array of shape `batch` for dropout on the low-rank
+      branch (set by `lj.with_dropout_rng`; `None` at inference).
+    scale: `alpha / r` (or `alpha / sqrt(r)` with rsLoRA). Static.
+    axes: one letter ("i"/"o") per trailing kernel axis of `w`. Static.
+    dropout: dropout rate on the input of the low-rank branch. Static.
+  """
+
+  w: Any
+  a: Any
+  b: Any
+  rng: Any = None
+  scale: float = 1.0
+  axes: str = "io"
+  dropout: float = 0.0
+
+  def __post_init__(self):
+    # Tree utilities rebuild nodes with placeholder leaves (None, bools, object());
+    # validate only when the children are arrays.
+    if all(_has_shape(x) for x in (self.w, self.a, self.b)):
+      check_factors(self.w.shape, self.a.shape, self.b.shape, self.axes,
+                    where=type(self).__name__)
+
+  # --- logical array
+  @property
+  def shape(self):
+    return tuple(self.w.shape)
+
+  @property
+  def dtype(self):
+    return self.w.dtype
+
+  @property
+  def nbatch(self) -> int:
+    return len(self.w.shape) - len(self.axes)
+
+  @property
+  def rank(self) -> int:
+    return int(self.a.shape[-1])
+
+  def delta(self) -> jax.Array:
+    """`scale * A @ B` in `w`'s layout, computed in float32, cast to `w`'s dtype."""
+    d = jnp.einsum(_delta_einsum(self.axes, self.nbatch),
+                   self.a.astype(jnp.float32), self.b.astype(jnp.float32))
+    return (self.scale * d).astype(self.dtype)
+
+  def materialize(self) -> jax.Array:
+    w = self.w.materialize() if isinstance(self.w, ImplicitArray) else self.w
+    d = jnp.einsum(_delta_einsum(self.axes, self.nbatch),
+                   self.a.astype(jnp.float32), self.b.astype(jnp.float32))
+    return (w.astype(jnp.float32) + self.scale * d).astype(w.dtype)
+
+  # --- fields a trainer updates (DoRA adds its magnitude)
+  trainable_fields = ("a", "b")
+  data_fields = ("w", "a", "b", "rng")
+
+
+jax.tree_util.register_dataclass(
+    LoraWeight, data_fields=["w", "a", "b", "rng"],
+    meta_fields=["scale", "axes", "dropout"])
+
+
+def check_factors(w_shape, a_shape, b_shape, axes: str, where: str = "LoraWeight",
+                  path: str | None = None) -> None:
+  """Raise `ValueError` unless `a`, `b` fit `w` under layout `axes`."""
+  at = f"{path}: " if path else ""
+  w_shape, a_shape, b_shape = tuple(w_shape), tuple(a_shape), tuple(b_shape)
+  if not axes or set(axes) - {"i", "o"} or "i" not in axes or "o" not in axes:
+    raise ValueError(f"{at}{where} axes {axes!r} must use the letters 'i' and 'o' "
+                     "(each at least once), one per trailing kernel axis")
+  nb = len(w_shape) - len(axes)
+  if nb < 0:
+    raise ValueError(f"{at}{where} axes {axes!r} has more letters than w {w_shape} has axes")
+  batch, kernel = w_shape[:nb], w_shape[nb:]
+  ins = tuple(d for d, ax in zip(kernel, axes) if ax == "i")
+  outs = tuple(d for d, ax in zip(kernel, axes) if ax == "o")
+  if len(a_shape) < 1 or len(b_shape) < 1:
+    raise ValueError(f"{at}{where} factors must have a rank axis; got a {a_shape}, b {b_shape}")
+  r = a_shape[-1]
+  want_a, want_b = (*batch, *ins, r), (*batch, r, *outs)
+  if a_shape != want_a or b_shape != want_b:
+    raise ValueError(
+        f"{at}{where} factors do not fit w {w_shape} (axes {axes!r}, batch {batch}): "
+        f"expected a {want_a} and b {want_b}, got a {a_shape} and b {b_shape}")
+
+
+# ----------------------------------------------------------------------------
+# implicit rules
+
+def _other_dense(x):
+  return x.materialize() if isinstance(x, ImplicitArray) else x
+
+
+def _lora_dropout(lw: LoraWeight, x, x_batch_dims):
+  """Dropout on the branch input `x`; one mask per use, key from `lw.rng`."""
+  if lw.rng is None or lw.dropout <= 0.0:
+    return x
+  keep = 1.0 - lw.dropout
+  key = lw.rng
+  # A stacked key (under vmap over layers) arrives as batch dims; a single key
+  # per logical leaf is the common case.
+  if getattr(key, "shape", ()) != ():
+    key = jnp.reshape(key, (-1,))[0]
+  mask = jax.random.bernoulli(key, keep, x.shape)
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+def _dot_general_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
+                      preferred_element_type=None, **params):
+  """`x @ W` as `x @ w + scale * (x @ A) @ B`, never forming `A @ B`.
+
+  Handles the LoRA leaf on either side, contraction over its in axes (`(x@A)@B`)
+  or over its out axes (tied embeddings: `(x @ B^T) @ A^T`), and dot batch dims
+  that cover the leaf's stacked axes.
+  """
+  (lc, rc), (lb, rb) = dimension_numbers
+  on_rhs = isinstance(rhs, LoraWeight)
+  lw, x = (rhs, lhs) if on_rhs else (lhs, rhs)
+  wc, wb = (rc, rb) if on_rhs else (lc, lb)
+  xc, xb = (lc, lb) if on_rhs else (rc, rb)
+  x = _other_dense(x)
+  nb = lw.nbatch
+  if tuple(wb) != tuple(range(nb)):   # stacked axes must be dot batch dims, in order
+    return NotImplemented
+  in_pos = [k for k, ax in enumerate(lw.axes) if ax == "i"]
+  out_pos = [k for k, ax in enumerate(lw.axes) if ax == "o"]
+  kernel_c = sorted(c - nb for c in wc)
+  if kernel_c == in_pos:       # contract the in axes: (x @ A) @ B
+    first, second, group, first_off, r_first, r_second = (
+        lw.a, lw.b, in_pos, nb, lw.a.ndim - 1, nb)
+  elif kernel_c == out_pos:    # contract the out axes: (x @ B^T) @ A^T
+    first, second, group, first_off, r_first, r_second = (
+        lw.b, lw.a, out_pos, nb + 1, nb, lw.a.ndim - 1)
+  else:
+    return NotImplemented
+  pos_in_first = {k: first_off + j for j, k in enumerate(group)}
+  first_c = tuple(pos_in_first[c - nb] for c in wc)
+  batch = tuple(range(nb))
+  kw = dict(precision=precision, preferred_element_type=preferred_element_type)
+
+  base = (bind(prim, x, lw.w, dimension_numbers=dimension_numbers, **kw, **params)
+          if on_rhs else
+          bind(prim, lw.w, x, dimension_numbers=dimension_numbers, **kw, **params))
+  dt = x.dtype
+  xd = _lora_dropout(lw, x, xb)
+  first, second = first.astype(dt), second.astype(dt)
+  if on_rhs:   # t: (batch, x_free, r); y: (batch, x_free, second_free)
+    t = lax.dot_general(xd, first, ((tuple(xc), first_c), (tuple(xb), batch)), **kw)
+    t = (t * jnp.asarray(lw.scale, t.dtype)).astype(dt)
+    y = lax.dot_general(t, second, (((t.ndim - 1,), (r_second,)), (batch, batch)), **kw)
+  else:        # t: (batch, r, x_free); y: (batch, second_free, x_free)
+    t = lax.dot_general(first, xd, ((first_c, tuple(xc)), (batch, tuple(xb))), **kw)
+    t = (t * jnp.asarray(lw.scale, t.dtype)).astype(dt)
+    y = lax.dot_general(second, t, (((r_second,), (nb,)), (batch, batch)), **kw)
+  del r_first
+  return base + y.astype(base.dtype)
+
+
+register_rule(P.dot_general_p, LoraWeight)(_dot_general_rule)
+
+
+@register_rule(P.convert_element_type_p, LoraWeight)
+def _convert_rule(prim, lw, *, new_dtype, **params):
+  w = bind(prim, lw.w, new_dtype=new_dtype, **params)
+  a = lax.convert_element_type(lw.a, new_dtype)
+  b = lax.convert_element_type(lw.b, new_dtype)
+  return dataclasses.replace(lw, w=w, a=a, b=b)
+
+
+@register_rule(P.transpose_p, LoraWeight)
+def _transpose_rule(prim, lw, *, permutation):
+  nb = lw.nbatch
+  perm = tuple(permutation)
+  if perm[:nb] != tuple(range(nb)):
+    return NotImplemented
+  kperm = [p - nb for p in perm[nb:]]        # new kernel axis j <- old kernel axis kperm[j]
+  new_axes = "".join(lw.axes[k] for k in kperm)
+  old_in = [k for k, ax in enumerate(lw.axes) if ax == "i"]
+  old_out = [k for k, ax in enumerate(lw.axes) if ax == "o"]
+  in_order = [old_in.index(k) for k in kperm if lw.axes[k] == "i"]
+  out_order = [old_out.index(k) for k in kperm if lw.axes[k] == "o"]
+  a = jnp.transpose(lw.a, (*range(nb), *(nb + j for j in in_order), lw.a.ndim - 1))
+  b = jnp.transpose(lw.b, (*range(nb + 1), *(nb + 1 + j for j in out_order)))
+  w = bind(prim, lw.w, permutation=permutation)
+  return dataclasses.replace(lw, w=w, a=a, b=b, axes=new_axes)
+
+
+@register_rule(P.reshape_p, LoraWeight)
+def _reshape_rule(prim, lw, *, new_sizes, dimensions=None, **params):
+  """Reshape that splits/merges axes within the in group and within the out group."""
+  if dimensions is not None:
+    return NotImplemented
+  nb = lw.nbatch
+  shape, new = tuple(lw.shape), tuple(new_sizes)
+  if new[:nb] != shape[:nb]:
+    return NotImplemented
+  axes = lw.axes
+  # Only layouts with contiguous groups ("ii..oo" or "oo..ii") can be regrouped.
+  first = axes[0]
+  nfirst = len(axes) - len(axes.lstrip(first))
+  if axes[nfirst:].count(first):
+    return NotImplemented
+  kernel, knew = shape[nb:], new[nb:]
+  n_first = int(np.prod(kernel[:nfirst]))
+  acc, split = 1, None
+  for j, d in enumerate(knew):
+    if acc == n_first:
+      split = j
+      break
+    acc *= d
+  if split is None and acc == n_first:
+    split = len(knew)
+  if split is None or split == 0 or split == len(knew):
+    return NotImplemented
+  other = "o" if first == "i" else "i"
+  new_axes = first * split + other * (len(knew) - split)
+  in_shape = knew[:split] if first == "i" else knew[split:]
+  out_shape = knew[split:] if first == "i" else knew[:split]
+  r = lw.rank
+  batch = shape[:nb]
+  a = jnp.reshape(lw.a, (*batch, *in_shape, r))
+  b = jnp.reshape(lw.b, (*batch, r, *out_shape))
+  w = bind(prim, lw.w, new_sizes=new_sizes, dimensions=dimensions, **params)
+  return dataclasses.replace(lw, w=w, a=a, b=b, axes=new_axes)
+
+
+@register_rule(P.gather_p, LoraWeight)
+def _gather_rule(prim, lw, indices, *, dimension_numbers, slice_sizes, **params):
+  """Embedding lookup `W[ids] + scale * A[ids] @ B` for a 2-D "io" table."""
+  dn = dimension_numbers
+  if lw.nbatch or lw.axes != "io":
+    return NotImplemented
+  vocab, dim = lw.shape
+  if (tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
+      or tuple(slice_sizes) != (1, dim) or len(dn.offset_dims) != 1
+      or getattr(dn, "operand_batching_dims", ()) != ()):
+    return NotImplemented
+  out_nd = indices.ndim - 1 + 1  # indices' batch dims + the offset dim
+  if tuple(dn.offset_dims) != (out_nd - 1,):
+    return NotImplemented
+  base = bind(prim, lw.w, indices, dimension_numbers=dn, slice_sizes=slice_sizes, **params)
+  rows = prim.bind(lw.a, indices, dimension_numbers=dn,
+                   slice_sizes=(1, lw.rank), **params)          # (..., r)
+  rows = rows.astype(base.dtype) * jnp.asarray(lw.scale, base.dtype)
+  return base + jnp.matmul(rows, lw.b.astype(base.dtype))
+
+
+@register_rule(P.copy_p, LoraWeight)
+def _copy_rule(prim, lw, **params):
+  return lw
+
+
+__all__ = ["LoraWeight", "check_factors"]
+del math

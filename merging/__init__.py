@@ -1,0 +1,1 @@
+"""Model merging as tree-map operations over pytrees."""

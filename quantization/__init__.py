@@ -1,0 +1,1 @@
+"""Quantization (NF4/FP4/int4/int8) as pytree transformations, with dequant-matmul kernels."""
