@@ -257,7 +257,7 @@ def _custom_jvp_handler(eqn, params, invals):
   # Derivative: the user's own jvp rule on the dense values (the rule was written
   # for plain arrays), fed the dense tangent of each implicit leaf.
   prim = eqn.primitive
-  closed = params["call_jaxpr"]
+  closed = eqn.params["call_jaxpr"]
 
   def original(*dense):
     return prim.bind(*dense, **params)
@@ -276,7 +276,7 @@ def _custom_jvp_handler(eqn, params, invals):
 
 def _custom_vjp_handler(eqn, params, invals):
   prim = eqn.primitive
-  closed = params["call_jaxpr"]
+  closed = eqn.params["call_jaxpr"]
 
   def original(*dense):
     return prim.bind(*dense, **params)
