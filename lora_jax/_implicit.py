@@ -316,6 +316,16 @@ def _is_dynamic(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic, ImplicitArray))
 
 
+def _abstract(x: ImplicitArray) -> jax.ShapeDtypeStruct:
+  try:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
+  except AttributeError as e:
+    raise TypeError(
+        f"lora_jax.implicit: a {type(x).__name__} argument is incomplete ({e}); "
+        "an adapter tree from lj.split has no base weights: pass "
+        "lj.combine(adapter, frozen) to the transformed function") from None
+
+
 def implicit(fn: Callable, *, materialize_outputs: bool = True) -> Callable:
   """Transform `fn` so it accepts `ImplicitArray` leaves anywhere in its arguments.
 
@@ -339,8 +349,7 @@ def implicit(fn: Callable, *, materialize_outputs: bool = True) -> Callable:
     leaves, treedef = jtu.tree_flatten((args, kwargs), is_leaf=is_implicit)
     dynamic_idx = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
     dynamic = [leaves[i] for i in dynamic_idx]
-    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) if is_implicit(x) else x
-                for x in dynamic]
+    abstract = [_abstract(x) if is_implicit(x) else x for x in dynamic]
 
     def flat_fn(*dyn):
       full = list(leaves)

@@ -22,3 +22,10 @@ def _fresh_warning_registry():
   from lora_jax import _implicit
   _implicit._WARNED.clear()
   yield
+
+
+@pytest.fixture
+def standard_promotion():
+  """optax mixes Python floats with int32 step counts, which strict promotion rejects."""
+  with jax.numpy_dtype_promotion("standard"):
+    yield
