@@ -206,3 +206,30 @@ def test_property_factored_forward_equals_merged(d_in, d_out, r, alpha, rslora):
   x = jax.random.normal(jax.random.key(1), (3, d_in))
   got = lj.implicit(lambda q, y: y @ q["k"])(p, x)
   np.testing.assert_allclose(got, x @ lj.merge(p)["k"], rtol=2e-4, atol=2e-4)
+
+
+def test_dropout_only_with_rng_and_unbiased():
+  params = {"k": jax.random.normal(KEY, (16, 8))}
+  p = lj.init(KEY, params, lj.LoraConfig(rank=4, alpha=4, dropout=0.5, targets="k"))
+  lw = p["k"]
+  p = {"k": lj.LoraWeight(w=lw.w, a=lw.a, b=jnp.ones_like(lw.b), scale=lw.scale,
+                          axes=lw.axes, dropout=lw.dropout)}
+  x = jax.random.normal(KEY, (4, 16))
+  f = jax.jit(lj.implicit(lambda q, y: y @ q["k"]))
+  no_drop = f(p, x)
+  np.testing.assert_allclose(no_drop, x @ lj.merge(p)["k"], rtol=1e-5, atol=1e-5)  # no rng
+  outs = jnp.stack([f(lj.with_dropout_rng(p, jax.random.key(s)), x) for s in range(400)])
+  assert not np.allclose(outs[0], no_drop)  # dropout is active with an rng
+  assert not np.allclose(outs[0], outs[1])  # and a new key draws a new mask
+  # base path untouched: each output differs from no_drop only through the branch,
+  # and the branch is unbiased (inverted dropout), so the mean converges to no_drop.
+  branch_sd = float(jnp.std(outs - no_drop[None]))
+  np.testing.assert_allclose(outs.mean(0), no_drop, atol=4 * branch_sd / np.sqrt(400))
+
+
+def test_dropout_keys_follow_stacked_layers():
+  params = {"k": jnp.zeros((3, 8, 4))}
+  p = lj.init(KEY, params, lj.LoraConfig(rank=2, dropout=0.1, targets="k",
+                                         layouts={"k": "lio"}))
+  rng = lj.with_dropout_rng(p, KEY)["k"].rng
+  assert rng.shape == (3,)  # one key per layer so scan slices it with the weights
