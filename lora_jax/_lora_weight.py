@@ -15,6 +15,7 @@ slice a stacked `LoraWeight` into per-layer ones without touching metadata.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.extend.core import primitives as P
 
 from lora_jax._implicit import ImplicitArray, bind, register_rule
@@ -139,6 +141,9 @@ def check_factors(w_shape, a_shape, b_shape, axes: str, where: str = "LoraWeight
 # ----------------------------------------------------------------------------
 # implicit rules
 
+_FUSE = [True]  # one GEMM for x @ [w | a]; a list so benchmarks can switch it off
+
+
 def _other_dense(x):
   return x.materialize() if isinstance(x, ImplicitArray) else x
 
@@ -157,6 +162,69 @@ def _lora_dropout(lw: LoraWeight, x, x_batch_dims):
   return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_lora_matmul(x, w, a, b, scale):
+  """`x @ w + scale * (x @ a) @ b` for a 2-D `w`, with one GEMM for `x @ [w | a]`.
+
+  Forward: one GEMM over the concatenated `[w | a]` (the skinny `x @ a` rides along
+  with the big one). Backward: `dx = [dy | dt] @ [w | a]^T`, again one GEMM; `da`
+  and `db` are skinny; `dw` and `dx` are computed only for inputs that are being
+  differentiated (`symbolic_zeros`), so a frozen base never costs a weight gradient.
+  """
+  return _fused_forward(x, w, a, b, scale)[0]
+
+
+def _fused_forward(x, w, a, b, scale):
+  out = w.shape[-1]
+  wa = jnp.concatenate([w, a.astype(w.dtype)], axis=-1)
+  ya = jnp.matmul(x, wa, preferred_element_type=jnp.float32)
+  t = (ya[..., out:] * scale).astype(x.dtype)
+  y = ya[..., :out] + jnp.matmul(t, b.astype(x.dtype), preferred_element_type=jnp.float32)
+  return y.astype(x.dtype), t
+
+
+def _fused_fwd(x, w, a, b, scale):
+  need = tuple(p.perturbed for p in (x, w, a, b))
+  x, w, a, b = (p.value for p in (x, w, a, b))
+  y, t = _fused_forward(x, w, a, b, scale)
+  # Which cotangents to build is static: encode it in the residuals' structure.
+  return y, ((x, w, a, b, t), need)
+
+
+def _fused_bwd(scale, res, dy):
+  (x, w, a, b, t), (need_x, need_w, need_a, need_b) = res
+  if isinstance(dy, SymbolicZero):
+    return None, None, None, None
+  out = w.shape[-1]
+  dt = jnp.matmul(dy, b.astype(dy.dtype).T, preferred_element_type=jnp.float32)
+  dt = (dt * scale).astype(dy.dtype)
+  x2 = x.reshape(-1, x.shape[-1])
+  dx = dw = da = db = None
+  if need_x:
+    wa = jnp.concatenate([w, a.astype(w.dtype)], axis=-1)
+    dx = jnp.matmul(jnp.concatenate([dy, dt], axis=-1), wa.T,
+                    preferred_element_type=jnp.float32).astype(x.dtype)
+  if need_a:
+    da = (x2.T @ dt.reshape(-1, dt.shape[-1])).astype(a.dtype)
+  if need_b:
+    db = (t.reshape(-1, t.shape[-1]).T @ dy.reshape(-1, out)).astype(b.dtype)
+  if need_w:
+    dw = (x2.T @ dy.reshape(-1, out)).astype(w.dtype)
+  return dx, dw, da, db
+
+
+_fused_lora_matmul.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
+
+
+def _fusable(lw, x, dimension_numbers, on_rhs, params) -> bool:
+  """The common case `x @ W` for a plain 2-D kernel, contracting x's last axis."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  return (on_rhs and lw.nbatch == 0 and lw.axes == "io" and not lb and not rb
+          and tuple(rc) == (0,) and tuple(lc) == (x.ndim - 1,)
+          and not isinstance(lw.w, ImplicitArray) and lw.rng is None
+          and x.dtype == lw.w.dtype and params.get("out_sharding") is None)
+
+
 def _dot_general_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
                       preferred_element_type=None, **params):
   """`x @ W` as `x @ w + scale * (x @ A) @ B`, never forming `A @ B`.
@@ -171,6 +239,10 @@ def _dot_general_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
   wc, wb = (rc, rb) if on_rhs else (lc, lb)
   xc, xb = (lc, lb) if on_rhs else (rc, rb)
   x = _other_dense(x)
+  if _FUSE[0] and _fusable(lw, x, dimension_numbers, on_rhs, params):
+    y = _fused_lora_matmul(x, lw.w, lw.a, lw.b, float(lw.scale))
+    want = preferred_element_type or x.dtype
+    return y.astype(want)
   nb = lw.nbatch
   if tuple(wb) != tuple(range(nb)):   # stacked axes must be dot batch dims, in order
     return NotImplemented

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
 import lora_jax as lj
+from jaxpr_walk import dot_output_shapes
 
 KEY = jax.random.key(0)
 VOCAB, D, HEADS, LAYERS = 48, 32, 4, 3
@@ -47,24 +48,6 @@ def _check_fwd_and_grad(apply, params, *args, atol=1e-4):
   g_ref = jax.grad(lambda ad: loss(lambda p, *a: apply(lj.merge(p), *a), ad))(adapter)
   chex.assert_trees_all_close(g, g_ref, atol=10 * atol, rtol=10 * atol)
   assert sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(g)) > 0
-
-
-def _dot_output_shapes(closed_jaxpr):
-  """Output shapes of every dot_general, including those in inner jaxprs."""
-  shapes = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        shapes.append(tuple(eqn.outvars[0].aval.shape))
-      for v in eqn.params.values():
-        for j in (v if isinstance(v, (tuple, list)) else [v]):
-          if isinstance(j, jax.extend.core.ClosedJaxpr):
-            walk(j.jaxpr)
-          elif isinstance(j, jax.extend.core.Jaxpr):
-            walk(j)
-  walk(closed_jaxpr.jaxpr)
-  return shapes
 
 
 def _lora_kernel_shapes(params):
@@ -164,17 +147,17 @@ def test_factored_path_is_real_in_the_jaxpr():
   cfg = lj.LoraConfig(rank=4, alpha=8, targets=LINEN_TARGETS, layouts=LINEN_LAYOUTS)
   lp = lj.init(KEY, variables, cfg)
   kernels = _lora_kernel_shapes(lp)
-  dots = _dot_output_shapes(jax.make_jaxpr(lj.implicit(model.apply))(lp, ids))
+  dots = dot_output_shapes(jax.make_jaxpr(lj.implicit(model.apply))(lp, ids))
   assert dots, "no dot_general found"
   assert not kernels & set(dots), f"a dot_general built a LoRA kernel: {kernels & set(dots)}"
   # the same walk on the merged reference does find them (the check can fail)
   merged = jax.make_jaxpr(lambda p, i: model.apply(lj.merge(p), i))(lp, ids)
-  assert kernels & set(_dot_output_shapes(merged))
+  assert kernels & set(dot_output_shapes(merged))
   # and the gradient jaxpr stays factored too
   adapter, frozen = lj.split(lp)
   gjaxpr = jax.make_jaxpr(jax.grad(
       lambda ad: jnp.sum(lj.implicit(model.apply)(lj.combine(ad, frozen), ids))))(adapter)
-  assert not kernels & set(_dot_output_shapes(gjaxpr))
+  assert not kernels & set(dot_output_shapes(gjaxpr))
 
 
 # --- 3. Flax NNX through nnx.split / nnx.merge --------------------------------------

@@ -1,0 +1,41 @@
+"""The examples run and do what they say (short versions)."""
+
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+
+
+@pytest.mark.slow
+def test_finetune_lora_loss_falls(standard_promotion):
+  import finetune_lora
+  run = finetune_lora.main(steps=40, pretrain_steps=10, batch=8, verbose=False)
+  loss = np.asarray(run["loss"])
+  assert np.all(np.isfinite(loss))
+  assert loss[-5:].mean() < 0.7 * loss[:5].mean()
+  assert "trainable params:" in run["summary"]
+
+
+def test_implicit_passes_static_arguments_through():
+  import dataclasses
+  import jax
+  import lora_jax as lj
+
+  @dataclasses.dataclass(frozen=True)
+  class Cfg:
+    act: str
+
+  def f(p, cfg, x, *, shift=0):
+    y = x @ p["k"]
+    return (jnp.tanh(y) if cfg.act == "tanh" else y) + shift
+
+  p = lj.init(jax.random.key(0), {"k": jnp.ones((4, 3))}, lj.LoraConfig(rank=2, targets="k"))
+  x = jnp.ones((2, 4))
+  np.testing.assert_allclose(lj.implicit(f)(p, Cfg("tanh"), x, shift=1),
+                             f(lj.merge(p), Cfg("tanh"), x, shift=1), rtol=1e-6)
+  np.testing.assert_allclose(lj.implicit(f)(p, Cfg("id"), x), f(lj.merge(p), Cfg("id"), x),
+                             rtol=1e-6)
