@@ -5,6 +5,7 @@ from lora_jax._implicit import (ImplicitArray, bind, implicit, is_implicit, mate
 from lora_jax._lora import (LoraConfig, combine, init, merge, split, summary,
                             trainable_mask, with_dropout_rng)
 from lora_jax._lora_weight import LoraWeight, check_factors
+from lora_jax._serving import MultiLoraWeight, set_adapter, stack_adapters, with_adapter_ids
 from lora_jax._paths import leaves_with_paths, map_with_path, path_str, select_paths
 
 __version__ = "0.1.0"
@@ -14,4 +15,5 @@ __all__ = [
     "implicit", "init", "is_implicit", "leaves_with_paths", "map_with_path",
     "materialize", "materialize_tree", "merge", "path_str", "register_rule",
     "select_paths", "split", "summary", "trainable_mask", "with_dropout_rng",
+    "MultiLoraWeight", "stack_adapters", "with_adapter_ids", "set_adapter",
 ]
