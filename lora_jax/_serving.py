@@ -197,7 +197,10 @@ def _multi_dot_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
   if not isinstance(rhs, MultiLoraWeight) or isinstance(lhs, ImplicitArray):
     return NotImplemented
   m, x = rhs, lhs
-  if m.nbatch or lb or rb or 0 in lc or m.ids is None or x.shape[0] != m.ids.shape[0]:
+  if m.ids is None:
+    raise ValueError("MultiLoraWeight used without adapter ids: call "
+                     "lj.with_adapter_ids(served, ids) first")
+  if m.nbatch or lb or rb or 0 in lc or x.shape[0] != m.ids.shape[0]:
     return NotImplemented
   in_pos = [k for k, ax in enumerate(m.axes) if ax == "i"]
   if sorted(rc) != in_pos:
