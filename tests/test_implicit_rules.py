@@ -138,6 +138,8 @@ def _check_case(f, params, x, atol=1e-4, rtol=1e-4):
   want = f(lj.merge(params), x)
   got = lj.implicit(f)(params, x)
   chex.assert_trees_all_close(got, want, atol=atol, rtol=rtol)
+  chex.assert_trees_all_equal_dtypes(got, want)   # a transform never changes the dtype
+  chex.assert_trees_all_equal_shapes(got, want)
   adapter, frozen = lj.split(params)
 
   def loss(fn, ad):
