@@ -18,7 +18,6 @@ with `register_rule`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import warnings
 from typing import Any, Callable
@@ -371,4 +370,3 @@ def implicit(fn: Callable, *, materialize_outputs: bool = True) -> Callable:
 __all__ = ["ImplicitArray", "implicit", "register_rule", "bind", "materialize",
            "materialize_tree", "is_implicit"]
 
-del dataclasses

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -375,4 +374,3 @@ def _copy_rule(prim, lw, **params):
 
 
 __all__ = ["LoraWeight", "check_factors"]
-del math

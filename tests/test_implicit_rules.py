@@ -9,7 +9,6 @@ import warnings
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax import lax
 
