@@ -1,5 +1,6 @@
 """lora-jax: LoRA, QLoRA, model merging and multi-LoRA serving as pytree transformations."""
 
+from lora_jax._extract import extract_lora
 from lora_jax._implicit import (ImplicitArray, bind, implicit, is_implicit, materialize,
                                 materialize_tree, register_rule)
 from lora_jax._lora import (LoraConfig, combine, init, merge, split, summary,
@@ -11,7 +12,7 @@ from lora_jax._paths import leaves_with_paths, map_with_path, path_str, select_p
 __version__ = "0.1.0"
 
 __all__ = [
-    "ImplicitArray", "LoraConfig", "LoraWeight", "bind", "check_factors", "combine",
+    "ImplicitArray", "LoraConfig", "LoraWeight", "bind", "check_factors", "combine", "extract_lora",
     "implicit", "init", "is_implicit", "leaves_with_paths", "map_with_path",
     "materialize", "materialize_tree", "merge", "path_str", "register_rule",
     "select_paths", "split", "summary", "trainable_mask", "with_dropout_rng",

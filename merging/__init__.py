@@ -1,1 +1,28 @@
-"""Model merging as tree-map operations over pytrees."""
+"""Model merging as tree-map operations over pytrees.
+
+>>> import merging as mg
+>>> merged = mg.ties([ft1, ft2], base=base, weights=[0.6, 0.4], density=0.5)  # doctest: +SKIP
+>>> merged = mg.slerp(a, b, t=0.3)                                           # doctest: +SKIP
+>>> adapter = mg.merge_adapters([ad1, ad2], "svd", weights=[0.5, 0.5], rank=8)  # doctest: +SKIP
+
+Every method is registered by name in `mg.METHODS` with its paper reference;
+`mg.merge(name, models, base, **params)` runs one by name. The command line
+`lora-jax merge CONFIG.yml OUT_DIR` is `merging.cli:main`.
+"""
+
+from merging import _sparsify as sparsify
+from merging._adapters import merge_adapters
+from merging._methods import (METHODS, MethodInfo, breadcrumbs, breadcrumbs_ties, dare_linear,
+                              dare_ties, della, della_linear, linear, linear_leaf, merge,
+                              model_stock, model_stock_leaf, nuslerp, nuslerp_leaf, passthrough,
+                              register, slerp, slerp_leaf, stack_layers, task_arithmetic,
+                              task_vector_leaf, ties)
+from merging._params import Conditions, PerModel
+
+__all__ = [
+    "METHODS", "MethodInfo", "Conditions", "PerModel", "breadcrumbs", "breadcrumbs_ties",
+    "dare_linear", "dare_ties", "della", "della_linear", "linear", "linear_leaf", "merge",
+    "merge_adapters", "model_stock", "model_stock_leaf", "nuslerp", "nuslerp_leaf",
+    "passthrough", "register", "slerp", "slerp_leaf", "sparsify", "stack_layers",
+    "task_arithmetic", "task_vector_leaf", "ties",
+]

@@ -1,0 +1,786 @@
+"""Merge methods: pure per-leaf functions lifted over pytrees, and their registry.
+
+Every method has a *leaf* function (arrays in, one array out, float32 inside, cast
+back to the input dtype, jit-able) and a *tree* function that resolves the
+parameters per leaf on the host (value, `{path regex: value}` or a gradient over
+the layer index, see `merging._params`) and maps the leaf function over trees that
+share one structure.
+
+The task-vector methods (task_arithmetic, ties, dare_linear, dare_ties,
+breadcrumbs, breadcrumbs_ties, della, della_linear) are settings of one general
+core, `task_vector_leaf`, as in mergekit's `GeneralizedTaskArithmeticMerge`:
+
+    delta_i  = sparsify(model_i - base)             (optional, per model)
+    delta_i *= weight_i
+    mask     = sign consensus over the delta_i       (optional, TIES "sum" election)
+    merged   = sum_i mask * delta_i
+    merged  /= sum_i mask * weight_i                 (if normalize)
+    out      = base + lambda * merged
+
+Defaults follow mergekit 0.1.5. Where that differs from the paper (also in each
+registry entry's `notes`):
+
+- ties (Yadav et al. 2023): the paper elects the sign from the sum of the trimmed
+  task vectors and divides by the *number* of agreeing models; mergekit elects it
+  from the *weighted* deltas and divides by the agreeing models' summed weights,
+  and keeps at least one entry (`max(1, int(density * n))`). With unit weights the
+  two coincide: `weights=[1] * N, lambda_=λ` is the paper's TIES.
+- dare_linear / dare_ties (Yu et al. 2024): the paper divides kept entries by
+  `density`; mergekit 0.1.5 rescales the dropped delta to its original L1 norm
+  (`rescale=True`). `rescale="inverse"` gives the paper's (unbiased) rescale.
+- della (Deep et al. 2024): the paper divides each kept entry by its keep
+  probability; mergekit rescales to the L1 norm. `rescale="inverse"` gives the paper's.
+- breadcrumbs: mergekit's parameters (`density` kept, `gamma` largest dropped) rather
+  than the paper's two percentages; the mask is the same family.
+- slerp / model_stock / nuslerp: each tensor is flattened to one vector (mergekit),
+  `model_stock(filter_wise=True)` and `nuslerp(flatten=False)` work per row.
+
+Random methods take an explicit `key`; leaf `j` (flattening order; output tensor
+index in the command line) uses `split(fold_in(key, j), N)`, one key per model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._implicit import ImplicitArray
+from lora_jax._paths import leaves_with_paths
+from merging import _sparsify as sp
+from merging._params import PerModel, layer_t, per_model, resolve_num as resolve
+
+F32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------
+# leaf functions
+
+def _f32(x):
+  return jnp.asarray(x).astype(F32)
+
+
+def task_vector_leaf(base, models, weights, lam, sparse_args=None, keys=None, *,
+                     sparsify=None, consensus=None, normalize=False, rescale=None):
+  """The general task-vector merge of one leaf.
+
+  Args:
+    base: `(*shape)` any float dtype; the output has this dtype.
+    models: tuple of N arrays `(*shape)`.
+    weights: `(N,)` float32 per-model weights.
+    lam: scalar float32, the final scale (`lambda`).
+    sparse_args: per-model sparsifier arguments, each `(N,)`: `{"k"}` for
+      "magnitude"; `{"keep_top", "drop_top"}` for "magnitude_outliers";
+      `{"density"}` for "random"; `{"lo", "span"}` for "della_magprune".
+    keys: `(N,)` PRNG keys for the random sparsifiers.
+    sparsify: None | "magnitude" | "magnitude_outliers" | "random" | "della_magprune".
+    consensus: None | "sum" (TIES sign election by the summed weighted deltas)
+      | "count" (by the number of signs).
+    normalize: divide by the summed weights (of the models agreeing with the
+      elected sign when `consensus` is set).
+    rescale: None | "l1" (mergekit) | "inverse" (DARE/DELLA papers: 1 / keep prob).
+  Returns:
+    `(*shape)` in `base.dtype`.
+  """
+  if sparsify == "della_magprune" or (sparsify is not None and sparsify not in _ELEMENTWISE):
+    return task_vector_leaf_dense(base, models, weights, lam, sparse_args, keys,
+                                  sparsify=sparsify, consensus=consensus, normalize=normalize,
+                                  rescale=rescale)
+  # Two phases, each its own executable when called eagerly: per-model scalar
+  # statistics (thresholds, rescale factors), then one elementwise combine. XLA on
+  # CPU materializes every reduction operand, so this bounds the temporaries to
+  # about one model's delta at a time instead of all of them.
+  stats = None
+  if sparsify is not None:
+    per = [_sparse_stats(base, m, {k: v[i] for k, v in sparse_args.items()},
+                         None if keys is None else keys[i], sparsify=sparsify, rescale=rescale)
+           for i, m in enumerate(models)]
+    stats = {k: jnp.stack([p[k] for p in per]) for k in per[0]}
+  return _combine(base, tuple(models), weights, lam, stats, keys, sparsify=sparsify,
+                  consensus=consensus, normalize=normalize)
+
+
+_ELEMENTWISE = ("magnitude", "magnitude_outliers", "random")
+
+
+def _keep(d, sparsify, st, key, i):
+  """The kept-entry mask of model `i`'s delta `d` from its statistics (elementwise)."""
+  if sparsify == "magnitude":
+    bits = sp._bits(jnp.abs(d))
+    return sp.select(bits, st["thr"][i], st["cut"][i]).reshape(d.shape)
+  if sparsify == "magnitude_outliers":
+    bits = sp._bits(jnp.abs(d))
+    return (sp.select(bits, st["thr"][i], st["cut"][i])
+            & ~sp.select(bits, st["thr2"][i], st["cut2"][i])).reshape(d.shape)
+  if sparsify == "random":
+    return jax.random.bernoulli(key, st["p"][i], d.shape)
+  raise ValueError(f"unknown sparsification {sparsify!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("sparsify", "rescale"))
+def _sparse_stats(base, m, a, key, *, sparsify, rescale):
+  """Scalars that define one model's sparsified delta: thresholds and the rescale."""
+  d = _f32(m) - _f32(base)
+  st = {}
+  if sparsify == "magnitude":
+    st["thr"], st["cut"] = sp.kth_largest(sp._bits(jnp.abs(d)), a["k"])
+  elif sparsify == "magnitude_outliers":
+    bits = sp._bits(jnp.abs(d))
+    st["thr"], st["cut"] = sp.kth_largest(bits, a["keep_top"])
+    st["thr2"], st["cut2"] = sp.kth_largest(bits, a["drop_top"])
+  elif sparsify == "random":
+    st["p"] = jnp.asarray(a["density"], F32)
+  st1 = {k: v[None] for k, v in st.items()}
+  if rescale == "l1":
+    keep = _keep(d, sparsify, st1, key, 0)
+    before = jnp.sum(jnp.abs(d))
+    after = jnp.sum(jnp.where(keep, jnp.abs(d), 0.0))
+    small = (before < sp.RESCALE_EPS) | (after < sp.RESCALE_EPS)
+    st["scale"] = jnp.where(small, 1.0, before / jnp.where(small, 1.0, after)).astype(F32)
+  elif rescale == "inverse":
+    p = st["p"]
+    st["scale"] = jnp.where(p > 0, 1.0 / jnp.where(p > 0, p, 1.0), 1.0).astype(F32)
+  else:
+    st["scale"] = jnp.ones((), F32)
+  return st
+
+
+@functools.partial(jax.jit, static_argnames=("sparsify", "consensus", "normalize"))
+def _combine(base, models, weights, lam, stats, keys, *, sparsify, consensus, normalize):
+  b = _f32(base)
+  weights = _f32(weights)
+  zero = jnp.zeros((), F32)
+  deltas = []
+  for i, m in enumerate(models):
+    d = _f32(m) - b
+    if sparsify is not None:
+      keep = _keep(d, sparsify, stats, None if keys is None else keys[i], i)
+      d = jnp.where(keep, d * stats["scale"][i], zero)
+    deltas.append(d * weights[i])
+  if consensus is not None:
+    if consensus == "sum":
+      score = functools.reduce(jnp.add, deltas)
+    elif consensus == "count":
+      score = functools.reduce(jnp.add, [jnp.sign(d) for d in deltas])
+    else:
+      raise ValueError(f"unknown consensus {consensus!r}; expected 'sum' or 'count'")
+    elected = jnp.where(score >= 0, 1.0, -1.0).astype(F32)
+    agree = [jnp.sign(d) == elected for d in deltas]
+    mixed = functools.reduce(jnp.add, [jnp.where(g, d, zero) for g, d in zip(agree, deltas)])
+    div = functools.reduce(jnp.add, [jnp.where(g, weights[i], zero) for i, g in enumerate(agree)])
+    div = jnp.where(div == 0, 1.0, div)
+  else:
+    mixed = functools.reduce(jnp.add, deltas)
+    div = jnp.sum(weights)
+    div = jnp.where(jnp.abs(div) < 1e-8, 1.0, div)
+  if normalize:
+    mixed = mixed / div
+  mixed = mixed * _f32(lam)
+  return (b + mixed).astype(base.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("sparsify", "consensus", "normalize", "rescale"))
+def task_vector_leaf_dense(base, models, weights, lam, sparse_args=None, keys=None, *,
+                     sparsify=None, consensus=None, normalize=False, rescale=None):
+  """`task_vector_leaf` in one pass with every sparsified delta materialized (the
+  reference, and the path for DELLA, whose per-row ranks do not reduce to scalars)."""
+  b = _f32(base)
+  weights = _f32(weights)
+  deltas = []
+  for i, m in enumerate(models):
+    d = _f32(m) - b
+    a = {k: v[i] for k, v in (sparse_args or {}).items()}
+    if sparsify == "magnitude":
+      d = sp.magnitude(d, a["k"], rescale)
+    elif sparsify == "magnitude_outliers":
+      d = sp.magnitude_outliers(d, a["keep_top"], a["drop_top"], rescale)
+    elif sparsify == "random":
+      d = sp.bernoulli(d, a["density"], keys[i], rescale)
+    elif sparsify == "della_magprune":
+      d = sp.della_magprune(d, a["lo"], a["span"], keys[i], rescale)
+    elif sparsify is not None:
+      raise ValueError(f"unknown sparsification {sparsify!r}")
+    deltas.append(d * weights[i])
+  if not deltas:
+    return base
+  # elementwise over the list of deltas (no stacked copy), so XLA fuses it into a
+  # few passes without (N, *shape) temporaries
+  zero = jnp.zeros((), F32)
+  if consensus is not None:
+    if consensus == "sum":
+      score = functools.reduce(jnp.add, deltas)
+    elif consensus == "count":
+      score = functools.reduce(jnp.add, [jnp.sign(d) for d in deltas])
+    else:
+      raise ValueError(f"unknown consensus {consensus!r}; expected 'sum' or 'count'")
+    elected = jnp.where(score >= 0, 1.0, -1.0).astype(F32)
+    agree = [jnp.sign(d) == elected for d in deltas]
+    mixed = functools.reduce(jnp.add, [jnp.where(g, d, zero) for g, d in zip(agree, deltas)])
+    div = functools.reduce(jnp.add, [jnp.where(g, weights[i], zero) for i, g in enumerate(agree)])
+    div = jnp.where(div == 0, 1.0, div)
+  else:
+    mixed = functools.reduce(jnp.add, deltas)
+    div = jnp.sum(weights)
+    div = jnp.where(jnp.abs(div) < 1e-8, 1.0, div)
+  if normalize:
+    mixed = mixed / div
+  mixed = mixed * _f32(lam)
+  return (b + mixed).astype(base.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("normalize",))
+def linear_leaf(models, weights, *, normalize=True):
+  """Weighted average `sum_i w_i x_i / sum_i w_i` (or the plain sum without normalize)."""
+  weights = _f32(weights)
+  acc = jnp.zeros(models[0].shape, F32)
+  for i, m in enumerate(models):
+    acc = acc + _f32(m) * weights[i]
+  if normalize:
+    acc = acc / jnp.sum(weights)
+  return acc.astype(models[0].dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("dot_threshold", "eps"))
+def slerp_leaf(a, b, t, *, dot_threshold=0.9995, eps=1e-8):
+  """Spherical interpolation of two flattened tensors (mergekit 0.1.5 `slerp`).
+
+  `t = 0` gives `a`, `t = 1` gives `b`; when `|cos| > dot_threshold` (nearly
+  parallel or antiparallel) it interpolates linearly. Norms below `eps` count as 1.
+  """
+  x, y = _f32(a).reshape(-1), _f32(b).reshape(-1)
+  t = _f32(t)
+  na, nb = jnp.linalg.norm(x), jnp.linalg.norm(y)
+  na = jnp.where(na > eps, na, 1.0)
+  nb = jnp.where(nb > eps, nb, 1.0)
+  dot = jnp.clip(jnp.sum((x / na) * (y / nb)), -1.0, 1.0)
+  lin = jnp.abs(dot) > dot_threshold
+  theta = jnp.arccos(jnp.where(lin, 0.0, dot))
+  s = jnp.where(lin, 1.0, jnp.sin(theta))
+  ca = jnp.where(lin, 1 - t, jnp.sin((1 - t) * theta) / s)
+  cb = jnp.where(lin, t, jnp.sin(t * theta) / s)
+  return (ca * x + cb * y).reshape(a.shape).astype(a.dtype)
+
+
+def _nuslerp_core(v0, v1, t, eps):
+  def unit(x):
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-7)
+  cos = jnp.clip(jnp.sum(unit(v0) * unit(v1), axis=-1, keepdims=True), -1.0, 1.0)
+  colinear = (1 - cos * cos) <= eps ** 2
+  theta = jnp.arccos(jnp.where(colinear, 0.0, cos))
+  s = jnp.where(colinear, 1.0, jnp.sin(theta))
+  res = (jnp.sin((1 - t) * theta) * v0 + jnp.sin(t * theta) * v1) / s
+  return jnp.where(colinear, (1 - t) * v0 + t * v1, res)
+
+
+@functools.partial(jax.jit, static_argnames=("row_wise", "flatten", "eps"))
+def nuslerp_leaf(x0, x1, t, base=None, *, row_wise=False, flatten=True, eps=1e-8):
+  """mergekit's `nuslerp` on one leaf: slerp of `x0`, `x1` (or of their deltas from
+  `base`) at `t`, over the flattened tensor (`flatten`), or per vector along the
+  last axis, or along axis 0 (`row_wise`). Colinear vectors interpolate linearly."""
+  t = _f32(t)
+  b = None if base is None else _f32(base)
+  v0, v1 = _f32(x0), _f32(x1)
+  if b is not None:
+    v0, v1 = v0 - b, v1 - b
+  shape = v0.shape
+  if flatten:
+    v0, v1 = v0.reshape(-1), v1.reshape(-1)
+  elif row_wise:
+    v0, v1 = jnp.moveaxis(v0, 0, -1), jnp.moveaxis(v1, 0, -1)
+  r = _nuslerp_core(v0, v1, t, eps)
+  if row_wise and not flatten:
+    r = jnp.moveaxis(r, -1, 0)
+  r = r.reshape(shape)
+  if b is not None:
+    r = b + r
+  return r.astype(x0.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("filter_wise",))
+def model_stock_leaf(base, models, *, filter_wise=False):
+  """Model Stock (Jang et al. 2024) as in mergekit 0.1.5: interpolate the average of
+  the models toward `base` with `t = N cos / (1 + (N - 1) cos)`, `cos` the mean
+  pairwise cosine of the deltas (per row of axis 0 when `filter_wise`)."""
+  w0 = _f32(base)
+  shape = w0.shape
+  if filter_wise:
+    w0 = w0[None] if w0.ndim == 1 else w0
+    ws = [(_f32(m)[None] if m.ndim == 1 else _f32(m)) for m in models]
+    w0r, wsr = w0.reshape(w0.shape[0], -1), [w.reshape(w.shape[0], -1) for w in ws]
+  else:
+    w0r, wsr = w0.reshape(-1), [_f32(m).reshape(-1) for m in models]
+  offs = [w - w0r for w in wsr]
+  cos = []
+  for i, oa in enumerate(offs):
+    for ob in offs[i + 1:]:
+      prod = jnp.linalg.norm(oa, axis=-1) * jnp.linalg.norm(ob, axis=-1)
+      cos.append(jnp.clip(jnp.sum(oa * ob, axis=-1) / jnp.maximum(prod, 1e-6), -1, 1))
+  c = jnp.mean(jnp.stack(cos), axis=0)[..., None]
+  n = len(models)
+  den = 1 + (n - 1) * c
+  sing = jnp.abs(den) < 1e-6
+  t = jnp.where(sing, 0.0, (n * c) / jnp.where(sing, 1.0, den))
+  avg = sum(wsr) / n
+  out = t * avg + (1 - t) * w0r
+  return out.reshape(shape).astype(base.dtype)
+
+
+# ----------------------------------------------------------------------------
+# lifting over trees
+
+def _is_leaf(x):
+  return isinstance(x, ImplicitArray)
+
+
+def _dense(x):
+  return x.materialize() if isinstance(x, ImplicitArray) else x
+
+
+def _flatten_all(trees: Sequence[Any], names: Sequence[str]):
+  """Leaves with paths of every tree; checks one structure and matching shapes."""
+  flat0, treedef = jax.tree_util.tree_flatten(trees[0], is_leaf=_is_leaf)
+  paths = [p for p, _ in leaves_with_paths(trees[0], is_leaf=_is_leaf)]
+  cols = [[_dense(x) for x in flat0]]
+  for tree, name in zip(trees[1:], names[1:]):
+    flat, td = jax.tree_util.tree_flatten(tree, is_leaf=_is_leaf)
+    if td != treedef:
+      other = {p for p, _ in leaves_with_paths(tree, is_leaf=_is_leaf)}
+      mine = set(paths)
+      raise ValueError(
+          f"{name} does not have the structure of {names[0]}: paths only in {names[0]}: "
+          f"{sorted(mine - other)[:5]}, only in {name}: {sorted(other - mine)[:5]}"
+          if mine != other else
+          f"{name} has the paths of {names[0]} but a different tree structure "
+          f"({td} vs {treedef})")
+    cols.append([_dense(x) for x in flat])
+  for j, path in enumerate(paths):
+    s0 = tuple(np.shape(cols[0][j]))
+    for c, name in zip(cols[1:], names[1:]):
+      s = tuple(np.shape(c[j]))
+      if s != s0:
+        raise ValueError(f"{path}: shape {s} in {name} does not match {s0} in {names[0]}")
+  return treedef, paths, cols
+
+
+def _is_float(x) -> bool:
+  return jnp.issubdtype(jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype,
+                        jnp.floating)
+
+
+def _check_models(models, what="models", min_n=1, max_n=None):
+  if isinstance(models, (str, bytes)) or not isinstance(models, (list, tuple)):
+    raise TypeError(f"{what} must be a list of pytrees, got {type(models).__name__}")
+  if len(models) < min_n or (max_n is not None and len(models) > max_n):
+    want = f"exactly {min_n}" if min_n == max_n else (
+        f"at least {min_n}" if max_n is None else f"{min_n} to {max_n}")
+    raise ValueError(f"{what}: expected {want} models, got {len(models)}")
+
+
+def _check_weights(weights, n, default=None):
+  if weights is None:
+    if default is None:
+      raise ValueError("weights are required: one per model")
+    return [default] * n
+  if isinstance(weights, PerModel):
+    weights = list(weights.values)
+  if not isinstance(weights, (list, tuple)):
+    raise TypeError(f"weights must be a sequence with one setting per model, got {weights!r}")
+  if len(weights) != n:
+    raise ValueError(f"weights: {len(weights)} values for {n} models")
+  return list(weights)
+
+
+def _leaf_keys(key, j, n):
+  """`n` keys for leaf `j`: `split(fold_in(key, j), n)`."""
+  return jax.random.split(jax.random.fold_in(key, j), n)
+
+
+def _map(trees, names, fn):
+  """Apply `fn(j, path, t, leaves)` per leaf and rebuild the first tree's structure."""
+  treedef, paths, cols = _flatten_all(trees, names)
+  ts = layer_t(paths)
+  out = []
+  for j, path in enumerate(paths):
+    leaves = [c[j] for c in cols]
+    if not all(_is_float(x) for x in leaves):
+      out.append(leaves[0])        # integer/bool leaves are copied from the first tree
+      continue
+    out.append(fn(j, path, ts[path], leaves))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def sparse_args_for(sparsify, numel, densities, gammas=None, epsilons=None, where=""):
+  """Host-side per-model sparsifier arguments (see `task_vector_leaf`)."""
+  for d in densities:
+    if not isinstance(d, (int, float)) or isinstance(d, bool) or not np.isfinite(d):
+      raise ValueError(f"{where}density must be a finite number, got {d!r}")
+  if sparsify == "magnitude":
+    return {"k": np.array([sp.magnitude_k(numel, d) for d in densities], np.int32)}
+  if sparsify == "magnitude_outliers":
+    for g in gammas:
+      if not 0 <= g <= 1:
+        raise ValueError(f"{where}gamma must be in [0, 1], got {g}")
+    c = [sp.outlier_counts(numel, d, g) for d, g in zip(densities, gammas)]
+    return {"keep_top": np.array([a for a, _ in c], np.int32),
+            "drop_top": np.array([b for _, b in c], np.int32)}
+  if sparsify == "random":
+    return {"density": np.clip(np.array(densities, np.float32), 0, 1)}
+  if sparsify == "della_magprune":
+    c = [sp.della_bounds(d, e, where) for d, e in zip(densities, epsilons)]
+    return {"lo": np.array([a for a, _ in c], np.float32),
+            "span": np.array([b for _, b in c], np.float32)}
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskVectorMethod:
+  """One setting of the general task-vector merge (mergekit's GTA)."""
+  name: str
+  sparsify: str | None
+  consensus: str | None
+  normalize: bool
+  rescale: bool
+  reference: str
+  random: bool = False
+  notes: str = ""
+
+  def __call__(self, models, base, weights=None, *, density=1.0, gamma=0.01, epsilon=0.15,
+               lambda_=1.0, normalize=None, rescale=None, consensus="default", key=None,
+               **kw):
+    """Merge `models` into `base` with this method's task-vector settings.
+
+    Args:
+      models: N pytrees with the structure and shapes of `base`.
+      base: the pytree the task vectors `model_i - base` are taken from.
+      weights: one setting per model (value, `{path regex: value}`, or a gradient
+        list over layers); default 1.0.
+      density: kept fraction (sparsifying methods); a setting or `PerModel([...])`.
+      gamma: breadcrumbs' fraction of the largest entries dropped.
+      epsilon: DELLA's spread of keep probabilities (`density +/- epsilon`).
+      lambda_: final scale of the merged task vector (also accepted as `lambda=`).
+      normalize: divide by the (agreeing) weights; default per method (mergekit).
+      rescale: True/"l1" (mergekit), False, or "inverse" (the DARE/DELLA papers).
+      consensus: "sum" (TIES election), "count", or None; default per method.
+      key: `jax.random` key, required by the random methods.
+    Returns:
+      A pytree like `base`, each leaf in its input dtype (computed in float32).
+    """
+    lam = kw.pop("lambda", lambda_)
+    if kw:
+      raise TypeError(f"{self.name}: unexpected parameters {sorted(kw)}")
+    _check_models(models, self.name)
+    n = len(models)
+    weights = _check_weights(weights, n, default=1.0)
+    normalize = self.normalize if normalize is None else normalize
+    rescale = self.rescale if rescale is None else rescale
+    rescale = {True: "l1", False: None}.get(rescale, rescale)
+    if rescale not in (None, "l1", "inverse"):
+      raise ValueError(f"{self.name}: rescale must be True/'l1', False or 'inverse', got {rescale!r}")
+    if rescale == "inverse" and not self.random:
+      raise ValueError(f"{self.name}: rescale='inverse' applies only to random drops (DARE, DELLA)")
+    cons = self.consensus if consensus == "default" else consensus
+    if self.random and key is None:
+      raise ValueError(f"{self.name} drops entries at random: pass key=jax.random.key(seed)")
+    dens, gams, epss = (per_model(density, n, "density"), per_model(gamma, n, "gamma"),
+                        per_model(epsilon, n, "epsilon"))
+    names = ["base"] + [f"models[{i}]" for i in range(n)]
+
+    def leaf(j, path, t, leaves):
+      b, ms = leaves[0], tuple(leaves[1:])
+      w = np.array([resolve(wi, path, t, "weight") for wi in weights], np.float32)
+      d = [float(resolve(x, path, t, "density", 1.0)) for x in dens]
+      g = [float(resolve(x, path, t, "gamma", 0.01)) for x in gams]
+      e = [float(resolve(x, path, t, "epsilon", 0.15)) for x in epss]
+      la = np.float32(resolve(lam, path, t, "lambda", 1.0))
+      args = sparse_args_for(self.sparsify, int(np.size(b)), d, g, e, where=f"{path}: ")
+      keys = _leaf_keys(key, j, n) if self.random else None
+      return task_vector_leaf(b, ms, w, la, args, keys, sparsify=self.sparsify,
+                              consensus=cons, normalize=bool(normalize), rescale=rescale)
+
+    return _map([base, *models], names, leaf)
+
+
+# ----------------------------------------------------------------------------
+# public tree functions
+
+def linear(models, weights=None, *, normalize=True):
+  """Weighted average of models (model soups, Wortsman et al. 2022).
+
+  Args:
+    models: N pytrees of one structure.
+    weights: one setting per model (value, `{regex: value}` or gradient); default 1.
+    normalize: divide by the summed weights (mergekit's default: True).
+  Returns:
+    A pytree like `models[0]`, each leaf in its input dtype.
+
+  >>> import jax.numpy as jnp, merging as mg
+  >>> mg.linear([{"w": jnp.ones(2)}, {"w": jnp.zeros(2)}], weights=[3, 1])["w"]
+  Array([0.75, 0.75], dtype=float32)
+  """
+  _check_models(models, "linear")
+  n = len(models)
+  weights = _check_weights(weights, n, default=1.0)
+
+  def leaf(j, path, t, leaves):
+    w = np.array([resolve(wi, path, t, "weight") for wi in weights], np.float32)
+    if normalize and abs(float(w.sum())) < 1e-12:
+      raise ValueError(f"{path}: linear weights {w.tolist()} sum to 0; cannot normalize")
+    return linear_leaf(tuple(leaves), w, normalize=bool(normalize))
+
+  return _map(list(models), [f"models[{i}]" for i in range(n)], leaf)
+
+
+def slerp(a, b, t, *, dot_threshold=0.9995):
+  """Spherical linear interpolation, leaf by leaf (mergekit's `slerp`).
+
+  `t` may be a value, `{regex: value}` or a gradient over layers; `t=0` gives `a`
+  (mergekit's `base_model`), `t=1` gives `b`. Nearly (anti)parallel leaves
+  (`|cos| > dot_threshold`) are interpolated linearly.
+  """
+
+  def leaf(j, path, tt, leaves):
+    tv = resolve(t, path, tt, "t")
+    return slerp_leaf(leaves[0], leaves[1], np.float32(tv), dot_threshold=dot_threshold)
+
+  return _map([a, b], ["a", "b"], leaf)
+
+
+def nuslerp(models, base=None, weights=None, *, row_wise=False, flatten=True):
+  """mergekit's NuSLERP: slerp of two models at `t = w1 / (w0 + w1)` (0.5 when the
+  weights sum to ~0); with a `base`, slerp of the task vectors added back to it.
+  `flatten` (default) treats each leaf as one vector; otherwise per vector along the
+  last axis, or along axis 0 with `row_wise`."""
+  _check_models(models, "nuslerp", 2, 2)
+  weights = _check_weights(weights, 2, default=1.0)
+  trees = ([base] if base is not None else []) + list(models)
+  names = (["base"] if base is not None else []) + ["models[0]", "models[1]"]
+
+  def leaf(j, path, tt, leaves):
+    w0, w1 = (float(resolve(w, path, tt, "weight")) for w in weights)
+    tv = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    if base is not None:
+      return nuslerp_leaf(leaves[1], leaves[2], np.float32(tv), leaves[0],
+                          row_wise=row_wise, flatten=flatten)
+    return nuslerp_leaf(leaves[0], leaves[1], np.float32(tv), row_wise=row_wise,
+                        flatten=flatten)
+
+  return _map(trees, names, leaf)
+
+
+def model_stock(models, base, *, filter_wise=False):
+  """Model Stock (Jang et al. 2024, arXiv:2403.19522), as mergekit 0.1.5: needs a
+  base and at least two models."""
+  _check_models(models, "model_stock", 2)
+  names = ["base"] + [f"models[{i}]" for i in range(len(models))]
+  return _map([base, *models], names,
+              lambda j, p, t, lv: model_stock_leaf(lv[0], tuple(lv[1:]), filter_wise=filter_wise))
+
+
+def passthrough(model, scale=None):
+  """The model unchanged, or each leaf times `scale` (value, mapping or gradient)."""
+
+  def leaf(j, path, t, leaves):
+    s = None if scale is None else resolve(scale, path, t, "scale", None)
+    x = leaves[0]
+    if s is None:
+      return x
+    return (_f32(x) * np.float32(s)).astype(x.dtype)
+
+  return _map([model], ["model"], leaf)
+
+
+def _find_layers(tree, key):
+  """The path (tuple of keys) of the first container stored under `key`."""
+  if isinstance(tree, dict):
+    if key in tree and isinstance(tree[key], (list, tuple, dict)):
+      return (key,)
+    for k, v in tree.items():
+      r = _find_layers(v, key)
+      if r is not None:
+        return (k,) + r
+  return None
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, path, value):
+  if not path:
+    return value
+  out = dict(tree)
+  out[path[0]] = _set(tree[path[0]], path[1:], value)
+  return out
+
+
+def stack_layers(slices, *, layers_key="layers"):
+  """Passthrough with layer stacking (depth up-scaling, SOLAR): concatenate layer
+  ranges of several models into one deeper model.
+
+  Args:
+    slices: `[(model, (start, end)), ...]`; each model is a nested dict whose
+      `layers_key` entry is a list of per-layer trees (or a dict keyed `"0"`, `"1"`,
+      ... or `0`, `1`, ...). As in mergekit, leaves outside the layers whose path
+      contains "embed" come from the first slice's model and the others (final
+      norm, head) from the last slice's model.
+  Returns:
+    The first model's tree with `layers_key` holding the stacked layers, in the
+    container type of the first model.
+  """
+  if not slices:
+    raise ValueError("stack_layers: no slices")
+  out_layers = []
+  first_path = None
+  for i, s in enumerate(slices):
+    try:
+      model, (start, end) = s
+    except (TypeError, ValueError):
+      raise TypeError(f"slices[{i}] must be (model, (start, end)), got {s!r}") from None
+    path = _find_layers(model, layers_key)
+    if path is None:
+      raise ValueError(f"slices[{i}]: no {layers_key!r} list/dict in the model tree")
+    first_path = first_path or path
+    layers = _get(model, path)
+    seq = (list(layers) if isinstance(layers, (list, tuple))
+           else [layers[k] for k in sorted(layers, key=lambda k: int(k))])
+    if not (0 <= start < end <= len(seq)):
+      raise ValueError(f"slices[{i}]: layer_range ({start}, {end}) outside 0..{len(seq)}")
+    out_layers.extend(seq[start:end])
+  base_layers = _get(slices[0][0], first_path)
+  if isinstance(base_layers, dict):
+    str_keys = all(isinstance(k, str) for k in base_layers)
+    new = {(str(i) if str_keys else i): l for i, l in enumerate(out_layers)}
+  else:
+    new = type(base_layers)(out_layers) if isinstance(base_layers, tuple) else out_layers
+  out = _set(slices[0][0], first_path, new)
+  last = slices[-1][0]
+  if last is slices[0][0]:
+    return out
+  last_leaves = dict(leaves_with_paths(last, is_leaf=_is_leaf))
+  prefix = "/".join(str(k) for k in first_path) + "/"
+
+  def pick(kp, x):
+    from lora_jax._paths import path_str
+    p = path_str(kp)
+    if p.startswith(prefix) or "embed" in p or p not in last_leaves:
+      return x
+    y = last_leaves[p]
+    if np.shape(y) != np.shape(x):
+      raise ValueError(f"{p}: shape {np.shape(y)} in the last slice's model does not match "
+                       f"{np.shape(x)} in the first's")
+    return y
+
+  return jax.tree_util.tree_map_with_path(pick, out, is_leaf=_is_leaf)
+
+
+# ----------------------------------------------------------------------------
+# the task-vector family and the registry
+
+task_arithmetic = TaskVectorMethod(
+    "task_arithmetic", None, None, False, False, "https://arxiv.org/abs/2212.04089",
+    notes="as the paper (Ilharco et al. 2023): base + lambda * sum_i w_i (m_i - base)")
+ties = TaskVectorMethod(
+    "ties", "magnitude", "sum", True, False, "https://arxiv.org/abs/2306.01708",
+    notes="mergekit: sign elected from the weighted deltas, divided by the summed weights of "
+          "agreeing models, k = max(1, int(density * n)); unit weights give the paper's TIES")
+dare_linear = TaskVectorMethod(
+    "dare_linear", "random", None, False, True, "https://arxiv.org/abs/2311.03099", True,
+    notes="mergekit 0.1.5 rescales to the delta's L1 norm; rescale='inverse' is the "
+          "paper's 1/density")
+dare_ties = TaskVectorMethod(
+    "dare_ties", "random", "sum", False, True, "https://arxiv.org/abs/2311.03099", True,
+    notes="mergekit 0.1.5 rescales to the delta's L1 norm; rescale='inverse' is the "
+          "paper's 1/density")
+breadcrumbs = TaskVectorMethod(
+    "breadcrumbs", "magnitude_outliers", None, False, False, "https://arxiv.org/abs/2312.06795",
+    notes="mergekit's parameters: density kept, gamma largest dropped, the smallest dropped "
+          "to reach density")
+breadcrumbs_ties = TaskVectorMethod(
+    "breadcrumbs_ties", "magnitude_outliers", "sum", False, False,
+    "https://arxiv.org/abs/2312.06795",
+    notes="breadcrumbs sparsification with TIES sign consensus (mergekit)")
+della = TaskVectorMethod(
+    "della", "della_magprune", "sum", True, True, "https://arxiv.org/abs/2406.11617", True,
+    notes="mergekit: keep probability density +/- epsilon by |delta| rank per row, L1 "
+          "rescale; rescale='inverse' is the paper's 1/p")
+della_linear = TaskVectorMethod(
+    "della_linear", "della_magprune", None, False, True, "https://arxiv.org/abs/2406.11617", True,
+    notes="DELLA drop without sign consensus (mergekit)")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodInfo:
+  """A registry entry: the tree function, how it takes inputs, and its reference."""
+  name: str
+  fn: Callable
+  reference: str
+  base: str            # "required" | "optional" | "none"
+  min_models: int = 1
+  max_models: int | None = None
+  params: tuple = ()   # parameter names understood (YAML)
+  random: bool = False
+  notes: str = ""      # where the default (mergekit 0.1.5) differs from the paper
+
+
+_TV_PARAMS = ("weight", "density", "lambda", "normalize", "rescale", "int8_mask")
+
+METHODS: dict[str, MethodInfo] = {}
+
+
+def register(info: MethodInfo) -> MethodInfo:
+  if info.name in METHODS:
+    raise ValueError(f"merge method {info.name!r} is already registered")
+  METHODS[info.name] = info
+  return info
+
+
+for _m in (task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties,
+           della, della_linear):
+  extra = (("gamma",) if _m.sparsify == "magnitude_outliers" else ()) + (
+      ("epsilon",) if _m.sparsify == "della_magprune" else ())
+  register(MethodInfo(_m.name, _m, _m.reference, "required", 1, None, _TV_PARAMS + extra,
+                      _m.random, _m.notes))
+register(MethodInfo("linear", linear, "https://arxiv.org/abs/2203.05482", "none", 1, None,
+                    ("weight", "normalize")))
+register(MethodInfo("slerp", slerp, "https://en.wikipedia.org/wiki/Slerp", "required", 1, 1,
+                    ("t",)))
+register(MethodInfo("nuslerp", nuslerp, "https://github.com/arcee-ai/mergekit", "optional", 2, 2,
+                    ("weight", "nuslerp_row_wise", "nuslerp_flatten")))
+register(MethodInfo("model_stock", model_stock, "https://arxiv.org/abs/2403.19522", "required",
+                    2, None, ("filter_wise",)))
+register(MethodInfo("passthrough", passthrough, "https://arxiv.org/abs/2312.15166", "none", 1, 1,
+                    ("scale",)))
+del _m, extra
+
+
+def merge(method: str, models, base=None, **params):
+  """Run a registered method by name: `merge("ties", [m1, m2], base, weights=..., density=...)`."""
+  if method not in METHODS:
+    raise ValueError(f"unknown merge method {method!r}; known methods: {', '.join(sorted(METHODS))}")
+  info = METHODS[method]
+  if method == "slerp":
+    return slerp(base, models[0], **params)
+  if method == "passthrough":
+    return passthrough(models[0], **params)
+  if info.base == "none":
+    return info.fn(models, **params)
+  if info.base == "optional":
+    return info.fn(models, base=base, **params)
+  if base is None:
+    raise ValueError(f"{method} needs a base model: pass base=")
+  return info.fn(models, base, **params)
+
+
+__all__ = [
+    "METHODS", "MethodInfo", "merge", "linear", "task_arithmetic", "ties", "dare_linear",
+    "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "slerp",
+    "nuslerp", "model_stock", "passthrough", "stack_layers", "task_vector_leaf",
+    "task_vector_leaf_dense",
+    "linear_leaf", "slerp_leaf", "nuslerp_leaf", "model_stock_leaf", "register",
+]
