@@ -1,0 +1,387 @@
+"""`QuantizedArray`: a blockwise-quantized kernel, and `quantize`/`dequantize` over pytrees.
+
+Storage layout. A kernel `W` used as `x @ W` has trailing axes `(in, out)`; any
+leading axes are batch axes (stacked layers under `scan`) shared by every child.
+Blocks run along the contracting axis `in`. The codes are stored in PyTorch's
+`(out, in)` layout, row-major, so for a 2-D kernel the bytes are exactly those
+bitsandbytes writes for the weight `W.T` (when `in` is a multiple of the block):
+
+    codes:          (*batch, out, in_pad // 2) uint8   nf4 / fp4 / int4, two codes per
+                    byte, the even element in the high nibble (bitsandbytes' order)
+                    (*batch, out, in_pad)      int8    int8
+    absmax:         (*batch, out, in_pad // block) float32, or uint8 with double quant
+    nested_absmax:  (*batch, ceil(out * in_pad / block / 256)) float32   double quant only
+    offset:         (*batch,) float32                                    double quant only
+
+`in_pad` is `in` rounded up to a multiple of the block; the padding (zeros) is
+recorded in the static `pad` field and never shows in the logical array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lora_jax as lj
+from lora_jax import _paths
+from quantization import _formats as F
+
+
+def _has_shape(x) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray(lj.ImplicitArray):
+  """A blockwise-quantized kernel `(*batch, in, out)`; `materialize()` dequantizes it.
+
+  Attributes:
+    codes: packed codes, `(*batch, out, in_pad // 2)` uint8 (4-bit formats) or
+      `(*batch, out, in_pad)` int8.
+    absmax: per-block scales `(*batch, out, in_pad // block_size)`, float32, or
+      uint8 codes of the dynamic 8-bit map with double quantization.
+    nested_absmax: `(*batch, n_nested)` float32 scales of the absmax codes
+      (double quantization), else None.
+    offset: `(*batch,)` float32 mean subtracted from absmax (double quantization),
+      else None.
+    format: "nf4", "fp4", "int4" or "int8". Static.
+    block_size: values per block along `in`. Static.
+    kernel_shape: logical `(in, out)`. Static.
+    dtype: logical dtype (the dtype of the weight that was quantized). Static.
+    pad: zeros appended to `in` to fill the last block. Static.
+  """
+
+  codes: Any
+  absmax: Any
+  nested_absmax: Any = None
+  offset: Any = None
+  format: str = "nf4"
+  block_size: int = 64
+  kernel_shape: tuple = ()
+  dtype: Any = jnp.float32
+  pad: int = 0
+
+  def __post_init__(self):
+    object.__setattr__(self, "kernel_shape", tuple(int(d) for d in self.kernel_shape))
+    try:
+      object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+    except TypeError:
+      pass
+    if _has_shape(self.codes) and _has_shape(self.absmax):
+      self._check()
+
+  def _check(self):
+    where = "QuantizedArray"
+    F.check_format(self.format, where)
+    F.check_block_size(self.block_size, where)
+    if len(self.kernel_shape) != 2:
+      raise ValueError(f"{where}: kernel_shape must be (in, out), got {self.kernel_shape}")
+    k, n = self.kernel_shape
+    kp = k + self.pad
+    per_byte = 1 if self.format == "int8" else 2
+    if kp % self.block_size or kp % per_byte:
+      raise ValueError(f"{where}: in {k} + pad {self.pad} is not a multiple of block "
+                       f"{self.block_size}")
+    want = (n, kp // per_byte)
+    if tuple(self.codes.shape[-2:]) != want:
+      raise ValueError(f"{where}: codes {tuple(self.codes.shape)} do not fit kernel "
+                       f"{self.kernel_shape} (format {self.format}, pad {self.pad}); "
+                       f"expected trailing {want}")
+    batch = tuple(self.codes.shape[:-2])
+    if tuple(self.absmax.shape) != (*batch, n, kp // self.block_size):
+      raise ValueError(f"{where}: absmax {tuple(self.absmax.shape)} does not fit codes "
+                       f"{tuple(self.codes.shape)}; expected {(*batch, n, kp // self.block_size)}")
+    if (self.nested_absmax is None) != (self.offset is None):
+      raise ValueError(f"{where}: nested_absmax and offset must both be set (double "
+                       "quantization) or both be None")
+
+  # --- logical array
+  @property
+  def nbatch(self) -> int:
+    return len(self.codes.shape) - 2
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.codes.shape[:-2]) + self.kernel_shape
+
+  @property
+  def double_quant(self) -> bool:
+    return self.nested_absmax is not None
+
+  def scales(self) -> jax.Array:
+    """float32 per-block scales `(*batch, out, in_pad // block)` (double quant decoded)."""
+    if not self.double_quant:
+      return self.absmax.astype(jnp.float32)
+    return _decode_scales(self.absmax, self.nested_absmax, self.offset)
+
+  def dequantize_t(self, dtype=jnp.float32) -> jax.Array:
+    """The dequantized weight in storage layout `(*batch, out, in)` (PyTorch's), as `dtype`.
+
+    Values are `table[code] * absmax` in float32, as bitsandbytes computes them.
+    """
+    return _dequantize_t(self.codes, self.scales(), fmt=self.format, block=self.block_size,
+                         pad=self.pad, dtype=jnp.dtype(dtype))
+
+  def materialize(self) -> jax.Array:
+    return jnp.swapaxes(self.dequantize_t(jnp.float32), -1, -2).astype(self.dtype)
+
+  def nbytes(self) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(self))
+
+
+@jax.jit
+def _decode_scales(absmax, nested, offset):
+  batch = tuple(absmax.shape[:-2])
+  flat = absmax.reshape(*batch, -1)
+  fn = F.double_dequantize
+  for _ in batch:
+    fn = jax.vmap(fn)
+  return fn(flat, nested, offset).reshape(absmax.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "block", "pad", "dtype"))
+def _dequantize_t(codes, scales, *, fmt, block, pad, dtype):
+  vals = F.code_values(codes if fmt == "int8" else F.unpack_nibbles(codes), fmt)
+  kp = vals.shape[-1]
+  vals = vals.reshape(*vals.shape[:-1], kp // block, block)
+  w = (vals * scales[..., None]).reshape(*vals.shape[:-2], kp)
+  if pad:
+    w = w[..., :kp - pad]
+  return w.astype(dtype)
+
+
+jax.tree_util.register_dataclass(
+    QuantizedArray, data_fields=["codes", "absmax", "nested_absmax", "offset"],
+    meta_fields=["format", "block_size", "kernel_shape", "dtype", "pad"])
+
+
+# ----------------------------------------------------------------------------
+# quantize one array
+
+def _quantize_2d(w: jax.Array, *, fmt: str, block_size: int, double_quant: bool):
+  """w: (in_pad, out) float32 kernel -> (codes, absmax, nested, offset) in storage layout.
+
+  Blocks are formed along `in` in the kernel's own layout and only the (4x smaller)
+  codes are transposed to PyTorch's (out, in) order, so no float transpose is made.
+  """
+  kp, n = w.shape
+  codes, absmax = F.quantize_blocks(w.reshape(kp // block_size, block_size, n), fmt, axis=1)
+  codes = codes.reshape(kp, n)
+  if fmt != "int8":
+    codes = (codes[0::2] << 4) | codes[1::2]          # bnb's nibble order along `in`
+  codes, absmax = codes.T, absmax.T                   # (out, in_pad / per byte), (out, nblk)
+  if not double_quant:
+    return codes, absmax, None, None
+  q, nested, offset = F.double_quantize(absmax.reshape(-1))
+  return codes, q.reshape(absmax.shape), nested, offset
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "block_size", "double_quant"))
+def _quantize_leaf(w: jax.Array, *, fmt: str, block_size: int, double_quant: bool):
+  """w: (*batch, in, out) -> (codes, absmax, nested, offset, number of NaN/inf values)."""
+  k = w.shape[-2]
+  pad = (-k) % block_size
+  wf = w.astype(jnp.float32)
+  if pad:
+    wf = jnp.pad(wf, [(0, 0)] * (wf.ndim - 2) + [(0, pad), (0, 0)])
+  fn = functools.partial(_quantize_2d, fmt=fmt, block_size=block_size,
+                         double_quant=double_quant)
+  for _ in range(w.ndim - 2):
+    fn = jax.vmap(fn)
+  bad = jnp.sum(~jnp.isfinite(w))
+  return (*fn(wf), bad)
+
+
+def quantize_array(w: jax.Array, fmt: str = "nf4", block_size: int = 64,
+                   double_quant: bool = False, *, path: str = "array") -> QuantizedArray:
+  """Quantize one kernel `(*batch, in, out)` blockwise along `in`.
+
+  Args:
+    w: floating kernel; leading axes (stacked layers) are quantized independently,
+      each exactly as bitsandbytes quantizes the 2-D PyTorch weight `w[i].T`.
+    fmt: "nf4", "fp4", "int4" or "int8". block_size: 32 .. 4096, a power of two.
+    double_quant: also quantize the absmax values (bitsandbytes' double quant).
+    path: name used in error messages.
+
+  Raises:
+    TypeError: non-floating `w`. ValueError: fewer than 2 axes, NaN or inf values
+    (checked when `w` is concrete, i.e. outside `jit`).
+  """
+  F.check_format(fmt, path)
+  block_size = F.check_block_size(block_size, path)
+  if not _has_shape(w):
+    raise TypeError(f"{path}: expected an array, got {type(w).__name__}")
+  if not jnp.issubdtype(w.dtype, jnp.floating):
+    raise TypeError(f"{path}: cannot quantize dtype {np.dtype(w.dtype).name} (shape "
+                    f"{tuple(w.shape)}); only floating kernels are quantized")
+  if w.ndim < 2:
+    raise ValueError(f"{path}: cannot quantize shape {tuple(w.shape)}; a kernel needs "
+                     "at least 2 axes (in, out)")
+  *_, k, n = w.shape
+  codes, absmax, nested, offset, bad = _quantize_leaf(
+      jnp.asarray(w), fmt=fmt, block_size=block_size, double_quant=double_quant)
+  if not isinstance(bad, jax.core.Tracer) and int(bad):
+    raise ValueError(f"{path}: {int(bad)} NaN/inf value(s) in a weight of shape "
+                     f"{tuple(w.shape)}; refusing to quantize (absmax would be inf/NaN)")
+  return QuantizedArray(codes=codes, absmax=absmax, nested_absmax=nested, offset=offset,
+                        format=fmt, block_size=block_size, kernel_shape=(k, n),
+                        dtype=jnp.dtype(w.dtype), pad=(-k) % block_size)
+
+
+# ----------------------------------------------------------------------------
+# pytrees
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """What to quantize and how.
+
+  Attributes:
+    format: "nf4" (default), "fp4", "int4" or "int8".
+    block_size: values per absmax block along the contracting axis: a power of two
+      from 32 to 4096 (default 64, as QLoRA).
+    double_quant: quantize the absmax values too (bitsandbytes
+      `compress_statistics` / `bnb_4bit_use_double_quant`): 8-bit dynamic codes in
+      blocks of 256 after subtracting their mean.
+    targets: regex or list of regexes fullmatched against "/"-joined leaf paths;
+      None quantizes every floating leaf with ndim >= 2 (the last two axes are
+      `(in, out)`, leading axes stacked layers). With layer-stacked parameters a
+      norm scale `(layers, hidden)` is 2-D too: pass `targets` (e.g.
+      `r".*kernel"`) so only kernels are quantized.
+  """
+
+  format: str = "nf4"
+  block_size: int = 64
+  double_quant: bool = True
+  targets: str | Sequence[str] | None = None
+
+  def __post_init__(self):
+    F.check_format(self.format)
+    F.check_block_size(self.block_size)
+
+
+def _is_leaf(x) -> bool:
+  return lj.is_implicit(x)
+
+
+def quantize(tree: Any, cfg: QuantConfig = QuantConfig()) -> Any:
+  """Replace kernels in `tree` with `QuantizedArray`s.
+
+  Args:
+    tree: a parameter pytree; LoRA leaves are quantized in their base `w`
+      (QLoRA), other implicit leaves are left alone.
+    cfg: `QuantConfig`.
+
+  Returns:
+    `tree` with each selected leaf `(*batch, in, out)` replaced by a
+    `QuantizedArray` of the same logical shape and dtype.
+
+  Raises:
+    ValueError / TypeError naming the path: a target pattern matching nothing,
+    a matched leaf that is not floating or has fewer than 2 axes, NaN/inf values.
+
+  Example:
+    >>> qparams = qz.quantize(params, qz.QuantConfig("nf4", 64, double_quant=True))
+  """
+  leaves = _paths.leaves_with_paths(tree, is_leaf=_is_leaf)
+  paths = [p for p, _ in leaves]
+  if cfg.targets is None:
+    def selected(path, leaf):
+      w = leaf.w if isinstance(leaf, lj.LoraWeight) else leaf
+      return (not lj.is_implicit(w) and _has_shape(w)
+              and jnp.issubdtype(w.dtype, jnp.floating) and w.ndim >= 2)
+    targets = {p for p, x in leaves if selected(p, x)}
+  else:
+    targets = set(_paths.select_paths(paths, cfg.targets))
+
+  def make(path, leaf):
+    if path not in targets:
+      return leaf
+    if isinstance(leaf, lj.LoraWeight):
+      if lj.is_implicit(leaf.w):
+        raise TypeError(f"{path}: base weight is already a {type(leaf.w).__name__}")
+      if len(leaf.axes) != 2 or leaf.axes != "io":
+        raise ValueError(f"{path}: LoRA layout {leaf.axes!r}; only 'io' kernels can be "
+                         "quantized")
+      return dataclasses.replace(leaf, w=quantize_array(
+          leaf.w, cfg.format, cfg.block_size, cfg.double_quant, path=path))
+    if lj.is_implicit(leaf):
+      raise TypeError(f"{path}: cannot quantize a {type(leaf).__name__}")
+    return quantize_array(leaf, cfg.format, cfg.block_size, cfg.double_quant, path=path)
+
+  return _paths.map_with_path(make, tree, is_leaf=_is_leaf)
+
+
+def dequantize(x: Any) -> Any:
+  """Dense arrays again: a `QuantizedArray` (or every one in a pytree) dequantized.
+
+  LoRA leaves keep their factors; only their quantized base is dequantized.
+  """
+  def deq(leaf):
+    if isinstance(leaf, QuantizedArray):
+      return leaf.materialize()
+    if isinstance(leaf, lj.LoraWeight) and isinstance(leaf.w, QuantizedArray):
+      return dataclasses.replace(leaf, w=leaf.w.materialize())
+    return leaf
+  return jax.tree.map(deq, x, is_leaf=_is_leaf)
+
+
+def _leaf_bits(q: QuantizedArray) -> tuple[int, int]:
+  return int(np.prod(q.shape)), 8 * q.nbytes()
+
+
+def summary(tree: Any) -> str:
+  """Bits per parameter of every quantized leaf and in total.
+
+  A row per `QuantizedArray` (path, logical shape, format, block, double quant,
+  bits per parameter = 8 * stored bytes / logical parameters); then the total over
+  quantized leaves and over the whole tree (dense leaves count their own bits).
+  NF4 with double quantization at block 64 stores 4 + 8/64 + 32/(64*256) = 4.127
+  bits per parameter; without double quantization 4 + 32/64 = 4.5.
+  """
+  rows = []
+  qn = qb = tn = tb = 0
+  for path, leaf in _paths.leaves_with_paths(tree, is_leaf=_is_leaf):
+    q = leaf.w if isinstance(leaf, lj.LoraWeight) else leaf
+    if isinstance(leaf, lj.LoraWeight):
+      for f in ("a", "b"):
+        arr = getattr(leaf, f)
+        tn += int(np.prod(arr.shape))
+        tb += 8 * int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
+    if isinstance(q, QuantizedArray):
+      n, b = _leaf_bits(q)
+      rows.append((path, "x".join(map(str, q.shape)), q.format, str(q.block_size),
+                   "yes" if q.double_quant else "no", f"{b / n:.3f}"))
+      qn += n
+      qb += b
+      tn += n
+      tb += b
+    elif _has_shape(q) and not lj.is_implicit(q):
+      tn += int(np.prod(q.shape))
+      tb += 8 * int(np.prod(q.shape)) * np.dtype(q.dtype).itemsize
+  head = ("path", "shape", "format", "block", "dq", "bits/param")
+  widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+  fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+  lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+  lines += [fmt.format(*r) for r in rows]
+  lines.append("")
+  lines.append(f"quantized params: {qn:,} at {qb / qn if qn else 0.0:.3f} bits/param || "
+               f"all params: {tn:,} at {tb / tn if tn else 0.0:.3f} bits/param || "
+               f"bytes: {tb // 8:,}")
+  return "\n".join(lines)
+
+
+def bits_per_param(q: QuantizedArray) -> float:
+  """8 * stored bytes / logical parameters of one `QuantizedArray`."""
+  n, b = _leaf_bits(q)
+  return b / n
+
+
+del re

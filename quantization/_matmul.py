@@ -1,0 +1,332 @@
+"""`qz.matmul(x, q)`: `x @ W` for a `QuantizedArray` W, and its `implicit` rules.
+
+Backends: "xla" dequantizes and calls `dot_general`; when the weight is large it
+walks the output columns in tiles (`lax.map`), so at most one tile of
+dequantized weight exists at a time. "pallas" runs the Pallas kernel for the
+current platform (Triton on GPU, Mosaic on TPU), which dequantizes inside its K
+loop. "auto" picks "pallas" on GPU/TPU and "xla" elsewhere.
+
+Gradients: a `custom_vjp` sends `dx = dy @ W^T` (W dequantized on the fly, tiled
+the same way) to x, and zeros to the quantized weight's children: the codes are
+never trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import primitives as P
+
+import lora_jax as lj
+from quantization import _array, _pallas
+from quantization import _formats as F
+from quantization._array import QuantizedArray
+
+BACKENDS = ("auto", "xla", "pallas")
+# Dequantize the whole weight at once below this many elements; tile above it.
+TILE_ELEMENTS = 1 << 24
+
+
+def _tile_rows(n: int, k: int, max_elements: int) -> int:
+  if n * k <= max_elements:
+    return n
+  return max(8, (max_elements // max(k, 1)) // 8 * 8)
+
+
+def _split_tiles(q: QuantizedArray, tn: int):
+  """(codes, scales) split into full tiles (T, tn, ...) and a remainder (r, ...)."""
+  codes, scales = q.codes, q.scales()
+  n = codes.shape[0]
+  t = n // tn
+  full = (codes[:t * tn].reshape(t, tn, *codes.shape[1:]),
+          scales[:t * tn].reshape(t, tn, *scales.shape[1:]))
+  rest = (codes[t * tn:], scales[t * tn:])
+  return full, rest
+
+
+def _dequant_rows(q: QuantizedArray, codes, scales, dtype):
+  """Storage-layout rows (r, in) of the dequantized weight, from codes/scales rows."""
+  return _array._dequantize_t(codes, scales, fmt=q.format, block=q.block_size, pad=q.pad,
+                             dtype=jnp.dtype(dtype))
+
+
+def _byte_tables(fmt: str):
+  """(256,) float32 values of the high and the low nibble of every code byte."""
+  t = F.TABLES[fmt]
+  b = np.arange(256)
+  return jnp.asarray(t[b >> 4]), jnp.asarray(t[b & 15])
+
+
+def _gemv_lut_rows(xe, xo, codes, scales, fmt: str, block: int):
+  """One activation row against packed rows: xe, xo (K_pad/2,) f32; codes (r, K_pad/2).
+
+  Builds, per byte position j, the 256 possible products `xe[j] * T[hi] + xo[j] * T[lo]`
+  (a (K_pad/2, 256) table), so each code byte costs one lookup and one add; the
+  weight itself is never dequantized.
+  """
+  hi, lo = _byte_tables(fmt)
+  table = xe[:, None] * hi[None, :] + xo[:, None] * lo[None, :]          # (K/2, 256)
+  pos = jnp.arange(codes.shape[-1])[None, :]
+  terms = table[pos, codes.astype(jnp.int32)]                            # (r, K/2)
+  r, half = codes.shape
+  per_block = terms.reshape(r, half // (block // 2), block // 2).sum(-1)  # (r, nblk)
+  return jnp.sum(per_block * scales, axis=-1)                            # (r,)
+
+
+def _gemv_lut(x, q: QuantizedArray, tile_elements: int, out_dtype):
+  """`x @ W` for a single activation row (GEMV), 4-bit formats."""
+  k, n = q.kernel_shape
+  x1 = jnp.pad(x.reshape(k).astype(jnp.float32), (0, q.pad))
+  xe, xo = x1[0::2], x1[1::2]
+  tn = _tile_rows(n, k, tile_elements)
+  if tn >= n:
+    y = _gemv_lut_rows(xe, xo, q.codes, q.scales(), q.format, q.block_size)
+  else:
+    (codes, scales), (rc, rs) = _split_tiles(q, tn)
+    y = lax.map(lambda cs: _gemv_lut_rows(xe, xo, cs[0], cs[1], q.format, q.block_size),
+                (codes, scales)).reshape(-1)
+    if rc.shape[0]:
+      y = jnp.concatenate([y, _gemv_lut_rows(xe, xo, rc, rs, q.format, q.block_size)])
+  return y.reshape(*x.shape[:-1], n).astype(out_dtype)
+
+
+def matmul_xla(x: jax.Array, q: QuantizedArray, *, precision=None,
+               preferred_element_type=None, tile_elements: int = TILE_ELEMENTS) -> jax.Array:
+  """`x @ W`, x (..., in) -> (..., out): dequantize (by output tiles), then dot_general.
+
+  A single activation row (GEMV) with a 4-bit format takes a lookup-table path
+  instead: per byte position, the 256 possible partial products are tabulated from
+  x, and each code byte is one lookup (about 2x faster on CPU, accumulates in f32).
+  """
+  k, n = q.kernel_shape
+  dt = q.dtype if x.dtype == q.dtype else x.dtype
+  if q.format in F.FOUR_BIT and int(np.prod(x.shape[:-1])) == 1:
+    return _gemv_lut(x, q, tile_elements, preferred_element_type or x.dtype)
+  kw = {"precision": precision, "preferred_element_type": preferred_element_type}
+  dims = (((x.ndim - 1,), (1,)), ((), ()))
+  tn = _tile_rows(n, k, tile_elements)
+  if tn >= n:
+    return lax.dot_general(x, q.dequantize_t(dt), dims, **kw)
+  (codes, scales), (rc, rs) = _split_tiles(q, tn)
+
+  def tile(cs):
+    return lax.dot_general(x, _dequant_rows(q, cs[0], cs[1], dt), dims, **kw)
+
+  ys = lax.map(tile, (codes, scales))                 # (T, ..., tn)
+  y = jnp.moveaxis(ys, 0, -2).reshape(*x.shape[:-1], -1)
+  if rc.shape[0]:
+    y = jnp.concatenate([y, lax.dot_general(x, _dequant_rows(q, rc, rs, dt), dims, **kw)],
+                        axis=-1)
+  return y
+
+
+def matmul_t_xla(y: jax.Array, q: QuantizedArray, *, precision=None,
+                 preferred_element_type=None, tile_elements: int = TILE_ELEMENTS) -> jax.Array:
+  """`y @ W^T`, y (..., out) -> (..., in), contracting W's output axis (tiled likewise)."""
+  k, n = q.kernel_shape
+  dt = q.dtype if y.dtype == q.dtype else y.dtype
+  kw = {"precision": precision, "preferred_element_type": preferred_element_type}
+  dims = (((y.ndim - 1,), (0,)), ((), ()))
+  tn = _tile_rows(n, k, tile_elements)
+  if tn >= n:
+    return lax.dot_general(y, q.dequantize_t(dt), dims, **kw)
+  (codes, scales), (rc, rs) = _split_tiles(q, tn)
+  t = codes.shape[0]
+  yt = jnp.moveaxis(y[..., :t * tn].reshape(*y.shape[:-1], t, tn), -2, 0)
+  out_dtype = preferred_element_type or y.dtype
+
+  def step(acc, args):
+    c, s, yy = args
+    part = lax.dot_general(yy, _dequant_rows(q, c, s, dt), dims, **kw)
+    return acc + part.astype(acc.dtype), None
+
+  acc = jnp.zeros((*y.shape[:-1], k), jnp.float32)
+  acc, _ = lax.scan(step, acc, (codes, scales, yt))
+  if rc.shape[0]:
+    acc = acc + lax.dot_general(y[..., t * tn:], _dequant_rows(q, rc, rs, dt), dims,
+                                **kw).astype(jnp.float32)
+  return acc.astype(out_dtype)
+
+
+def _platform() -> str:
+  return jax.default_backend()
+
+
+def _resolve(backend: str) -> str:
+  if backend not in BACKENDS:
+    raise ValueError(f"qz.matmul: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+  if backend == "auto":
+    return "pallas" if _platform() in ("gpu", "cuda", "rocm", "tpu") else "xla"
+  return backend
+
+
+def _forward(x, q, backend, tiles, interpret, precision, preferred_element_type):
+  if backend == "xla":
+    return matmul_xla(x, q, precision=precision,
+                      preferred_element_type=preferred_element_type)
+  platform = "tpu" if _platform() == "tpu" else "gpu"
+  if interpret is None:
+    interpret = _platform() not in ("gpu", "cuda", "rocm", "tpu")
+  x2 = x.reshape(-1, x.shape[-1])
+  k, n = q.kernel_shape
+  y = _pallas.qmatmul(x2, q.codes, q.scales(), fmt=q.format, block=q.block_size,
+                      in_features=k, tiles=tiles, platform=platform, interpret=interpret,
+                      out_dtype=preferred_element_type or x.dtype)
+  return y.reshape(*x.shape[:-1], n)
+
+
+def _zero_cotangent(q: QuantizedArray):
+  def zero(leaf):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      return jnp.zeros(leaf.shape, leaf.dtype)
+    return np.zeros(leaf.shape, jax.dtypes.float0)
+  return jax.tree.map(zero, q)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _qmatmul(x, q, backend, tiles, interpret, precision, preferred_element_type):
+  return _forward(x, q, backend, tiles, interpret, precision, preferred_element_type)
+
+
+def _qmatmul_fwd(x, q, backend, tiles, interpret, precision, preferred_element_type):
+  y = _forward(x, q, backend, tiles, interpret, precision, preferred_element_type)
+  return y, (q, jnp.zeros((), x.dtype))
+
+
+def _qmatmul_bwd(backend, tiles, interpret, precision, preferred_element_type, res, g):
+  q, xz = res
+  dx = matmul_t_xla(g.astype(xz.dtype), q, precision=precision,
+                    preferred_element_type=jnp.float32)
+  return dx.astype(xz.dtype), _zero_cotangent(q)
+
+
+_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+
+def matmul(x: jax.Array, q: QuantizedArray, backend: str = "auto", *,
+           tiles: _pallas.QMatmulTiles | None = None, interpret: bool | None = None,
+           precision=None, preferred_element_type=None) -> jax.Array:
+  """`x @ W` for a quantized kernel `W` (in, out), never forming W in full when large.
+
+  Args:
+    x: (..., in) floating activations.
+    q: an unbatched `QuantizedArray` with logical shape (in, out) (use `jax.vmap`
+      for stacked weights).
+    backend: "auto" (Pallas on GPU/TPU, XLA elsewhere), "xla" or "pallas"
+      ("pallas" on CPU runs the kernel in the interpreter).
+    tiles: `QMatmulTiles` for the Pallas kernels.
+    interpret: force (or forbid) Pallas interpret mode; default: on off GPU/TPU.
+    precision, preferred_element_type: as `lax.dot_general`.
+
+  Returns:
+    (..., out), in `preferred_element_type` or x's dtype. Differentiable in x
+    (`dx = dy @ W^T`, dequantized on the fly); the codes get zero cotangents.
+
+  Example:
+    >>> y = qz.matmul(x, qz.quantize_array(w, "nf4"))
+  """
+  if not isinstance(q, QuantizedArray):
+    raise TypeError(f"qz.matmul: q must be a QuantizedArray, got {type(q).__name__}")
+  if q.nbatch:
+    raise ValueError(f"qz.matmul: q has stacked batch axes (shape {q.shape}); slice it or "
+                     "use jax.vmap")
+  if not hasattr(x, "shape") or x.ndim < 1 or x.shape[-1] != q.kernel_shape[0]:
+    raise ValueError(f"qz.matmul: x {getattr(x, 'shape', None)} does not contract with "
+                     f"W {q.shape}: the last axis of x must be {q.kernel_shape[0]}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"qz.matmul: x must be floating, got {np.dtype(x.dtype).name}")
+  backend = _resolve(backend)
+  return _qmatmul(x, q, backend, tiles or _pallas.QMatmulTiles(), interpret, precision,
+                  preferred_element_type)
+
+
+# ----------------------------------------------------------------------------
+# implicit rules
+
+DEFAULT_BACKEND = "auto"
+
+
+def _dot_general_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
+                      preferred_element_type=None, **params):
+  """x @ W (contracting W's in axis) or x @ W^T (its out axis), W on either side."""
+  if isinstance(lhs, QuantizedArray) and isinstance(rhs, QuantizedArray):
+    return NotImplemented
+  (lc, rc), (lb, rb) = dimension_numbers
+  on_rhs = isinstance(rhs, QuantizedArray)
+  q, x = (rhs, lhs) if on_rhs else (lhs, rhs)
+  wc, wb = (rc, rb) if on_rhs else (lc, lb)
+  xc, xb = (lc, lb) if on_rhs else (rc, rb)
+  x = lj.materialize(x)
+  nb = q.nbatch
+  if tuple(wb) != tuple(range(nb)) or len(wc) != 1 or x.dtype != q.dtype:
+    return NotImplemented
+  axis = wc[0] - nb
+  if axis not in (0, 1):
+    return NotImplemented
+  xfree = [d for d in range(x.ndim) if d not in xb and d != xc[0]]
+  xt = jnp.transpose(x, (*xb, *xfree, xc[0]))
+  kw = {"precision": precision, "preferred_element_type": preferred_element_type}
+  if axis == 0:
+    fn = lambda xx, qq: matmul(xx, qq, DEFAULT_BACKEND, **kw)
+  else:
+    fn = lambda xx, qq: matmul_t_xla(xx, qq, **kw)
+  for _ in range(nb):
+    fn = jax.vmap(fn)
+  y = fn(xt, q)                                  # (batch, xfree, qfree)
+  if not on_rhs:                                 # dot_general order: (batch, qfree, xfree)
+    y = jnp.moveaxis(y, -1, nb)
+  return y
+
+
+lj.register_rule(P.dot_general_p, QuantizedArray)(_dot_general_rule)
+
+
+@lj.register_rule(P.convert_element_type_p, QuantizedArray)
+def _convert_rule(prim, q, *, new_dtype, **params):
+  """Casting a quantized weight keeps it quantized: only its logical dtype changes.
+
+  (An upcast of a bf16 weight dequantizes straight to the wider type, skipping the
+  bf16 rounding a dense cast would have kept.)"""
+  if not jnp.issubdtype(new_dtype, jnp.floating):
+    return NotImplemented
+  return dataclasses.replace(q, dtype=jnp.dtype(new_dtype))
+
+
+@lj.register_rule(P.copy_p, QuantizedArray)
+def _copy_rule(prim, q, **params):
+  return q
+
+
+@lj.register_rule(P.gather_p, QuantizedArray)
+def _gather_rule(prim, q, indices, *, dimension_numbers, slice_sizes, **params):
+  """Embedding lookup `W[ids]` of a 2-D table: only the rows asked for are dequantized."""
+  dn = dimension_numbers
+  if q.nbatch:
+    return NotImplemented
+  vocab, dim = q.shape
+  if (tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
+      or tuple(slice_sizes) != (1, dim) or len(dn.offset_dims) != 1
+      or getattr(dn, "operand_batching_dims", ()) != ()
+      or tuple(dn.offset_dims) != (indices.ndim - 1,)):
+    return NotImplemented
+  ids = jnp.clip(indices[..., 0], 0, vocab - 1).astype(jnp.int32)
+  scales = q.scales()                                    # (dim, vocab_pad / block)
+  s = scales[:, ids // q.block_size]                     # (dim, *ids)
+  if q.format == "int8":
+    c = q.codes[:, ids]
+    vals = c.astype(jnp.float32) * jnp.float32(1.0 / 127.0)
+  else:
+    from quantization import _formats as F
+    byte = q.codes[:, ids // 2]
+    nib = jnp.where(ids % 2 == 0, byte >> 4, byte & jnp.uint8(15))
+    vals = F.code_values(nib, q.format)
+  rows = (vals * s).astype(q.dtype)                      # (dim, *ids)
+  return jnp.moveaxis(rows, 0, -1)
+
+
+__all__ = ["BACKENDS", "matmul", "matmul_t_xla", "matmul_xla"]
