@@ -1,5 +1,6 @@
 """lora-jax: LoRA, QLoRA, model merging and multi-LoRA serving as pytree transformations."""
 
+from lora_jax._dora import DoraWeight, to_dora
 from lora_jax._extract import extract_lora
 from lora_jax._implicit import (ImplicitArray, bind, implicit, is_implicit, materialize,
                                 materialize_tree, register_rule)
@@ -7,6 +8,7 @@ from lora_jax._lora import (LoraConfig, combine, init, merge, split, summary,
                             trainable_mask, with_dropout_rng)
 from lora_jax._lora_weight import LoraWeight, check_factors
 from lora_jax._serving import MultiLoraWeight, set_adapter, stack_adapters, with_adapter_ids
+from lora_jax._peft_io import LLAMA_NAME_MAP, load_adapter, save_adapter
 from lora_jax._paths import leaves_with_paths, map_with_path, path_str, select_paths
 
 __version__ = "0.1.0"
@@ -16,5 +18,6 @@ __all__ = [
     "implicit", "init", "is_implicit", "leaves_with_paths", "map_with_path",
     "materialize", "materialize_tree", "merge", "path_str", "register_rule",
     "select_paths", "split", "summary", "trainable_mask", "with_dropout_rng",
+    "DoraWeight", "to_dora", "LLAMA_NAME_MAP", "load_adapter", "save_adapter",
     "MultiLoraWeight", "stack_adapters", "with_adapter_ids", "set_adapter",
 ]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import _paths
+from lora_jax._dora import dora_from_lora
 from lora_jax._implicit import ImplicitArray, is_implicit, materialize
 from lora_jax._lora_weight import LoraWeight, check_factors
 
@@ -38,6 +39,8 @@ class LoraConfig:
     layouts: {path regex: layout} with one letter per kernel axis: "l" stacked
       layer axis (leading), "i" contracting (input) axis, "o" output axis.
       2-D kernels default to "io".
+    use_dora: weight-decomposed LoRA (PEFT `use_dora`): targets become
+      `DoraWeight`s whose magnitude starts at the column norms of `W`.
   """
 
   rank: int = 8
@@ -50,6 +53,7 @@ class LoraConfig:
   dtype: Any = None
   dropout: float = 0.0
   layouts: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  use_dora: bool = False
 
   def __post_init__(self):
     for name, v in [("rank", self.rank), *(("rank_pattern[" + k + "]", r)
@@ -178,8 +182,9 @@ def init(key: jax.Array, params: Any, cfg: LoraConfig, *, fn: Callable | None = 
     else:
       a = jnp.zeros((*batch, *ins, r), jnp.float32)
     b = jnp.zeros((*batch, r, *outs), dtype)
-    return LoraWeight(w=leaf, a=a.astype(dtype), b=b, scale=cfg.scale_for(path),
-                      axes=axes, dropout=float(cfg.dropout))
+    lw = LoraWeight(w=leaf, a=a.astype(dtype), b=b, scale=cfg.scale_for(path),
+                    axes=axes, dropout=float(cfg.dropout))
+    return dora_from_lora(lw) if cfg.use_dora else lw
 
   return _paths.map_with_path(make, params, is_leaf=is_implicit)
 

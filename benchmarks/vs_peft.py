@@ -1,0 +1,249 @@
+"""One LoRA training step, lora_jax vs Hugging Face PEFT + torch, on CPU, in one run.
+
+Step = forward, backward and an AdamW update of the adapter only, on a Llama with
+hidden 512, 4 layers, 8 heads, intermediate 1376, vocab 8000, sequence 256,
+batch 8, LoRA rank 16 (alpha 32) on q, k, v, o, gate, up, down; float32.
+
+Ours: `jax.jit` of `lj.implicit(llama.forward)` + `optax.adamw` on `lj.split`'s
+adapter. Theirs: `peft.get_peft_model(LlamaForCausalLM)` + `torch.optim.AdamW`
+(transformers' default attention, sdpa). Each side runs in its own subprocess
+(so peak memory is per side: the peak resident set over the warm-up and timed
+steps minus the resident set before them), and the parent interleaves their
+steps one by one, so both see the same load on a shared machine. The script
+also measures the best f32 matmul rate of both frameworks and prints the
+least possible step time it implies.
+
+    .venv/bin/python benchmarks/vs_peft.py [--steps 5] [--stacked]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CFG = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+           num_key_value_heads=8, vocab_size=8000)
+BATCH, SEQ, RANK, ALPHA = 8, 256, 16, 32
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _rss_kib(field: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  return -1
+
+
+def _reset_peak() -> bool:
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _serve(step, matmul) -> None:
+  """Child loop: one command per stdin line, one JSON line per answer on stdout.
+
+  Memory: the resident set is read before the first step (model, adapter and
+  optimizer built, ours compiled); the peak over all steps (warm-up included)
+  is `VmHWM` after resetting it through /proc/self/clear_refs.
+  """
+  base_rss = _rss_kib("VmRSS")
+  ok = _reset_peak()
+  print(json.dumps({"ready": True}), flush=True)
+  loss = None
+  for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "step":
+      t = time.perf_counter()
+      loss = step()
+      print(json.dumps({"t": time.perf_counter() - t}), flush=True)
+    elif cmd == "matmul":
+      print(json.dumps({"gflops": matmul()}), flush=True)
+    elif cmd == "done":
+      peak = _rss_kib("VmHWM")
+      print(json.dumps({"loss": loss, "peak_step_mib": (peak - base_rss) / 1024 if ok else None,
+                        "peak_rss_mib": peak / 1024}), flush=True)
+      return
+
+
+def _best_rate(run, flops: float, n: int = 5) -> float:
+  run()
+  best = float("inf")
+  for _ in range(n):
+    t = time.perf_counter()
+    run()
+    best = min(best, time.perf_counter() - t)
+  return flops / best / 1e9
+
+
+def serve_ours(stacked: bool) -> None:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  import lora_jax as lj
+  from lora_jax.models import llama
+
+  config = llama.LlamaConfig(**CFG)
+  params = llama.init_params(jax.random.key(0), config, stacked=stacked)
+  cfg = lj.LoraConfig(rank=RANK, alpha=ALPHA,
+                      targets=r"layers/.*/(q|k|v|o|gate|up|down)_proj/kernel",
+                      layouts=llama.STACKED_LAYOUTS if stacked else {})
+  params = lj.init(jax.random.key(1), params, cfg)
+  adapter, frozen = lj.split(params)
+  opt = optax.adamw(1e-4)
+  opt_state = opt.init(adapter)
+  ids = jnp.asarray(np.random.RandomState(0).randint(0, CFG["vocab_size"], (BATCH, SEQ)),
+                    jnp.int32)
+
+  def loss_fn(adapter, frozen, ids):
+    logits = lj.implicit(llama.forward)(lj.combine(adapter, frozen), config, ids)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)
+    return jnp.mean(nll)
+
+  @jax.jit
+  def train_step(adapter, opt_state, frozen, ids):
+    loss, grads = jax.value_and_grad(loss_fn)(adapter, frozen, ids)
+    updates, opt_state = opt.update(grads, opt_state, adapter)
+    return optax.apply_updates(adapter, updates), opt_state, loss
+
+  compiled = train_step.lower(adapter, opt_state, frozen, ids).compile()
+  state = [adapter, opt_state]
+
+  def step():
+    state[0], state[1], loss = compiled(state[0], state[1], frozen, ids)
+    return float(jax.block_until_ready(loss))
+
+  x = jnp.ones((2048, 2048), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  _serve(step, lambda: _best_rate(lambda: mm(x).block_until_ready(), 2 * 2048 ** 3))
+
+
+def serve_peft() -> None:
+  import numpy as np
+  import peft
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG)).float()
+  model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA,
+                                                     target_modules=TARGETS))
+  model.train()
+  opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+  ids = torch.tensor(np.random.RandomState(0).randint(0, CFG["vocab_size"], (BATCH, SEQ)))
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+  x = torch.ones(2048, 2048)
+  _serve(step, lambda: _best_rate(lambda: x @ x, 2 * 2048 ** 3))
+
+
+class _Child:
+  def __init__(self, side: str, stacked: bool):
+    cmd = [sys.executable, __file__, "--side", side] + (["--stacked"] if stacked else [])
+    self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True,
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    self.read()
+
+  def read(self) -> dict:
+    while True:
+      line = self.p.stdout.readline()
+      if not line:
+        raise RuntimeError(f"benchmark child {self.p.args} exited early")
+      if line.startswith("{"):
+        return json.loads(line)
+
+  def ask(self, cmd: str) -> dict:
+    self.p.stdin.write(cmd + "\n")
+    self.p.stdin.flush()
+    return self.read()
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--stacked", action="store_true", help="ours: layers stacked under scan")
+  ap.add_argument("--side", choices=["ours", "peft"], help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  if args.side == "ours":
+    return serve_ours(args.stacked)
+  if args.side == "peft":
+    return serve_peft()
+
+  tokens = BATCH * SEQ
+  h, f, L, V = (CFG["hidden_size"], CFG["intermediate_size"], CFG["num_hidden_layers"],
+                CFG["vocab_size"])
+  lin = L * (4 * h * h + 3 * h * f) + h * V     # frozen linear weights (lm_head included)
+  attn = L * 2 * SEQ * h                        # QK^T and PV per token, as weights
+  lora = L * RANK * (4 * (h + h) + 2 * (h + f) + (f + h))
+  fwd = 2 * tokens * (lin + attn + lora)
+  # least work for the step: forward; backward needs input gradients of every frozen
+  # linear (1x), both attention matmuls' gradients (2x), LoRA input+factor grads (2x)
+  need = fwd + 2 * tokens * (lin + 2 * attn + 2 * lora)
+  print(f"LoRA training step on CPU ({os.cpu_count()} cores): Llama hidden {h}, {L} layers, "
+        f"{CFG['num_attention_heads']} heads, intermediate {f}, vocab {V}, seq {SEQ}, "
+        f"batch {BATCH}, rank {RANK} (alpha {ALPHA}) on "
+        f"{','.join(t[:-5] for t in TARGETS)}; float32")
+  ours, theirs = _Child("ours", args.stacked), _Child("peft", False)
+  rate = {"ours": [], "peft": []}
+  times = {"ours": [], "peft": []}
+  for _ in range(2):
+    rate["ours"].append(ours.ask("matmul")["gflops"])
+    rate["peft"].append(theirs.ask("matmul")["gflops"])
+  for i in range(args.steps + 1):      # interleaved, so both see the same machine load
+    t_o, t_p = ours.ask("step")["t"], theirs.ask("step")["t"]
+    if i:                              # step 0 is the warm-up
+      times["ours"].append(t_o)
+      times["peft"].append(t_p)
+  end = {"ours": ours.ask("done"), "peft": theirs.ask("done")}
+  med = {k: statistics.median(v) for k, v in times.items()}
+  peak_rate = max(max(rate["ours"]), max(rate["peft"]))
+  print(f"median of {args.steps} interleaved steps after one warm-up each; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a loaded machine slows torch's "
+        "OpenMP barriers more than XLA's thread pool, so ratios move with load)")
+  print(f"{'':30} {'median step s':>13} {'GFLOP/s':>8} {'peak over steps MiB':>20} "
+        f"{'peak RSS MiB':>13} {'loss':>8}")
+  names = {"ours": "lora_jax (jit, implicit" + (", scan)" if args.stacked else ")"),
+           "peft": "PEFT 0.21 + torch (sdpa)"}
+  for k in ("ours", "peft"):
+    r = end[k]
+    pk = "n/a" if r["peak_step_mib"] is None else f"{r['peak_step_mib']:.0f}"
+    print(f"{names[k]:30} {med[k]:13.3f} {need / med[k] / 1e9:8.1f} {pk:>20} "
+          f"{r['peak_rss_mib']:13.0f} {r['loss']:8.4f}")
+  ratio = med["ours"] / med["peft"]
+  print(f"time ratio ours/PEFT: {ratio:.2f}x (target <= 0.50x)")
+  if end["ours"]["peak_step_mib"] is not None and end["peft"]["peak_step_mib"]:
+    print(f"peak-memory-over-steps ratio ours/PEFT: "
+          f"{end['ours']['peak_step_mib'] / end['peft']['peak_step_mib']:.2f}x")
+  print(f"peak RSS ratio ours/PEFT (includes each framework's runtime): "
+        f"{end['ours']['peak_rss_mib'] / end['peft']['peak_rss_mib']:.2f}x")
+  floor = need / (peak_rate * 1e9)
+  print(f"physical limit: the step needs >= {need / 1e9:.0f} GFLOP of matmul; the best "
+        f"2048^3 f32 matmul rate measured here is {peak_rate:.0f} GFLOP/s (jax "
+        f"{max(rate['ours']):.0f}, torch {max(rate['peft']):.0f}), so no step can take less "
+        f"than {floor:.2f} s; the 0.5x target is {0.5 * med['peft']:.2f} s"
+        + (" (below that limit: unreachable here)" if 0.5 * med["peft"] < floor else ""))
+  print(f"per-step s ours {[round(t, 3) for t in times['ours']]}, "
+        f"PEFT {[round(t, 3) for t in times['peft']]}")
+
+
+if __name__ == "__main__":
+  main()

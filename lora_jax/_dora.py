@@ -1,0 +1,222 @@
+"""`DoraWeight`: weight-decomposed low-rank adaptation (DoRA), PEFT's definition.
+
+    W' = m * (W + s * A @ B) / ||W + s * A @ B||_c
+
+with the norm taken per output column (over the kernel's input axes; PyTorch's
+`(out, in)` weight normed over `dim=1`), `m` a trainable magnitude per output
+column, and the norm treated as a constant (`stop_gradient`, PEFT's `.detach()`,
+DoRA paper section 4.3).
+
+Under `lj.implicit`, `x @ W'` is computed as PEFT's forward does,
+
+    y = x @ W + (f - 1) * (x' @ W) + f * s * (x' @ A) @ B,     f = m / ||W + s A B||_c
+
+(`x' = x` without dropout, so `y = f * (x @ W + s * (x @ A) @ B)`), never forming
+`A @ B`: the column norm is expanded as
+`||W||^2 + 2 s <W, A B>_c + s^2 diag(B^T (A^T A) B)`, which costs one `A^T W`
+product of size `(r, out)`.
+
+References:
+  Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024,
+  https://arxiv.org/abs/2402.09353; PEFT `peft/tuners/lora/dora.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend.core import primitives as P
+
+from lora_jax._implicit import ImplicitArray, bind, register_rule
+from lora_jax._lora_weight import LoraWeight, _delta_einsum, _has_shape, _lora_dropout
+
+
+@dataclasses.dataclass(frozen=True)
+class DoraWeight(LoraWeight):
+  """A `LoraWeight` with a DoRA magnitude `m`.
+
+  Attributes:
+    w, a, b, rng, scale, axes, dropout: as `LoraWeight`.
+    m: `(*batch, *out)` magnitude per output column (PEFT `lora_magnitude_vector`);
+      a fresh adapter sets it to the column norms of `w`, which leaves the
+      function unchanged.
+  """
+
+  m: Any = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    if _has_shape(self.m) and _has_shape(self.w):
+      want = self.m_shape(tuple(self.w.shape), self.axes)
+      if tuple(self.m.shape) != want:
+        raise ValueError(f"DoraWeight: magnitude m {tuple(self.m.shape)} does not fit w "
+                         f"{tuple(self.w.shape)} (axes {self.axes!r}): expected {want}")
+
+  @staticmethod
+  def m_shape(w_shape: tuple, axes: str) -> tuple:
+    nb = len(w_shape) - len(axes)
+    kernel = w_shape[nb:]
+    return (*w_shape[:nb], *(d for d, ax in zip(kernel, axes) if ax == "o"))
+
+  trainable_fields = ("a", "b", "m")
+  data_fields = ("w", "a", "b", "rng", "m")
+
+  # --- helpers
+  def _in_axes(self) -> tuple[int, ...]:
+    nb = self.nbatch
+    return tuple(nb + k for k, ax in enumerate(self.axes) if ax == "i")
+
+  def _expand_m(self, v: jax.Array) -> jax.Array:
+    """`(*batch, *out)` -> broadcastable to the kernel `(*batch, *kernel)`."""
+    nb = self.nbatch
+    shape = list(self.w.shape[:nb])
+    outs = iter(v.shape[nb:])
+    for ax in self.axes:
+      shape.append(next(outs) if ax == "o" else 1)
+    return jnp.reshape(v, shape)
+
+  def column_norm(self) -> jax.Array:
+    """`||W + s * A @ B||` per output column, float32, `(*batch, *out)`, gradient stopped.
+
+    Uses the expansion over factors, so `A @ B` is not built. (In float32 the
+    expansion loses digits only when a column of `s * A @ B` nearly cancels the
+    same column of `W`; `materialize()` computes the norm densely.)
+    """
+    w = self.w.materialize() if isinstance(self.w, ImplicitArray) else self.w
+    w = lax.stop_gradient(w).astype(jnp.float32)
+    a = lax.stop_gradient(self.a).astype(jnp.float32)
+    b = lax.stop_gradient(self.b).astype(jnp.float32)
+    nb = self.nbatch
+    s = jnp.float32(self.scale)
+    letters = "abcdefghjklmnpqstuvwxyz"
+    ins = "".join(letters[k] for k, ax in enumerate(self.axes) if ax == "i")
+    outs = "".join(letters[k] for k, ax in enumerate(self.axes) if ax == "o")
+    kern = "".join(letters[k] for k in range(len(self.axes)))
+    w2 = jnp.sum(w * w, axis=self._in_axes())                                   # (*B, *out)
+    aw = jnp.einsum(f"...{kern},...{ins}R->...R{outs}", w, a)                   # (*B, r, *out)
+    cross = jnp.sum(aw * b, axis=nb)                                            # (*B, *out)
+    g = jnp.einsum(f"...{ins}R,...{ins}Q->...RQ", a, a)                         # (*B, r, r)
+    gb = jnp.einsum(f"...RQ,...Q{outs}->...R{outs}", g, b)
+    quad = jnp.sum(b * gb, axis=nb)
+    n2 = w2 + 2.0 * s * cross + s * s * quad
+    return lax.stop_gradient(jnp.sqrt(jnp.maximum(n2, 0.0)))
+
+  def materialize(self) -> jax.Array:
+    """`m * (W + s A B) / ||W + s A B||_c`, computed in float32, cast to `w`'s dtype."""
+    w = self.w.materialize() if isinstance(self.w, ImplicitArray) else self.w
+    d = jnp.einsum(_delta_einsum(self.axes, self.nbatch),
+                   self.a.astype(jnp.float32), self.b.astype(jnp.float32))
+    wp = w.astype(jnp.float32) + jnp.float32(self.scale) * d
+    norm = lax.stop_gradient(jnp.sqrt(jnp.sum(wp * wp, axis=self._in_axes())))
+    f = self.m.astype(jnp.float32) / norm
+    return (wp * self._expand_m(f)).astype(w.dtype)
+
+  def as_lora(self) -> LoraWeight:
+    """The plain LoRA part (`w`, `a`, `b`), without the magnitude."""
+    return LoraWeight(w=self.w, a=self.a, b=self.b, rng=self.rng, scale=self.scale,
+                      axes=self.axes, dropout=self.dropout)
+
+
+jax.tree_util.register_dataclass(
+    DoraWeight, data_fields=["w", "a", "b", "rng", "m"],
+    meta_fields=["scale", "axes", "dropout"])
+
+
+def dora_from_lora(lw: LoraWeight, m: jax.Array | None = None) -> DoraWeight:
+  """A `DoraWeight` from a `LoraWeight`; `m` defaults to the column norms of `W + s A B`
+  (PEFT's initialisation), so the function is unchanged."""
+  d = DoraWeight(w=lw.w, a=lw.a, b=lw.b, rng=lw.rng, scale=lw.scale, axes=lw.axes,
+                 dropout=lw.dropout, m=None)
+  if m is None:
+    m = d.column_norm().astype(lw.dtype)
+  return dataclasses.replace(d, m=m)
+
+
+def to_dora(params: Any) -> Any:
+  """Every plain `LoraWeight` leaf of `params` as a `DoraWeight` (PEFT's `use_dora=True`).
+
+  The magnitude starts at the column norms of `W + s A B`, so the function is
+  unchanged. Use after `lj.init`: `params = to_dora(lj.init(key, base, cfg))`.
+  """
+  def conv(x):
+    if isinstance(x, LoraWeight) and not isinstance(x, DoraWeight):
+      return dora_from_lora(x)
+    return x
+  return jax.tree.map(conv, params, is_leaf=lambda x: isinstance(x, LoraWeight))
+
+
+# ----------------------------------------------------------------------------
+# implicit rules
+
+def _dot_general_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
+                      preferred_element_type=None, **params):
+  """`x @ W'` for a DoRA kernel on the right, contracting its input axes."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  if not isinstance(rhs, DoraWeight) or isinstance(lhs, ImplicitArray):
+    return NotImplemented
+  dw, x = rhs, lhs
+  nb = dw.nbatch
+  if tuple(rb) != tuple(range(nb)):
+    return NotImplemented
+  in_pos = [k for k, ax in enumerate(dw.axes) if ax == "i"]
+  if sorted(c - nb for c in rc) != in_pos:
+    return NotImplemented
+  # the out axes of the kernel must come out last, in order: true when the
+  # kernel's free axes are exactly its out axes (they are, after contracting "i").
+  kw = dict(precision=precision, preferred_element_type=preferred_element_type)
+  base = bind(prim, x, dw.w, dimension_numbers=dimension_numbers, **kw, **params)
+  dt = x.dtype
+  xd = _lora_dropout(dw, x, lb)
+  dropped = xd is not x
+  # low-rank branch s * (x' @ A) @ B
+  pos_in_a = {k: nb + j for j, k in enumerate(in_pos)}
+  a_c = tuple(pos_in_a[c - nb] for c in rc)
+  batch = tuple(range(nb))
+  t = lax.dot_general(xd, dw.a.astype(dt), ((tuple(lc), a_c), (tuple(lb), batch)), **kw)
+  t = (t * jnp.asarray(dw.scale, t.dtype)).astype(dt)
+  lora = lax.dot_general(t, dw.b.astype(dt), (((t.ndim - 1,), (nb,)), (batch, batch)), **kw)
+  lora = lora.astype(base.dtype)
+  # f = m / ||W + s A B||_c, broadcast over the x-free axes of the result
+  f = (dw.m.astype(jnp.float32) / dw.column_norm()).astype(base.dtype)
+  nout = dw.axes.count("o")
+  nfree = base.ndim - nb - nout
+  f = jnp.reshape(f, (*f.shape[:nb], *([1] * nfree), *f.shape[nb:]))
+  if dropped:
+    base_d = bind(prim, xd, dw.w, dimension_numbers=dimension_numbers, **kw, **params)
+    return base + (f - jnp.ones((), f.dtype)) * base_d + f * lora
+  return base + (f - jnp.ones((), f.dtype)) * base + f * lora
+
+
+register_rule(P.dot_general_p, DoraWeight)(_dot_general_rule)
+
+
+@register_rule(P.convert_element_type_p, DoraWeight)
+def _convert_rule(prim, dw, *, new_dtype, **params):
+  w = bind(prim, dw.w, new_dtype=new_dtype, **params)
+  return dataclasses.replace(dw, w=w, a=lax.convert_element_type(dw.a, new_dtype),
+                             b=lax.convert_element_type(dw.b, new_dtype),
+                             m=lax.convert_element_type(dw.m, new_dtype))
+
+
+@register_rule(P.copy_p, DoraWeight)
+def _copy_rule(prim, dw, **params):
+  return dw
+
+
+def _no_rule(prim, *args, **params):
+  return NotImplemented
+
+
+# LoraWeight's layout rules would drop or misplace `m`; DoRA falls back to
+# materializing for these (with the interpreter's one-time warning).
+for _p in (P.transpose_p, P.reshape_p, P.gather_p):
+  register_rule(_p, DoraWeight)(_no_rule)
+
+
+__all__ = ["DoraWeight", "dora_from_lora", "to_dora"]
+del math

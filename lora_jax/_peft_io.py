@@ -1,0 +1,486 @@
+"""Adapters in Hugging Face PEFT's layout: `save_adapter` / `load_adapter`.
+
+A PEFT LoRA adapter directory holds
+
+    adapter_config.json          r, lora_alpha, target_modules, use_rslora, use_dora,
+                                 rank_pattern, alpha_pattern, ...
+    adapter_model.safetensors    base_model.model.<module>.lora_A.weight   (r, in)
+                                 base_model.model.<module>.lora_B.weight   (out, r)
+                                 base_model.model.<module>.lora_magnitude_vector (out,)  DoRA
+                                 base_model.model.<module>.lora_embedding_A (r, vocab)   embeddings
+                                 base_model.model.<module>.lora_embedding_B (dim, r)
+
+PEFT module names (`model.layers.0.self_attn.q_proj`) are mapped to our
+parameter paths (`layers/0/self_attn/q_proj/kernel`) by a name map: a sequence of
+`(peft_template, path_template)` pairs whose `{placeholders}` match one name
+component. `{layer}` matches a layer number; when the parameters are stacked
+for `scan` (`layers/self_attn/q_proj/kernel` with a leading layer axis), the
+`{layer}/` component is absent from the path and the number indexes that axis.
+`LLAMA_NAME_MAP` is the default (the reference model's names, which are
+Hugging Face's); another model passes its own table, e.g.
+`LLAMA_NAME_MAP + (("transformer.h.{layer}.attn.{proj}", "h/{layer}/attn/{proj}/kernel"),)`.
+
+Scale is PEFT's: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`,
+per module through `rank_pattern` / `alpha_pattern`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+import pathlib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax import _paths
+from lora_jax._dora import DoraWeight
+from lora_jax._implicit import ImplicitArray, is_implicit
+from lora_jax._lora_weight import LoraWeight
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+NameMap = Sequence[tuple[str, str]]
+
+LLAMA_NAME_MAP: tuple[tuple[str, str], ...] = (
+    ("model.layers.{layer}.self_attn.{proj}", "layers/{layer}/self_attn/{proj}/kernel"),
+    ("model.layers.{layer}.mlp.{proj}", "layers/{layer}/mlp/{proj}/kernel"),
+    ("model.embed_tokens", "embed_tokens/embedding"),
+    ("lm_head", "lm_head/kernel"),
+)
+
+# adapter_config.json options whose adapters we cannot reproduce: name -> why.
+_UNSUPPORTED = {
+    "modules_to_save": "fully trained copies of modules (modules_to_save) are not supported",
+    "trainable_token_indices": "trainable token indices are not supported",
+    "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
+    "layer_replication": "layer replication is not supported",
+    "use_qalora": "QA-LoRA is not supported",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) is not supported",
+    "arrow_config": "Arrow routing is not supported",
+    "use_bdlora": "BD-LoRA is not supported",
+    "kasa_config": "KaSA is not supported",
+    "velora_config": "VeLoRA is not supported",
+    "monteclora_config": "MonteCLoRA is not supported",
+    "megatron_config": "Megatron parallel layers are not supported",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D-style weights) is not supported",
+    "lora_bias": "LoRA bias terms (lora_bias) are not supported",
+}
+
+_SUFFIXES = {
+    ".lora_A.weight": "A", ".lora_B.weight": "B",
+    ".lora_magnitude_vector": "m", ".lora_magnitude_vector.weight": "m",
+    ".lora_embedding_A": "EA", ".lora_embedding_B": "EB",
+}
+
+
+# ----------------------------------------------------------------------------
+# name maps
+
+def _template_regex(template: str, sep: str) -> re.Pattern:
+  out, pos = [], 0
+  for mt in re.finditer(r"\{(\w+)\}", template):
+    out.append(re.escape(template[pos:mt.start()]))
+    name = mt.group(1)
+    out.append(rf"(?P<{name}>\d+)" if name == "layer" else rf"(?P<{name}>[^{re.escape(sep)}]+)")
+    pos = mt.end()
+  out.append(re.escape(template[pos:]))
+  return re.compile("".join(out))
+
+
+def _drop_layer(template: str) -> str | None:
+  if "{layer}/" in template:
+    return template.replace("{layer}/", "")
+  return None
+
+
+def _peft_to_path(module: str, name_map: NameMap) -> tuple[str, str, int] | None:
+  """PEFT module name -> (unrolled path, stacked path or "", layer or -1)."""
+  for peft_t, path_t in name_map:
+    mt = _template_regex(peft_t, ".").fullmatch(module)
+    if mt is None:
+      continue
+    groups = mt.groupdict()
+    path = path_t.format(**groups)
+    stacked_t = _drop_layer(path_t)
+    stacked = stacked_t.format(**{k: v for k, v in groups.items() if k != "layer"}) \
+        if stacked_t is not None and "layer" in groups else ""
+    return path, stacked, int(groups["layer"]) if "layer" in groups else -1
+  return None
+
+
+def _path_to_peft(path: str, name_map: NameMap, stacked: bool) -> str | None:
+  """Our path -> PEFT module template (with "{layer}" left in for stacked paths)."""
+  for peft_t, path_t in name_map:
+    if stacked:
+      st = _drop_layer(path_t)
+      if st is None:
+        continue
+      mt = _template_regex(st, "/").fullmatch(path)
+      if mt is not None:
+        return peft_t.replace("{layer}", "\0").format(**mt.groupdict()).replace("\0", "{layer}")
+    else:
+      mt = _template_regex(path_t, "/").fullmatch(path)
+      if mt is not None:
+        return peft_t.format(**mt.groupdict())
+  return None
+
+
+def _get_pattern_key(pattern_keys, key: str):
+  """PEFT's `get_pattern_key`: the first pattern p with re.match(rf"(.*\\.)?({p})$", key)."""
+  for p in pattern_keys:
+    if re.match(rf"(.*\.)?({p})$", key):
+      return p
+  return None
+
+
+# ----------------------------------------------------------------------------
+# load
+
+def _read_config(root: pathlib.Path) -> dict:
+  from lora_jax.models.llama import _read_json
+  d = _read_json(root / CONFIG_NAME, "PEFT adapter config (adapter_config.json)")
+  where = root / CONFIG_NAME
+  pt = d.get("peft_type", "LORA")
+  if str(pt).upper() != "LORA":
+    raise ValueError(f"{where}: peft_type {pt!r} is not supported; expected 'LORA'")
+  for k in ("r", "lora_alpha"):
+    if k not in d:
+      raise ValueError(f"{where}: missing {k!r}")
+    if not isinstance(d[k], (int, float)) or isinstance(d[k], bool) or d[k] <= 0:
+      raise ValueError(f"{where}: {k} must be a positive number, got {d[k]!r}")
+  for k, why in _UNSUPPORTED.items():
+    if d.get(k):
+      raise ValueError(f"{where}: {k}={d[k]!r}: {why} by lora_jax.load_adapter")
+  if d.get("bias", "none") not in ("none", None):
+    raise ValueError(f"{where}: bias={d['bias']!r}: trained biases are not supported by "
+                     "lora_jax.load_adapter (expected 'none')")
+  for k in ("rank_pattern", "alpha_pattern"):
+    if d.get(k) is not None and not isinstance(d[k], dict):
+      raise ValueError(f"{where}: {k} must be an object, got {type(d[k]).__name__}")
+  return d
+
+
+def _group_tensors(tensors: Mapping[str, np.ndarray], where: pathlib.Path) -> dict:
+  modules: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+  for key, arr in tensors.items():
+    name = key.removeprefix(PREFIX)
+    for suf, kind in _SUFFIXES.items():
+      if name.endswith(suf):
+        modules[name[:-len(suf)]][kind] = arr
+        break
+    else:
+      raise ValueError(
+          f"{where}: tensor {key!r} {tuple(arr.shape)} is not a LoRA factor (expected a name "
+          f"ending in {sorted(_SUFFIXES)}); modules_to_save, biases and other PEFT tuners "
+          "are not supported")
+  return dict(modules)
+
+
+@dataclasses.dataclass
+class _Entry:
+  a: np.ndarray          # (in, r)
+  b: np.ndarray          # (r, out)
+  m: np.ndarray | None   # (out,)
+  scale: float
+  rank: int
+
+
+def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | None = None,
+                 *, dtype=None) -> Any:
+  """Read a PEFT LoRA / rsLoRA / DoRA adapter onto `base_params`.
+
+  Args:
+    path: adapter directory (`adapter_config.json` + `adapter_model.safetensors`),
+      as written by PEFT's `save_pretrained` or `lj.save_adapter`.
+    base_params: the base model's parameters (plain arrays, unrolled or stacked
+      layers), e.g. from `llama.load_hf`.
+    name_map: `(peft_template, path_template)` pairs; default `LLAMA_NAME_MAP`.
+    dtype: dtype of the factors; default each base weight's dtype.
+
+  Returns:
+    `base_params` with each adapted kernel replaced by a `LoraWeight` (or a
+    `DoraWeight` when `use_dora`): `a = lora_A.T` `(in, r)`, `b = lora_B.T` `(r, out)`,
+    scale `alpha / r` (rsLoRA: `alpha / sqrt(r)`), `m = lora_magnitude_vector`.
+    Stacked parameters get stacked factors: a layer PEFT did not adapt gets zero
+    factors (DoRA magnitude `||W||`), which leaves it unchanged; layers of
+    different rank are zero-padded to the largest, and a layer whose scale differs
+    from the first adapted layer's has the ratio folded into its `b`.
+
+  Raises:
+    FileNotFoundError: a file is missing.
+    ValueError: naming the key and what was expected: corrupt or truncated files,
+      unsupported PEFT options, keys that map to no parameter, shape mismatches
+      (an adapter for another base). Nothing is returned half-loaded.
+  """
+  from lora_jax.models.llama import read_safetensors
+  name_map = tuple(LLAMA_NAME_MAP if name_map is None else name_map)
+  root = pathlib.Path(path)
+  cfg = _read_config(root)
+  tensors = read_safetensors(root / WEIGHTS_NAME)
+  wfile = root / WEIGHTS_NAME
+  if not tensors:
+    raise ValueError(f"{wfile}: holds no tensors")
+  modules = _group_tensors(tensors, wfile)
+  use_dora = bool(cfg.get("use_dora", False))
+  rslora = bool(cfg.get("use_rslora", False))
+  rank_pattern = cfg.get("rank_pattern") or {}
+  alpha_pattern = cfg.get("alpha_pattern") or {}
+
+  leaves = dict(_paths.leaves_with_paths(base_params, is_leaf=is_implicit))
+  # path -> {layer or -1: _Entry}
+  entries: dict[str, dict[int, _Entry]] = collections.defaultdict(dict)
+  for module in sorted(modules):
+    parts = modules[module]
+    key = PREFIX + module
+    emb = "EA" in parts or "EB" in parts
+    ka, kb = ("EA", "EB") if emb else ("A", "B")
+    if ka not in parts or kb not in parts or (emb and ("A" in parts or "B" in parts)):
+      raise ValueError(f"{wfile}: module {key!r} needs both lora_A and lora_B (or "
+                       f"lora_embedding_A and _B); found {sorted(parts)}")
+    A, B = parts[ka], parts[kb]
+    if A.ndim != 2 or B.ndim != 2:
+      raise ValueError(f"{wfile}: {key}: lora_A {A.shape} / lora_B {B.shape} are not 2-D; "
+                       "only Linear and Embedding targets are supported (not Conv)")
+    if ("m" in parts) != use_dora:
+      raise ValueError(f"{wfile}: {key}: use_dora={use_dora} in {CONFIG_NAME} but the "
+                       f"magnitude vector is {'present' if 'm' in parts else 'missing'}")
+    if use_dora and emb:
+      raise ValueError(f"{wfile}: {key}: DoRA on embeddings is not supported")
+    hit = _peft_to_path(module, name_map)
+    if hit is None:
+      raise ValueError(f"{wfile}: tensor {key}.* (module {module!r}) maps to no parameter "
+                       f"through the name map {[p for p, _ in name_map]}; pass "
+                       "load_adapter(..., name_map=...) for another model")
+    path, spath, layer = hit
+    if path in leaves:
+      target, lidx = path, -1
+    elif spath and spath in leaves:
+      target, lidx = spath, layer
+    else:
+      near = ", ".join(_paths.closest_paths(path, leaves))
+      raise ValueError(f"{wfile}: module {module!r} maps to parameter {path!r}"
+                       + (f" (stacked: {spath!r})" if spath else "")
+                       + f", which base_params does not have; closest paths: {near}")
+    base = leaves[target]
+    if isinstance(base, ImplicitArray):
+      raise ValueError(f"{target}: base parameter is already a {type(base).__name__}; "
+                       "load the adapter onto plain base weights (lj.merge first)")
+    shape = tuple(base.shape)
+    if lidx >= 0:
+      if len(shape) != 3 or lidx >= shape[0]:
+        raise ValueError(f"{wfile}: {key}: stacked parameter {target} has shape {shape}; "
+                         f"expected (layers > {lidx}, in, out)")
+      kernel = shape[1:]
+    else:
+      if len(shape) != 2:
+        raise ValueError(f"{wfile}: {key}: parameter {target} has shape {shape}; expected a "
+                         "2-D kernel (in, out)")
+      kernel = shape
+    r = A.shape[0]
+    if emb:   # lora_embedding_A (r, vocab), lora_embedding_B (dim, r)
+      want_a, want_b = (r, kernel[0]), (kernel[1], r)
+    else:     # lora_A (r, in), lora_B (out, r)
+      want_a, want_b = (r, kernel[0]), (kernel[1], r)
+    if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
+      raise ValueError(
+          f"{wfile}: {key}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not fit "
+          f"the base weight {target} {kernel} (in, out) [torch (out, in) = "
+          f"{kernel[::-1]}]: expected lora_A {want_a} and lora_B {want_b}. "
+          "Is this adapter for another base model?")
+    rk = _get_pattern_key(rank_pattern, module)
+    want_r = int(rank_pattern[rk]) if rk is not None else int(cfg["r"])
+    if r != want_r:
+      raise ValueError(f"{wfile}: {key}: lora_A has rank {r} but {CONFIG_NAME} gives r="
+                       f"{want_r}" + (f" (rank_pattern {rk!r})" if rk is not None else ""))
+    ak = _get_pattern_key(alpha_pattern, module)
+    alpha = float(alpha_pattern[ak]) if ak is not None else float(cfg["lora_alpha"])
+    scale = alpha / math.sqrt(r) if rslora else alpha / r
+    m = None
+    if use_dora:
+      m = parts["m"]
+      if tuple(m.shape) != (kernel[1],):
+        raise ValueError(f"{wfile}: {key}.lora_magnitude_vector has shape {tuple(m.shape)}; "
+                         f"expected ({kernel[1]},) for {target} {kernel}")
+    if lidx in entries[target]:
+      raise ValueError(f"{wfile}: two PEFT modules map to {target}"
+                       + (f" layer {lidx}" if lidx >= 0 else ""))
+    entries[target][lidx] = _Entry(a=np.asarray(A).T, b=np.asarray(B).T, m=m, scale=scale,
+                                   rank=r)
+
+  built: dict[str, LoraWeight] = {}
+  for target, per in entries.items():
+    base = leaves[target]
+    dt = dtype or base.dtype
+    if -1 in per:
+      e = per[-1]
+      built[target] = _make(base, e.a, e.b, e.m, e.scale, dt)
+      continue
+    L = base.shape[0]
+    # One rank and one (static) scale for the stack: pad smaller ranks with zero
+    # factors and fold each layer's scale into its b, which keeps s_l * A_l @ B_l.
+    r = max(e.rank for e in per.values())
+    scale = per[min(per)].scale
+    _, din, dout = base.shape
+    a = np.zeros((L, din, r), np.float32)
+    b = np.zeros((L, r, dout), np.float32)
+    m = np.zeros((L, dout), np.float32) if use_dora else None
+    wnorm = (np.sqrt(np.sum(np.square(np.asarray(base, np.float32)), axis=1))
+             if use_dora else None)
+    for li in range(L):
+      e = per.get(li)
+      if e is not None:
+        a[li, :, :e.rank] = e.a
+        b[li, :e.rank] = e.b if e.scale == scale else e.b * np.float32(e.scale / scale)
+        if use_dora:
+          m[li] = e.m
+      elif use_dora:
+        m[li] = wnorm[li]
+    built[target] = _make(base, a, b, m, scale, dt)
+
+  def swap(path, leaf):
+    return built.get(path, leaf)
+
+  return _paths.map_with_path(swap, base_params, is_leaf=is_implicit)
+
+
+def _make(base, a, b, m, scale, dt) -> LoraWeight:
+  a = jnp.asarray(np.asarray(a, np.float32)).astype(dt)
+  b = jnp.asarray(np.asarray(b, np.float32)).astype(dt)
+  if m is None:
+    return LoraWeight(w=base, a=a, b=b, scale=float(scale), axes="io")
+  m = jnp.asarray(np.asarray(m, np.float32)).astype(dt)
+  return DoraWeight(w=base, a=a, b=b, scale=float(scale), axes="io", m=m)
+
+
+# ----------------------------------------------------------------------------
+# save
+
+def _num(x: float):
+  return int(round(x)) if abs(x - round(x)) < 1e-6 * max(1.0, abs(x)) else float(x)
+
+
+def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
+                 name_map: NameMap | None = None, base_model_name_or_path: str | None = None,
+                 task_type: str | None = "CAUSAL_LM") -> None:
+  """Write the LoRA / DoRA leaves of `params` as a PEFT adapter directory.
+
+  Args:
+    path: output directory (created if missing); files are written to temporary
+      names and renamed.
+    params: parameters holding `LoraWeight` / `DoraWeight` leaves (unrolled or stacked).
+    cfg: optional `lj.LoraConfig`: its `rank`, `alpha` and `rslora` become PEFT's
+      `r`, `lora_alpha` and `use_rslora`; modules whose rank or alpha differ go
+      to `rank_pattern` / `alpha_pattern`. Without it, the most common rank and
+      alpha are the defaults and `use_rslora` is false (alpha = scale * r), which
+      gives PEFT the same scales.
+    name_map: `(peft_template, path_template)` pairs; default `LLAMA_NAME_MAP`.
+    base_model_name_or_path: recorded in `adapter_config.json`.
+    task_type: PEFT task type recorded in `adapter_config.json`.
+
+  Raises:
+    ValueError: no LoRA leaves, a LoRA leaf whose path maps to no PEFT module, a
+      kernel that is not 2-D `(in, out)` (or `(L, in, out)` stacked), a mix of
+      DoRA and plain LoRA leaves.
+  """
+  name_map = tuple(LLAMA_NAME_MAP if name_map is None else name_map)
+  rslora = bool(getattr(cfg, "rslora", False)) if cfg is not None else False
+  tensors: dict[str, np.ndarray] = {}
+  mods: dict[str, tuple[int, float]] = {}
+  kinds = set()
+  dropout = 0.0
+  all_paths = _paths.leaves_with_paths(params, is_leaf=is_implicit)
+  for lpath, leaf in all_paths:
+    if not isinstance(leaf, LoraWeight):
+      continue
+    kinds.add(isinstance(leaf, DoraWeight))
+    dropout = max(dropout, float(leaf.dropout))
+    nb = leaf.nbatch
+    if leaf.axes != "io" or nb > 1:
+      raise ValueError(f"{lpath}: LoRA kernel {leaf.shape} (axes {leaf.axes!r}) is not a 2-D "
+                       "(in, out) kernel or a stack of them; PEFT's layout cannot hold it")
+    tmpl = _path_to_peft(lpath, name_map, stacked=nb == 1)
+    if tmpl is None:
+      raise ValueError(f"{lpath}: no entry of the name map {[t for _, t in name_map]} matches "
+                       "this LoRA leaf" + (" (stacked)" if nb else "")
+                       + "; pass save_adapter(..., name_map=...)")
+    r = leaf.rank
+    alpha = leaf.scale * (math.sqrt(r) if rslora else r)
+    a = np.asarray(jnp.asarray(leaf.a))
+    b = np.asarray(jnp.asarray(leaf.b))
+    m = np.asarray(jnp.asarray(leaf.m)) if isinstance(leaf, DoraWeight) else None
+    emb = lpath.split("/")[-1] == "embedding"
+    layers = range(leaf.shape[0]) if nb else [None]
+    for li in layers:
+      module = tmpl.format(layer=li) if nb else tmpl
+      sa = a[li] if nb else a
+      sb = b[li] if nb else b
+      key = PREFIX + module
+      if emb:
+        tensors[key + ".lora_embedding_A"] = np.ascontiguousarray(sa.T)
+        tensors[key + ".lora_embedding_B"] = np.ascontiguousarray(sb.T)
+      else:
+        tensors[key + ".lora_A.weight"] = np.ascontiguousarray(sa.T)
+        tensors[key + ".lora_B.weight"] = np.ascontiguousarray(sb.T)
+      if m is not None:
+        tensors[key + ".lora_magnitude_vector"] = np.ascontiguousarray(m[li] if nb else m)
+      mods[module] = (r, alpha)
+  if not mods:
+    raise ValueError("save_adapter: params hold no LoraWeight leaves")
+  if len(kinds) > 1:
+    raise ValueError("save_adapter: params mix DoRA and plain LoRA leaves; PEFT's use_dora "
+                     "applies to the whole adapter")
+  use_dora = kinds.pop()
+
+  if cfg is not None:
+    r0, alpha0 = int(cfg.rank), float(cfg.alpha)
+  else:
+    r0 = collections.Counter(r for r, _ in mods.values()).most_common(1)[0][0]
+    alpha0 = collections.Counter(round(al, 9) for _, al in mods.values()).most_common(1)[0][0]
+  rank_pattern = {mod: r for mod, (r, _) in sorted(mods.items()) if r != r0}
+  alpha_pattern = {mod: _num(al) for mod, (_, al) in sorted(mods.items())
+                   if not math.isclose(al, alpha0, rel_tol=1e-6)}
+
+  # target_modules: short names when they select exactly the adapted modules.
+  every = collections.defaultdict(set)
+  for lpath, leaf in all_paths:
+    nb_leaf = 1 if (getattr(leaf, "ndim", 0) == 3) else 0
+    for stacked in ((False, True) if nb_leaf else (False,)):
+      t = _path_to_peft(lpath, name_map, stacked=stacked)
+      if t is None:
+        continue
+      names = [t.format(layer=i) for i in range(leaf.shape[0])] if stacked else [t]
+      for n in names:
+        every[n.rsplit(".", 1)[-1]].add(n)
+  adapted_by_short = collections.defaultdict(set)
+  for mod in mods:
+    adapted_by_short[mod.rsplit(".", 1)[-1]].add(mod)
+  if all(every[s] == adapted_by_short[s] for s in adapted_by_short):
+    target_modules: Any = sorted(adapted_by_short)
+  else:
+    target_modules = sorted(mods)
+
+  config = {
+      "peft_type": "LORA", "task_type": task_type, "r": int(r0), "lora_alpha": _num(alpha0),
+      "target_modules": target_modules, "rank_pattern": rank_pattern,
+      "alpha_pattern": alpha_pattern, "use_rslora": rslora, "use_dora": use_dora,
+      "lora_dropout": dropout, "bias": "none", "fan_in_fan_out": False,
+      "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+      "base_model_name_or_path": base_model_name_or_path, "layers_to_transform": None,
+      "layers_pattern": None, "revision": None,
+  }
+  from lora_jax.models.llama import write_json, write_safetensors
+  root = pathlib.Path(path)
+  root.mkdir(parents=True, exist_ok=True)
+  write_safetensors(root / WEIGHTS_NAME, tensors, {"format": "pt"})
+  write_json(root / CONFIG_NAME, config)
+
+
+__all__ = ["LLAMA_NAME_MAP", "load_adapter", "save_adapter"]

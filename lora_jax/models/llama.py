@@ -1,0 +1,839 @@
+"""A Llama-style decoder as pure functions over a parameter pytree.
+
+The reference model of lora_jax: RMSNorm, rotary embeddings (`rope_theta`, and the
+"linear" and "llama3" `rope_scaling` types), grouped-query attention, a SwiGLU MLP
+and optional tied embeddings, with the numerics of Hugging Face's
+`transformers.LlamaForCausalLM` (eager attention).
+
+Parameters keep Hugging Face's module names, kernels in the `x @ W` layout
+`(in, out)` (PyTorch's `(out, in)` transposed at the boundary):
+
+    embed_tokens/embedding                 (vocab, hidden)
+    layers/{i}/self_attn/q_proj/kernel     (hidden, heads * head_dim)   also k_, v_, o_proj
+    layers/{i}/self_attn/q_proj/bias       (heads * head_dim,)          if attention_bias
+    layers/{i}/mlp/gate_proj/kernel        (hidden, intermediate)       also up_, down_proj
+    layers/{i}/input_layernorm/scale       (hidden,)                    + post_attention_layernorm
+    norm/scale                             (hidden,)
+    lm_head/kernel                         (hidden, vocab)              absent with tied embeddings
+
+`layers` is a list (one dict per layer, run in a Python loop), or, after
+`stack_layers`, one dict whose leaves carry a leading layer axis
+(`layers/self_attn/q_proj/kernel` of shape `(L, hidden, heads * head_dim)`),
+run with `jax.lax.scan`. For LoRA on stacked layers, give the leading axis in
+the layout: `lj.LoraConfig(..., layouts=llama.STACKED_LAYOUTS)`.
+
+Every function here is written for plain arrays, so `lj.implicit(llama.forward)`
+runs it on LoRA / DoRA / quantized leaves. `LlamaConfig` is a frozen (hashable)
+dataclass: pass it as a static argument to `jax.jit` and `lj.implicit` (non-array
+leaves are static there).
+
+Example:
+  >>> config, params = llama.load_hf("path/to/checkpoint")      # float32
+  >>> logits = llama.forward(params, config, input_ids)         # (batch, seq, vocab)
+  >>> tokens = llama.generate(params, config, prompt_ids, 16)   # greedy, (batch, 16)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lora_jax._implicit import implicit
+
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+NORMS = ("input_layernorm", "post_attention_layernorm")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+# LoRA layouts for stacked (scanned) layers: the leading axis is the layer axis.
+STACKED_LAYOUTS = {r"layers/.*/kernel": "lio"}
+
+
+# ----------------------------------------------------------------------------
+# Config
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture of a Llama decoder, with Hugging Face `config.json` names.
+
+  Frozen and hashable so it can be a static argument of `jax.jit`. Build it from
+  a `config.json` dict with `LlamaConfig.from_hf(d)`; `to_hf()` gives the dict back.
+
+  The rope scaling of `rope_type="llama3"` uses `rope_factor`,
+  `rope_low_freq_factor`, `rope_high_freq_factor` and
+  `rope_original_max_position_embeddings`; `"linear"` uses `rope_factor`.
+  """
+
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: int | None = None
+  head_dim: int | None = None
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position_embeddings: int | None = None
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  hidden_act: str = "silu"
+  bos_token_id: int | None = 1
+  eos_token_id: int | tuple[int, ...] | None = 2
+  pad_token_id: int | None = None
+
+  def __post_init__(self):
+    if self.num_key_value_heads is None:
+      object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+    if self.head_dim is None:
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+    if isinstance(self.eos_token_id, list):
+      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(f"LlamaConfig: num_attention_heads={self.num_attention_heads} is not a "
+                       f"multiple of num_key_value_heads={self.num_key_value_heads}")
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"LlamaConfig: rope_type {self.rope_type!r} is not supported; "
+                       f"expected one of {ROPE_TYPES}")
+    if self.hidden_act != "silu":
+      raise ValueError(f"LlamaConfig: hidden_act {self.hidden_act!r} is not supported; "
+                       "expected 'silu'")
+    if self.head_dim % 2:
+      raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for rotary embeddings")
+
+  @classmethod
+  def from_hf(cls, d: Mapping[str, Any]) -> LlamaConfig:
+    """From a Hugging Face `config.json` dict (old `rope_scaling` or new `rope_parameters`)."""
+    if not isinstance(d, Mapping):
+      raise TypeError("LlamaConfig.from_hf: expected a dict from config.json, got "
+                      f"{type(d).__name__}")
+    mt = d.get("model_type", "llama")
+    if mt != "llama":
+      raise ValueError(f"LlamaConfig.from_hf: model_type {mt!r} is not supported; expected 'llama'")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads")
+    missing = [k for k in required if k not in d]
+    if missing:
+      raise ValueError(f"LlamaConfig.from_hf: config.json lacks {missing}")
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    if rope and all(isinstance(v, Mapping) for v in rope.values()):
+      raise ValueError("LlamaConfig.from_hf: per-layer-type rope_parameters are not supported")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
+      raise ValueError("LlamaConfig.from_hf: partial_rotary_factor != 1 is not supported")
+    max_pos = int(d.get("max_position_embeddings", 2048))
+    orig = rope.get("original_max_position_embeddings")
+    if rope_type == "llama3" and orig is None:
+      orig = max_pos
+    kw = dict(
+        vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
+        intermediate_size=int(d["intermediate_size"]),
+        num_hidden_layers=int(d["num_hidden_layers"]),
+        num_attention_heads=int(d["num_attention_heads"]),
+        num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+        rope_type=str(rope_type), rope_factor=float(rope.get("factor", 1.0)),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_max_position_embeddings=None if orig is None else int(orig),
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=bool(d.get("attention_bias", False)),
+        mlp_bias=bool(d.get("mlp_bias", False)), hidden_act=str(d.get("hidden_act", "silu")),
+        bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+        pad_token_id=d.get("pad_token_id"))
+    return cls(**kw)
+
+  def to_hf(self) -> dict[str, Any]:
+    """A `config.json` dict that `transformers.LlamaConfig` reads."""
+    rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+    if self.rope_type == "linear":
+      rope["factor"] = self.rope_factor
+    elif self.rope_type == "llama3":
+      rope.update(factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
+                  high_freq_factor=self.rope_high_freq_factor,
+                  original_max_position_embeddings=self.rope_original_max_position_embeddings)
+    eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_hidden_layers,
+        "num_attention_heads": self.num_attention_heads,
+        "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+        "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+        "rope_parameters": rope,
+        "rope_scaling": None if self.rope_type == "default" else dict(rope),
+        "max_position_embeddings": self.max_position_embeddings,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
+        "hidden_act": self.hidden_act, "bos_token_id": self.bos_token_id,
+        "eos_token_id": eos, "pad_token_id": self.pad_token_id,
+        "attention_dropout": 0.0, "initializer_range": 0.02, "pretraining_tp": 1,
+        "use_cache": True,
+    }
+
+
+# ----------------------------------------------------------------------------
+# Parameters
+
+def init_params(key: jax.Array, config: LlamaConfig, *, dtype=jnp.float32,
+                stacked: bool = False, std: float = 0.02) -> dict:
+  """Random parameters: kernels and embeddings ~ N(0, std^2), norm scales 1, biases 0.
+
+  Returns the pytree described in the module docstring (`stacked=True`: one
+  dict of layer-stacked leaves).
+  """
+  c = config
+  H, hd = c.hidden_size, c.head_dim
+  shapes = {
+      "q_proj": (H, c.num_attention_heads * hd), "k_proj": (H, c.num_key_value_heads * hd),
+      "v_proj": (H, c.num_key_value_heads * hd), "o_proj": (c.num_attention_heads * hd, H),
+      "gate_proj": (H, c.intermediate_size), "up_proj": (H, c.intermediate_size),
+      "down_proj": (c.intermediate_size, H)}
+  keys = iter(jax.random.split(key, 2 + 7 * c.num_hidden_layers))
+
+  def normal(shape):
+    return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+  def lin(name, bias):
+    p = {"kernel": normal(shapes[name])}
+    if bias:
+      p["bias"] = jnp.zeros((shapes[name][1],), dtype)
+    return p
+
+  layers = []
+  for _ in range(c.num_hidden_layers):
+    layers.append({
+        "self_attn": {n: lin(n, c.attention_bias) for n in ATTN_PROJ},
+        "mlp": {n: lin(n, c.mlp_bias) for n in MLP_PROJ},
+        "input_layernorm": {"scale": jnp.ones((H,), dtype)},
+        "post_attention_layernorm": {"scale": jnp.ones((H,), dtype)}})
+  params = {"embed_tokens": {"embedding": normal((c.vocab_size, H))}, "layers": layers,
+            "norm": {"scale": jnp.ones((H,), dtype)}}
+  lm = normal((H, c.vocab_size))
+  if not c.tie_word_embeddings:
+    params["lm_head"] = {"kernel": lm}
+  return stack_layers(params) if stacked else params
+
+
+def is_stacked(params: Mapping[str, Any]) -> bool:
+  """True when `params["layers"]` is one dict of layer-stacked leaves."""
+  return isinstance(params["layers"], Mapping)
+
+
+def stack_layers(params: Mapping[str, Any]) -> dict:
+  """Unrolled -> stacked: `layers/{i}/...` leaves stacked on a new leading axis.
+
+  Works leaf-wise on any pytree leaves, so stacked LoRA weights come out as
+  LoRA weights with a leading layer axis (their metadata must agree).
+  """
+  if is_stacked(params):
+    return dict(params)
+  layers = list(params["layers"])
+  if not layers:
+    raise ValueError("stack_layers: params['layers'] is empty")
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return {**params, "layers": stacked}
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict:
+  """Stacked -> unrolled: a list of per-layer dicts."""
+  if not is_stacked(params):
+    return dict(params)
+  n = jax.tree.leaves(params["layers"])[0].shape[0]
+  layers = [jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(n)]
+  return {**params, "layers": layers}
+
+
+# ----------------------------------------------------------------------------
+# The model
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies `(head_dim // 2,)` float32, as transformers computes them."""
+  dim = config.head_dim
+  exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  inv = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponent)).astype(np.float32)
+  if config.rope_type == "linear":
+    inv = (inv / np.float32(config.rope_factor)).astype(np.float32)
+  elif config.rope_type == "llama3":
+    factor = config.rope_factor
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    old = config.rope_original_max_position_embeddings
+    low_wl, high_wl = old / low, old / high
+    wavelen = (np.float32(2 * math.pi) / inv).astype(np.float32)
+    inv_l = np.where(wavelen > low_wl, inv / np.float32(factor), inv).astype(np.float32)
+    smooth = ((np.float32(old) / wavelen - np.float32(low)) / np.float32(high - low)
+              ).astype(np.float32)
+    smoothed = ((1 - smooth) * inv_l / np.float32(factor) + smooth * inv_l).astype(np.float32)
+    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+    inv = np.where(medium, smoothed, inv_l).astype(np.float32)
+  return inv
+
+
+def _rope_tables(config: LlamaConfig, positions: jax.Array, dtype):
+  """cos, sin `(batch, seq, head_dim)` for integer `positions` `(batch, seq)`."""
+  inv = jnp.asarray(rope_inv_freq(config))
+  freqs = positions.astype(jnp.float32)[..., None] * inv[None, None, :]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def _rotate_half(x):
+  h = x.shape[-1] // 2
+  return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def _apply_rope(x, cos, sin):
+  # x: (B, T, heads, hd); cos/sin: (B, T, hd)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  return x * cos + _rotate_half(x) * sin
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """`scale * x / sqrt(mean(x^2) + eps)`, computed in float32 and cast back (as HF)."""
+  xf = x.astype(jnp.float32)
+  var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+  y = (xf * lax.rsqrt(var + jnp.float32(eps))).astype(x.dtype)
+  return jnp.reshape(scale.astype(x.dtype), (1,) * (y.ndim - 1) + scale.shape) * y
+
+
+def _linear(x, p):
+  y = jnp.matmul(x, p["kernel"].astype(x.dtype))
+  if "bias" in p:
+    y = y + jnp.reshape(p["bias"].astype(y.dtype), (1,) * (y.ndim - 1) + p["bias"].shape)
+  return y
+
+
+def _attention(config: LlamaConfig, q, k, v, mask):
+  """q (B,T,nh,hd), k/v (B,S,nkv,hd), mask (B,T,S) bool -> (B,T,nh*hd)."""
+  B, T, nh, hd = q.shape
+  nkv = k.shape[2]
+  g = nh // nkv
+  q = q.reshape(B, T, nkv, g, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(hd ** -0.5, q.dtype)
+  scores = scores.astype(jnp.float32)
+  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(B, T, nh * hd)
+
+
+def _layer(lp, config: LlamaConfig, h, cos, sin, mask, cache=None, layer=None, index=None):
+  """One decoder layer.
+
+  With a cache (`{"k", "v"}` of shape `(L, B, S, nkv, hd)`), this layer's keys and
+  values are written in place at `[layer, :, index:index+T]` and attention runs
+  over all `S` slots of the layer (`mask` is `(B, T, S)`). Returns (h, cache).
+  """
+  c = config
+  B, T, _ = h.shape
+  x = rms_norm(h, lp["input_layernorm"]["scale"], c.rms_norm_eps)
+  at = lp["self_attn"]
+  q = _linear(x, at["q_proj"]).reshape(B, T, c.num_attention_heads, c.head_dim)
+  k = _linear(x, at["k_proj"]).reshape(B, T, c.num_key_value_heads, c.head_dim)
+  v = _linear(x, at["v_proj"]).reshape(B, T, c.num_key_value_heads, c.head_dim)
+  q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+  if cache is not None:
+    zero = jnp.zeros((), jnp.int32)
+    start = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(index, jnp.int32), zero, zero)
+    ck = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype)[None], start)
+    cv = lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype)[None], start)
+    cache = {"k": ck, "v": cv}
+    k = lax.dynamic_index_in_dim(ck, layer, axis=0, keepdims=False).astype(q.dtype)
+    v = lax.dynamic_index_in_dim(cv, layer, axis=0, keepdims=False).astype(q.dtype)
+  attn = _attention(c, q, k, v, mask)
+  h = h + _linear(attn, at["o_proj"])
+  x = rms_norm(h, lp["post_attention_layernorm"]["scale"], c.rms_norm_eps)
+  mp = lp["mlp"]
+  gate = _linear(x, mp["gate_proj"])
+  up = _linear(x, mp["up_proj"])
+  h = h + _linear(jax.nn.silu(gate) * up, mp["down_proj"])
+  return h, cache
+
+
+def _run(params, config: LlamaConfig, input_ids, positions, mask, cache=None, index=None):
+  """Embeddings -> layers -> norm -> logits. Returns (logits, cache)."""
+  emb = params["embed_tokens"]["embedding"]
+  h = jnp.take(emb, input_ids, axis=0)
+  dtype = h.dtype
+  cos, sin = _rope_tables(config, positions, dtype)
+  if is_stacked(params):
+    # the cache rides in the scan carry, so each layer updates it in place
+    def body(carry, lp):
+      h, cache, i = carry
+      h, cache = _layer(lp, config, h, cos, sin, mask, cache, i, index)
+      return (h, cache, i + 1), None
+    (h, cache, _), _ = lax.scan(body, (h, cache, jnp.zeros((), jnp.int32)), params["layers"])
+  else:
+    layers = params["layers"]
+    if len(layers) != config.num_hidden_layers:
+      raise ValueError(f"llama: params have {len(layers)} layers, config says "
+                       f"num_hidden_layers={config.num_hidden_layers}")
+    for i, lp in enumerate(layers):
+      h, cache = _layer(lp, config, h, cos, sin, mask, cache, i, index)
+  h = rms_norm(h, params["norm"]["scale"], config.rms_norm_eps)
+  if config.tie_word_embeddings or "lm_head" not in params:
+    # (B,T,H) x (V,H) contracting H: a LoRA'd embedding contracts its out axis.
+    logits = lax.dot_general(h, emb.astype(dtype), (((2,), (1,)), ((), ())))
+  else:
+    logits = jnp.matmul(h, params["lm_head"]["kernel"].astype(dtype))
+  return logits, cache
+
+
+def forward(params: Mapping[str, Any], config: LlamaConfig, input_ids: jax.Array, *,
+            attention_mask: jax.Array | None = None,
+            positions: jax.Array | None = None) -> jax.Array:
+  """Logits of a causal LM, as `LlamaForCausalLM(input_ids, attention_mask).logits`.
+
+  Args:
+    params: parameter pytree (unrolled or stacked layers), dtype of the embedding
+      table is the compute dtype.
+    config: `LlamaConfig` (static).
+    input_ids: `(batch, seq)` integer token ids.
+    attention_mask: optional `(batch, seq)`, 1/True for tokens, 0/False for padding;
+      padded keys are not attended to.
+    positions: optional `(batch, seq)` integer rotary positions; default
+      `0..seq-1` (as transformers when `position_ids` is not given).
+
+  Returns:
+    `(batch, seq, vocab)` logits in the compute dtype.
+  """
+  input_ids = jnp.asarray(input_ids)
+  if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+    raise ValueError(f"llama.forward: input_ids must be (batch, seq) integers, got "
+                     f"{input_ids.shape} {input_ids.dtype}")
+  B, T = input_ids.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  mask = jnp.tril(jnp.ones((T, T), bool))[None]
+  if attention_mask is not None:
+    if tuple(attention_mask.shape) != (B, T):
+      raise ValueError(f"llama.forward: attention_mask {tuple(attention_mask.shape)} must "
+                       f"match input_ids {(B, T)}")
+    mask = mask & jnp.asarray(attention_mask).astype(bool)[:, None, :]
+  else:
+    mask = jnp.broadcast_to(mask, (B, T, T))
+  logits, _ = _run(params, config, input_ids, positions, mask)
+  return logits
+
+
+# ----------------------------------------------------------------------------
+# Generation
+
+def _select(logits, key, sample: bool, temperature, top_k):
+  """Next token from `(B, V)` logits: argmax, or a sample at `temperature` among the
+  `top_k` most likely (both traced, so changing them does not recompile)."""
+  logits = logits.astype(jnp.float32)
+  if not sample:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  V = logits.shape[-1]
+  kth = lax.dynamic_index_in_dim(jnp.sort(logits, axis=-1), V - top_k, axis=1)  # (B, 1)
+  logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _generate_impl(params, config, prompt_ids, prompt_mask, rng, max_new_tokens,
+                   sample, temperature, top_k, pad_id, eos_ids):
+  B, P = prompt_ids.shape
+  N = max_new_tokens
+  S = P + N
+  dtype = params["embed_tokens"]["embedding"].dtype
+  L, nkv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+  cache = {"k": jnp.zeros((L, B, S, nkv, hd), dtype), "v": jnp.zeros((L, B, S, nkv, hd), dtype)}
+  pm = prompt_mask.astype(bool)
+  lengths = jnp.sum(pm.astype(jnp.int32), axis=1)
+  # transformers: position_ids = cumsum(mask) - 1, padding filled with 1.
+  positions = jnp.where(pm, jnp.cumsum(pm.astype(jnp.int32), axis=1) - 1, 1)
+  valid = jnp.concatenate([pm, jnp.zeros((B, N), bool)], axis=1)           # (B, S)
+  causal = jnp.arange(S)[None, :] <= jnp.arange(P)[:, None]                # (P, S)
+  mask = causal[None] & valid[:, None, :]
+  logits, cache = _run(params, config, prompt_ids, positions, mask, cache, 0)
+  keys = jax.random.split(rng, N) if rng is not None else None
+  key0 = keys[0] if keys is not None else None
+  tok = _select(logits[:, -1], key0, sample, temperature, top_k)
+  # eos_ids: (n,) int32, -1 entries match nothing; pad_id: () int32 (both traced)
+  done = jnp.any(tok[:, None] == eos_ids[None, :], axis=1)
+  out = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok)
+
+  def step(t, carry):
+    tok, done, valid, cache, out = carry
+    slot = P + t - 1
+    valid = lax.dynamic_update_slice(valid, jnp.ones((B, 1), bool),
+                                     (jnp.zeros((), jnp.int32), slot.astype(jnp.int32)))
+    pos = (lengths + t - 1)[:, None]
+    logits, cache = _run(params, config, tok[:, None], pos, valid[:, None, :], cache, slot)
+    key = keys[t] if keys is not None else None
+    nxt = _select(logits[:, -1], key, sample, temperature, top_k)
+    nxt = jnp.where(done, pad_id, nxt)
+    done = done | jnp.any(nxt[:, None] == eos_ids[None, :], axis=1)
+    out = lax.dynamic_update_slice(out, nxt[:, None],
+                                   (jnp.zeros((), jnp.int32), t.astype(jnp.int32)))
+    return nxt, done, valid, cache, out
+
+  carry = lax.fori_loop(1, N, step, (tok, done, valid, cache, out))
+  return carry[-1]
+
+
+_generate_jit = jax.jit(implicit(_generate_impl),
+                        static_argnums=(1, 5, 6))
+
+
+def generate(params: Mapping[str, Any], config: LlamaConfig, prompt_ids: jax.Array,
+             max_new_tokens: int, *, rng: jax.Array | None = None, temperature: float = 0.0,
+             top_k: int | None = None, attention_mask: jax.Array | None = None,
+             pad_id: int = 0, eos_id: int | tuple[int, ...] | None = None) -> jax.Array:
+  """Decode `max_new_tokens` tokens after each prompt with a preallocated KV cache.
+
+  One jit-compiled program (prefill, then a `fori_loop` of single-token steps);
+  LoRA/DoRA/quantized leaves in `params` are handled by `lj.implicit`, so
+  `generate(lora_params, ...)` equals `generate(lj.merge(lora_params), ...)`
+  without building the merged weights.
+
+  Args:
+    params: parameter pytree (plain or with implicit leaves).
+    config: `LlamaConfig`.
+    prompt_ids: `(batch, prompt_len)` integer ids, prompts of different lengths
+      left-padded.
+    max_new_tokens: number of tokens to produce (>= 1).
+    rng: PRNG key, required when `temperature > 0`.
+    temperature: 0 for greedy decoding; otherwise logits are divided by it and sampled.
+    top_k: sample only among the k most likely tokens (with temperature > 0).
+    attention_mask: `(batch, prompt_len)` 1 for tokens, 0 for (left) padding.
+    pad_id: id written after a sequence has produced `eos_id`.
+    eos_id: optional end-of-sequence id (or ids); after it, a row emits `pad_id`.
+
+  Returns:
+    `(batch, max_new_tokens)` int32 new tokens (the prompt is not repeated).
+  """
+  prompt_ids = jnp.asarray(prompt_ids)
+  if prompt_ids.ndim != 2 or not jnp.issubdtype(prompt_ids.dtype, jnp.integer):
+    raise ValueError(f"llama.generate: prompt_ids must be (batch, prompt_len) integers, got "
+                     f"{prompt_ids.shape} {prompt_ids.dtype}")
+  if int(max_new_tokens) < 1:
+    raise ValueError(f"llama.generate: max_new_tokens={max_new_tokens} must be >= 1")
+  temperature = float(temperature)
+  if temperature < 0:
+    raise ValueError(f"llama.generate: temperature={temperature} must be >= 0")
+  if temperature > 0 and rng is None:
+    raise ValueError("llama.generate: sampling (temperature > 0) needs an explicit rng key")
+  if top_k is not None:
+    top_k = int(top_k)
+    if not 1 <= top_k <= config.vocab_size:
+      raise ValueError(f"llama.generate: top_k={top_k} must be in [1, vocab_size="
+                       f"{config.vocab_size}]")
+  sample = temperature > 0
+  if not sample:
+    rng = None  # greedy ignores rng and top_k
+  B, P = prompt_ids.shape
+  if attention_mask is None:
+    attention_mask = jnp.ones((B, P), jnp.int32)
+  attention_mask = jnp.asarray(attention_mask)
+  if tuple(attention_mask.shape) != (B, P):
+    raise ValueError(f"llama.generate: attention_mask {tuple(attention_mask.shape)} must match "
+                     f"prompt_ids {(B, P)}")
+  if not isinstance(attention_mask, jax.core.Tracer):
+    m = np.asarray(attention_mask).astype(bool)
+    if not m[:, -1].all() or (np.diff(m.astype(np.int8), axis=1) < 0).any():
+      raise ValueError("llama.generate: prompts must be left-padded (attention_mask rows like "
+                       "[0, 0, 1, 1, 1], every row ending in a token)")
+  eos = () if eos_id is None else (
+      (int(eos_id),) if isinstance(eos_id, (int, np.integer)) else tuple(int(e) for e in eos_id))
+  eos = jnp.asarray(eos or (-1,), jnp.int32)
+  return _generate_jit(params, config, prompt_ids.astype(jnp.int32),
+                       attention_mask.astype(jnp.int32), rng, int(max_new_tokens), sample,
+                       jnp.asarray(temperature if sample else 1.0, jnp.float32),
+                       jnp.asarray(top_k or config.vocab_size, jnp.int32),
+                       jnp.asarray(pad_id, jnp.int32), eos)
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face checkpoints
+
+_INV_FREQ_SUFFIX = ".rotary_emb.inv_freq"
+
+
+def _hf_name_to_path(name: str) -> tuple[tuple, bool] | None:
+  """HF state-dict key -> (our path as a key tuple, transpose?) or None."""
+  parts = name.split(".")
+  if name == "model.embed_tokens.weight":
+    return ("embed_tokens", "embedding"), False
+  if name == "model.norm.weight":
+    return ("norm", "scale"), False
+  if name == "lm_head.weight":
+    return ("lm_head", "kernel"), True
+  if len(parts) >= 5 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+    i = int(parts[2])
+    rest = parts[3:]
+    if len(rest) == 2 and rest[0] in NORMS and rest[1] == "weight":
+      return ("layers", i, rest[0], "scale"), False
+    if len(rest) == 3 and ((rest[0] == "self_attn" and rest[1] in ATTN_PROJ)
+                           or (rest[0] == "mlp" and rest[1] in MLP_PROJ)):
+      if rest[2] == "weight":
+        return ("layers", i, rest[0], rest[1], "kernel"), True
+      if rest[2] == "bias":
+        return ("layers", i, rest[0], rest[1], "bias"), False
+  return None
+
+
+def _expected_shapes(config: LlamaConfig) -> dict[tuple, tuple]:
+  c = config
+  H, hd = c.hidden_size, c.head_dim
+  lin = {"q_proj": (H, c.num_attention_heads * hd), "k_proj": (H, c.num_key_value_heads * hd),
+         "v_proj": (H, c.num_key_value_heads * hd), "o_proj": (c.num_attention_heads * hd, H),
+         "gate_proj": (H, c.intermediate_size), "up_proj": (H, c.intermediate_size),
+         "down_proj": (c.intermediate_size, H)}
+  out = {("embed_tokens", "embedding"): (c.vocab_size, H), ("norm", "scale"): (H,)}
+  if not c.tie_word_embeddings:
+    out[("lm_head", "kernel")] = (H, c.vocab_size)
+  for i in range(c.num_hidden_layers):
+    for n in NORMS:
+      out[("layers", i, n, "scale")] = (H,)
+    for grp, names, bias in (("self_attn", ATTN_PROJ, c.attention_bias),
+                             ("mlp", MLP_PROJ, c.mlp_bias)):
+      for n in names:
+        out[("layers", i, grp, n, "kernel")] = lin[n]
+        if bias:
+          out[("layers", i, grp, n, "bias")] = (lin[n][1],)
+  return out
+
+
+def _path_to_hf(path: tuple) -> str:
+  if path == ("embed_tokens", "embedding"):
+    return "model.embed_tokens.weight"
+  if path == ("norm", "scale"):
+    return "model.norm.weight"
+  if path == ("lm_head", "kernel"):
+    return "lm_head.weight"
+  _, i, *rest = path
+  if rest[-1] == "scale":
+    return f"model.layers.{i}.{rest[0]}.weight"
+  kind = "weight" if rest[-1] == "kernel" else "bias"
+  return f"model.layers.{i}.{rest[0]}.{rest[1]}.{kind}"
+
+
+def _read_json(path: pathlib.Path, what: str) -> dict:
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: {what} not found")
+  try:
+    with open(path, encoding="utf-8") as f:
+      d = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: {what} is not valid JSON: {e}") from e
+  if not isinstance(d, dict):
+    raise ValueError(f"{path}: {what} must hold a JSON object, got {type(d).__name__}")
+  return d
+
+
+def read_safetensors(path: pathlib.Path | str) -> dict[str, np.ndarray]:
+  """All tensors of one safetensors file as numpy arrays (bfloat16 via ml_dtypes).
+
+  Raises `ValueError` naming the file when it is truncated or not safetensors.
+  """
+  from safetensors import SafetensorError, safe_open
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: safetensors file not found")
+  out = {}
+  try:
+    with safe_open(str(path), framework="flax") as f:
+      for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+        out[k] = np.asarray(f.get_tensor(k))
+  except (SafetensorError, OSError, ValueError) as e:
+    raise ValueError(f"{path}: cannot read safetensors (truncated or corrupt?): {e}") from e
+  return out
+
+
+def write_safetensors(path: pathlib.Path | str, tensors: Mapping[str, Any],
+                      metadata: Mapping[str, str] | None = None) -> None:
+  """Write `tensors` to `path` through a temporary file and a rename."""
+  from safetensors.flax import save_file
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+  try:
+    save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(tmp),
+              metadata=dict(metadata) if metadata else None)
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def write_json(path: pathlib.Path | str, obj: Any) -> None:
+  """Write `obj` as JSON through a temporary file and a rename."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+      f.write("\n")
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def _read_state_dict(root: pathlib.Path) -> dict[str, np.ndarray]:
+  single = root / "model.safetensors"
+  index = root / "model.safetensors.index.json"
+  if single.is_file():
+    return read_safetensors(single)
+  if index.is_file():
+    idx = _read_json(index, "safetensors index")
+    wm = idx.get("weight_map")
+    if not isinstance(wm, dict):
+      raise ValueError(f"{index}: no 'weight_map' object")
+    out: dict[str, np.ndarray] = {}
+    for shard in sorted(set(wm.values())):
+      tensors = read_safetensors(root / shard)
+      for k, v in tensors.items():
+        if wm.get(k, shard) == shard:
+          out[k] = v
+    missing = sorted(set(wm) - set(out))
+    if missing:
+      raise ValueError(f"{index}: keys listed in weight_map not found in their shards: "
+                       f"{missing[:5]}")
+    return out
+  raise FileNotFoundError(f"{root}: neither model.safetensors nor "
+                          "model.safetensors.index.json found")
+
+
+def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
+            stacked: bool = False) -> tuple[LlamaConfig, dict]:
+  """Read a Hugging Face Llama checkpoint directory into `(config, params)`.
+
+  Args:
+    path: directory with `config.json` and `model.safetensors` (or a sharded
+      `model.safetensors.index.json` with its shards).
+    dtype: dtype of every parameter (default float32); `None` keeps the file's.
+    stacked: stack the layers on a leading axis (for `scan`).
+
+  Returns:
+    `(LlamaConfig, params)`, PyTorch `(out, in)` weights transposed to `(in, out)`.
+
+  Raises:
+    FileNotFoundError for missing files; ValueError naming the tensor for
+    unknown or missing keys and shape mismatches, or a corrupt file.
+  """
+  root = pathlib.Path(path)
+  config = LlamaConfig.from_hf(_read_json(root / "config.json", "config.json"))
+  sd = _read_state_dict(root)
+  expected = _expected_shapes(config)
+  flat: dict[tuple, Any] = {}
+  for name, arr in sd.items():
+    if name.endswith(_INV_FREQ_SUFFIX):
+      continue
+    hit = _hf_name_to_path(name)
+    if hit is None:
+      raise ValueError(f"{root}: tensor {name!r} {arr.shape} is not part of a Llama "
+                       "checkpoint this loader knows")
+    p, transpose = hit
+    if p == ("lm_head", "kernel") and config.tie_word_embeddings:
+      continue
+    if p not in expected:
+      raise ValueError(f"{root}: tensor {name!r} does not fit config.json "
+                       f"(num_hidden_layers={config.num_hidden_layers}, "
+                       f"attention_bias={config.attention_bias}, mlp_bias={config.mlp_bias})")
+    if arr.ndim == 2 and transpose:
+      arr = arr.T
+    if tuple(arr.shape) != expected[p]:
+      raise ValueError(f"{root}: tensor {name!r} has shape {tuple(sd[name].shape)}; config.json "
+                       f"implies {expected[p][::-1] if transpose else expected[p]}")
+    flat[p] = jnp.asarray(arr, dtype=dtype) if dtype is not None else jnp.asarray(arr)
+  missing = [_path_to_hf(p) for p in expected if p not in flat]
+  if missing:
+    raise ValueError(f"{root}: checkpoint lacks tensors {missing[:5]}"
+                     + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+  params = _unflatten(flat, config)
+  return config, (stack_layers(params) if stacked else params)
+
+
+def _unflatten(flat: Mapping[tuple, Any], config: LlamaConfig) -> dict:
+  params: dict[str, Any] = {"layers": [dict() for _ in range(config.num_hidden_layers)]}
+  for p, v in flat.items():
+    node: Any = params
+    keys = list(p)
+    for j, k in enumerate(keys[:-1]):
+      if isinstance(node, list):
+        node = node[k]
+      else:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = v
+  return params
+
+
+def save_hf(path: str | os.PathLike, config: LlamaConfig, params: Mapping[str, Any], *,
+            dtype=None) -> None:
+  """Write `params` as a Hugging Face checkpoint (`config.json` + `model.safetensors`).
+
+  Implicit leaves (LoRA, ...) are materialized first. Kernels are transposed back
+  to PyTorch's `(out, in)`. Files are written to temporary names and renamed.
+
+  Args:
+    path: output directory (created if missing).
+    config: `LlamaConfig`.
+    params: unrolled or stacked parameters.
+    dtype: optional dtype for every tensor; default keeps each leaf's dtype.
+  """
+  from lora_jax._implicit import materialize_tree
+  root = pathlib.Path(path)
+  params = unstack_layers(materialize_tree(params))
+  expected = _expected_shapes(config)
+  tensors = {}
+  from lora_jax._paths import leaves_with_paths
+  for spath, leaf in leaves_with_paths(params):
+    p = tuple(int(s) if s.isdigit() else s for s in spath.split("/"))
+    if p == ("lm_head", "kernel") and config.tie_word_embeddings:
+      continue
+    if p not in expected:
+      raise ValueError(f"save_hf: parameter {spath} {tuple(leaf.shape)} is not part of a "
+                       "Llama model with this config")
+    if tuple(leaf.shape) != expected[p]:
+      raise ValueError(f"save_hf: parameter {spath} has shape {tuple(leaf.shape)}, config "
+                       f"implies {expected[p]}")
+    arr = jnp.asarray(leaf) if dtype is None else jnp.asarray(leaf).astype(dtype)
+    if p[-1] == "kernel":
+      arr = arr.T
+    tensors[_path_to_hf(p)] = arr
+  missing = [spath for spath in map(_path_to_hf, expected) if spath not in tensors]
+  if missing:
+    raise ValueError(f"save_hf: params lack {missing[:5]}")
+  root.mkdir(parents=True, exist_ok=True)
+  hf = config.to_hf()
+  hf["dtype"] = str(np.dtype(next(iter(tensors.values())).dtype))
+  write_safetensors(root / "model.safetensors", tensors, {"format": "pt"})
+  write_json(root / "config.json", hf)
+
+
+__all__ = [
+  "STACKED_LAYOUTS",
+  "LlamaConfig",
+  "forward",
+  "generate",
+  "init_params",
+  "is_stacked",
+  "load_hf",
+  "rms_norm",
+  "rope_inv_freq",
+  "save_hf",
+  "stack_layers",
+  "unstack_layers",
+]
