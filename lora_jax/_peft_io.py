@@ -200,8 +200,9 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
   Args:
     path: adapter directory (`adapter_config.json` + `adapter_model.safetensors`),
       as written by PEFT's `save_pretrained` or `lj.save_adapter`.
-    base_params: the base model's parameters (plain arrays, unrolled or stacked
-      layers), e.g. from `llama.load_hf`.
+    base_params: the base model's parameters (plain arrays or quantized kernels,
+      unrolled or stacked layers), e.g. from `llama.load_hf`. A quantized kernel
+      becomes the `w` of its `LoraWeight`: QLoRA.
     name_map: `(peft_template, path_template)` pairs; default `LLAMA_NAME_MAP`.
     dtype: dtype of the factors; default each base weight's dtype.
 
@@ -270,9 +271,9 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
                        + (f" (stacked: {spath!r})" if spath else "")
                        + f", which base_params does not have; closest paths: {near}")
     base = leaves[target]
-    if isinstance(base, ImplicitArray):
+    if isinstance(base, LoraWeight):
       raise ValueError(f"{target}: base parameter is already a {type(base).__name__}; "
-                       "load the adapter onto plain base weights (lj.merge first)")
+                       "load the adapter onto base weights (lj.merge first)")
     shape = tuple(base.shape)
     if lidx >= 0:
       if len(shape) != 3 or lidx >= shape[0]:
@@ -332,7 +333,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
     a = np.zeros((L, din, r), np.float32)
     b = np.zeros((L, r, dout), np.float32)
     m = np.zeros((L, dout), np.float32) if use_dora else None
-    wnorm = (np.sqrt(np.sum(np.square(np.asarray(base, np.float32)), axis=1))
+    dense = base.materialize() if isinstance(base, ImplicitArray) else base
+    wnorm = (np.sqrt(np.sum(np.square(np.asarray(dense, np.float32)), axis=1))
              if use_dora else None)
     for li in range(L):
       e = per.get(li)

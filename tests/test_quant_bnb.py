@@ -130,48 +130,87 @@ def test_to_bnb_rejects_formats_without_bnb_layout():
     qz.to_bnb_state_dict({"w": q})
 
 
-@pytest.mark.slow
-def test_transformers_bnb4bit_llama_checkpoint(tmp_path):
-  """A bnb-4bit Llama saved by transformers: our quantization writes the same bytes, and
-  its weights (read with `from_bnb_state_dict`) reproduce transformers' 4-bit logits."""
+@pytest.fixture(scope="module")
+def bnb_llama(tmp_path_factory):
+  """A tiny random Llama saved by transformers in float32 ("fp") and as bnb-4bit NF4 with
+  double quant ("q4"), the 4-bit model itself, and a prompt."""
   transformers = pytest.importorskip("transformers")
-  llama = pytest.importorskip("lora_jax.models.llama")
-  from safetensors.numpy import load_file
-
+  root = tmp_path_factory.mktemp("bnb_llama")
   cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, max_position_embeddings=32)
   torch.manual_seed(0)
-  transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "fp")
+  transformers.LlamaForCausalLM(cfg).save_pretrained(root / "fp")
   bq = transformers.BitsAndBytesConfig(
       load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
       bnb_4bit_compute_dtype=torch.float32)
   m4 = transformers.LlamaForCausalLM.from_pretrained(
-      tmp_path / "fp", quantization_config=bq, device_map="cpu", dtype=torch.float32)
-  m4.save_pretrained(tmp_path / "q4")
-  ids = torch.randint(0, 96, (2, 10))
+      root / "fp", quantization_config=bq, device_map="cpu", dtype=torch.float32)
+  m4.save_pretrained(root / "q4")
+  ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+  return root, m4, ids
+
+
+@pytest.mark.slow
+def test_transformers_bnb4bit_llama_checkpoint(bnb_llama):
+  """A bnb-4bit Llama saved by transformers: `llama.load_hf` reads it as QuantizedArray
+  kernels with the bytes our quantizer writes, and reproduces transformers' 4-bit logits."""
+  from lora_jax.models import llama
+  root, m4, ids = bnb_llama
   m4.train()     # eval mode on AVX512-BF16 CPUs would run bnb's bf16 kernel
   with torch.no_grad():
     ref = m4(ids).logits.numpy()
 
-  config, params = llama.load_hf(tmp_path / "fp")
-  sd = qz.from_bnb_state_dict(load_file(tmp_path / "q4" / "model.safetensors"))
+  _, dense = llama.load_hf(root / "fp")
+  config, params = llama.load_hf(root / "q4")
   n = 0
-  for name, q in sd.items():
-    if not isinstance(q, qz.QuantizedArray):
-      continue
-    i, group, proj = name.split(".")[2:5]          # model.layers.{i}.{group}.{proj}.weight
-    slot = params["layers"][int(i)][group][proj]
-    ours = qz.quantize_array(slot["kernel"], "nf4", 64, True)
-    np.testing.assert_array_equal(ours.codes, q.codes, err_msg=name)
-    np.testing.assert_array_equal(ours.absmax, q.absmax, err_msg=name)
-    np.testing.assert_array_equal(ours.nested_absmax, q.nested_absmax, err_msg=name)
-    assert np.float32(ours.offset) == np.float32(q.offset)
-    slot["kernel"] = q
-    n += 1
+  for i, layer in enumerate(params["layers"]):
+    for group in ("self_attn", "mlp"):
+      for proj, slot in layer[group].items():
+        q = slot["kernel"]
+        assert isinstance(q, qz.QuantizedArray), (i, proj, type(q))
+        assert q.format == "nf4" and q.double_quant and q.dtype == jnp.float32
+        ours = qz.quantize_array(dense["layers"][i][group][proj]["kernel"], "nf4", 64, True)
+        np.testing.assert_array_equal(ours.codes, q.codes, err_msg=proj)
+        np.testing.assert_array_equal(ours.absmax, q.absmax, err_msg=proj)
+        np.testing.assert_array_equal(ours.nested_absmax, q.nested_absmax, err_msg=proj)
+        assert np.float32(ours.offset) == np.float32(q.offset)
+        n += 1
   assert n == 2 * 7
+  assert not isinstance(params["embed_tokens"]["embedding"], qz.QuantizedArray)
   y = lj.implicit(llama.forward)(params, config, jnp.asarray(ids.numpy()))
   np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+  # stacked for scan: the same logits
+  _, sparams = llama.load_hf(root / "q4", stacked=True)
+  ys = lj.implicit(llama.forward)(sparams, config, jnp.asarray(ids.numpy()))
+  np.testing.assert_allclose(np.asarray(ys), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_peft_qlora_adapter_on_bnb_checkpoint(bnb_llama, tmp_path, use_dora):
+  """PEFT's QLoRA (LoRA / DoRA on bnb Linear4bit) vs `lj.load_adapter` on the 4-bit
+  checkpoint read by `llama.load_hf`: same logits."""
+  peft = pytest.importorskip("peft")
+  from lora_jax.models import llama
+  root, m4, ids = bnb_llama
+  torch.manual_seed(2)
+  pm = peft.get_peft_model(m4, peft.LoraConfig(
+      r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, use_dora=use_dora,
+      target_modules=["q_proj", "v_proj", "down_proj"]))
+  pm.train()
+  with torch.no_grad():
+    ref = pm(ids).logits.numpy()
+  pm.save_pretrained(tmp_path / "adapter")
+  pm.unload()          # leave the shared 4-bit model without LoRA layers
+
+  config, params = llama.load_hf(root / "q4")
+  lparams = lj.load_adapter(tmp_path / "adapter", params)
+  kernel = lparams["layers"][0]["self_attn"]["q_proj"]["kernel"]
+  assert isinstance(kernel, lj.DoraWeight if use_dora else lj.LoraWeight)
+  assert isinstance(kernel.w, qz.QuantizedArray)
+  y = lj.implicit(llama.forward)(lparams, config, jnp.asarray(ids.numpy()))
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_custom_quant_map_and_straddling_blocks_rejected():

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lora_jax._implicit import implicit
+from lora_jax._implicit import ImplicitArray, implicit
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -569,6 +569,7 @@ def generate(params: Mapping[str, Any], config: LlamaConfig, prompt_ids: jax.Arr
 # Hugging Face checkpoints
 
 _INV_FREQ_SUFFIX = ".rotary_emb.inv_freq"
+_BNB_STATE = ".quant_state.bitsandbytes__"
 
 
 def _hf_name_to_path(name: str) -> tuple[tuple, bool] | None:
@@ -728,6 +729,9 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
 
   Returns:
     `(LlamaConfig, params)`, PyTorch `(out, in)` weights transposed to `(in, out)`.
+    A bitsandbytes 4-bit checkpoint (saved by transformers with `load_in_4bit`)
+    gives `quantization.QuantizedArray` kernels (same bytes, NF4/FP4, double
+    quantization kept); run it with `lj.implicit(llama.forward)`.
 
   Raises:
     FileNotFoundError for missing files; ValueError naming the tensor for
@@ -736,6 +740,11 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
   root = pathlib.Path(path)
   config = LlamaConfig.from_hf(_read_json(root / "config.json", "config.json"))
   sd = _read_state_dict(root)
+  if any(_BNB_STATE in k for k in sd):
+    # A bnb-4bit checkpoint (transformers' `load_in_4bit` + `save_pretrained`).
+    # Imported here, not at the top: `quantization` builds on `lora_jax`.
+    from quantization import from_bnb_state_dict
+    sd = from_bnb_state_dict(sd)
   expected = _expected_shapes(config)
   flat: dict[tuple, Any] = {}
   for name, arr in sd.items():
@@ -743,7 +752,7 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
       continue
     hit = _hf_name_to_path(name)
     if hit is None:
-      raise ValueError(f"{root}: tensor {name!r} {arr.shape} is not part of a Llama "
+      raise ValueError(f"{root}: tensor {name!r} {tuple(arr.shape)} is not part of a Llama "
                        "checkpoint this loader knows")
     p, transpose = hit
     if p == ("lm_head", "kernel") and config.tie_word_embeddings:
@@ -752,6 +761,14 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
       raise ValueError(f"{root}: tensor {name!r} does not fit config.json "
                        f"(num_hidden_layers={config.num_hidden_layers}, "
                        f"attention_bias={config.attention_bias}, mlp_bias={config.mlp_bias})")
+    if isinstance(arr, ImplicitArray):
+      # a QuantizedArray: already the (in, out) kernel; it keeps its packed codes
+      # and computes in `dtype` when it is dequantized.
+      if tuple(arr.shape) != expected[p]:
+        raise ValueError(f"{root}: quantized tensor {name!r} has kernel shape "
+                         f"{tuple(arr.shape)}; config.json implies {expected[p]}")
+      flat[p] = arr if dtype is None else dataclasses.replace(arr, dtype=jnp.dtype(dtype))
+      continue
     if arr.ndim == 2 and transpose:
       arr = arr.T
     if tuple(arr.shape) != expected[p]:
