@@ -3,7 +3,9 @@
   (a) full fine-tuning: grad of every parameter, adamw over all of them;
   (b) LoRA through `lj.implicit` (factored: x @ W + s (x @ A) @ B);
   (c) LoRA through `lj.merge` (materialized W + s A @ B inside the step);
-  (d) quax's LoRA (`quax.examples.lora.LoraArray` + `quax.quaxify`), if it imports.
+  (d) quax's LoRA (`quax.examples.lora.LoraArray` + `quax.quaxify`), if it imports;
+  (e) the floor of any LoRA step on this function: only the RMSNorm scales trained, so
+      the forward and every activation gradient run, but no LoRA work at all.
 
 Prints median step time, XLA's compiled peak-memory estimate (arguments + temporaries
 + outputs), optimizer-state bytes, and the ratios. Also prints the FLOP-count estimate
@@ -186,6 +188,25 @@ def main():
   except Exception as e:  # report, don't hide: quax is optional
     print(f"quax LoRA not measured: {type(e).__name__}: {e}")
 
+  # (e) the floor of any LoRA step on this function: train only the RMSNorm scales.
+  # That needs the forward and the activation gradients through every layer (as LoRA
+  # does) but no weight gradient of any matrix and no low-rank work at all.
+  norms = [{k: v for k, v in layer.items() if k.startswith("norm")} for layer in base["layers"]]
+  rest = {**base, "layers": [{k: v for k, v in layer.items() if not k.startswith("norm")}
+                             for layer in base["layers"]]}
+
+  def floor_step(state, rest, ids):
+    n, o = state
+    def loss_fn(n):
+      p = {**rest, "layers": [{**lr, **ln} for lr, ln in zip(rest["layers"], n)]}
+      return xent(fwd(p, ids), ids)
+    loss, g = jax.value_and_grad(loss_fn)(n)
+    u, o = opt.update(g, o, n)
+    return (optax.apply_updates(n, u), o), loss
+
+  runners["floor"] = Runner(floor_step, (copy(norms), opt.init(norms)), rest, ids)
+  opt_bytes["floor"] = nbytes(opt.init(norms))
+
   for _ in range(args.reps):
     for r in runners.values():
       r.run()
@@ -193,7 +214,8 @@ def main():
 
   print(f"\n{'variant':<22}{'step s':>10}{'peak MB':>12}{'opt-state MB':>15}{'loss':>10}")
   names = {"full": "(a) full fine-tune", "implicit": "(b) LoRA implicit",
-           "merge": "(c) LoRA merge", "quax": "(d) quax LoRA"}
+           "merge": "(c) LoRA merge", "quax": "(d) quax LoRA",
+           "floor": "(e) floor: norms only"}
   for k, (t, peak, loss, ob) in res.items():
     print(f"{names[k]:<22}{t:>10.3f}{peak / 2**20:>12.1f}{ob / 2**20:>15.3f}{loss:>10.4f}")
   ft, fp, _, fo = res["full"]
@@ -209,10 +231,34 @@ def main():
   print(f"  peak mem  (b)/(a)      = {ip / fp:.3f}")
   mt, mp, _, _ = res["merge"]
   print(f"  step time (b)/(c)      = {it / mt:.3f}   peak mem (b)/(c) = {ip / mp:.3f}")
+  et = res["floor"][0]
+  print(f"  step time (b)/(e)      = {it / et:.3f}   (e) has the same forward and activation "
+        "gradients and no LoRA work: no LoRA step on this function can beat it")
   if "quax" in res:
     qt, qp, _, _ = res["quax"]
     print(f"  step time ours/quax    = {it / qt:.3f}   target <= 0.8; peak mem ours/quax = "
           f"{ip / qp:.3f}")
+    print(f"  floor/quax             = {et / qt:.3f}   so ours/quax cannot go below this here"
+          + ("; the 0.8 target lies below that floor" if et / qt > 0.8 else ""))
+  # FLOP limit: the matmuls of (b) at the best f32 matmul rate measured here.
+  x = jnp.ones((2048, 2048), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  mm(x).block_until_ready()
+  best = min(_timed(lambda: mm(x).block_until_ready()) for _ in range(5))
+  rate = 2 * 2048 ** 3 / best
+  T, L, ff, V = args.batch * args.seq, args.layers, 4 * d, args.vocab
+  lin = L * (4 * d * d + 2 * d * ff) + d * V
+  attn = L * 2 * args.seq * d
+  need = 2 * T * (lin + attn) + 2 * T * (lin + 2 * attn)   # forward + activation gradients
+  print(f"  physical limit: (b) needs >= {need / 1e9:.0f} GFLOP of matmul; best f32 matmul "
+        f"rate here {rate / 1e9:.0f} GFLOP/s -> >= {need / rate:.2f} s; (b) takes {it:.2f} s "
+        f"({need / rate / it:.0%} of the limit), the floor (e) {et:.2f} s")
+
+
+def _timed(fn):
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

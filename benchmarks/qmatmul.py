@@ -4,8 +4,14 @@ Rows: f32 dense dot, bf16 dense dot, our XLA dequant path (`qz.matmul(..., "xla"
 jitted) for nf4 / fp4 / int4 / int8 (block 64, nf4 and fp4 with double quant as
 QLoRA stores them), bitsandbytes' CPU 4-bit matmul (`bnb.matmul_4bit` on float32,
 and `Linear4bit` in eval mode on bfloat16, which uses its fused CPU GEMV kernel when
-the CPU has AVX512-BF16), and qwix's NF4 path if qwix imports (it is not installed
-in this environment; the row says so). Prints median times and ratios to f32 dense.
+the CPU has AVX512-BF16), and Google's qwix NF4 weight-only matmul, jitted: the
+weight is `qwix.quantize(W, "nf4", channelwise_axes=(1,), tiled_axes={0: 64})` (the
+QArray qwix's PTQ/QLoRA providers build for a Dense kernel with `tile_size=64`: uint4
+codes, one float32 scale per 64 inputs per output, no double quant) and the matmul is
+`qwix.dot_general(x, W, ...)`, the op those providers call. For nf4 qwix takes its
+"dequantize the weight, then a float dot" path (NF4 cannot be dequantized on the
+output). The bf16 qwix row casts the QArray's dequant type to bfloat16
+(`QArray.astype`). Prints median times and ratios to f32 dense.
 
 The Pallas kernels run only on GPU/TPU (on CPU they run in the interpreter, which
 says nothing about speed), so they are not timed here.
@@ -36,6 +42,16 @@ def _time(fn, reps):
     jax.block_until_ready(fn())
     ts.append(time.perf_counter() - t)
   return statistics.median(ts)
+
+
+def _nbytes(tree) -> int:
+  """Bytes of the array leaves; 4-bit dtypes count half a byte (XLA packs them on CPU)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    bits = 4 if np.dtype(x.dtype).name in ("int4", "uint4", "float4_e2m1fn") else \
+        8 * np.dtype(x.dtype).itemsize
+    total += x.size * bits // 8
+  return total
 
 
 def main():
@@ -77,10 +93,21 @@ def main():
   except Exception as e:  # noqa: BLE001
     bnb_err = str(e)
   try:
-    import qwix  # noqa: F401
-    qwix_err = "imports, but no NF4 matmul benchmark is wired here"
+    import qwix
+    # As qwix's PtqProvider/LoraProvider quantize a Dense kernel (in, out) with
+    # weight_qtype="nf4", tile_size=64: contracting axis 0 tiled by 64, axis 1 channelwise.
+    qw = jax.block_until_ready(qwix.quantize(w32, "nf4", channelwise_axes=(1,), tiled_axes={0: 64}))
+    qw16 = qw.astype(jnp.bfloat16)
+    dims = (((1,), (0,)), ((), ()))
+    qwmm = jax.jit(lambda x, q: qwix.dot_general(x, q, dims))
+    qw_bytes = _nbytes(qw)
+    print(f"qwix nf4 (tile 64, f32 scales, no double quant): {qw_bytes / 1e6:.1f} MB "
+          f"({qw_bytes * 8 / qw.qvalue.size:.3f} b/p; uint4 codes packed two per byte on CPU); "
+          f"max |W - deq| qwix {float(jnp.max(jnp.abs(qwix.dequantize(qw) - w32))):.2e}, "
+          f"ours nf4+dq {float(jnp.max(jnp.abs(qz.dequantize(qs['nf4']) - w32))):.2e}")
+    qwix_err = None
   except Exception as e:  # noqa: BLE001
-    qwix_err = f"not installed ({type(e).__name__})"
+    qwix_err = f"unavailable: {type(e).__name__}: {e}"
 
   for m in args.batches:
     x32 = jnp.asarray(rng.standard_normal((m, d)).astype(np.float32))
@@ -99,6 +126,9 @@ def main():
                            args.reps)))
         tx16 = tx.to(torch.bfloat16)
         rows.append(("bnb Linear4bit eval nf4+dq bf16", _time(lambda tx16=tx16: lin(tx16), args.reps)))
+    if qwix_err is None:
+      rows.append(("qwix nf4 tile64 (no dq) f32", _time(lambda x32=x32: qwmm(x32, qw), args.reps)))
+      rows.append(("qwix nf4 tile64 (no dq) bf16", _time(lambda x16=x16: qwmm(x16, qw16), args.reps)))
     base = rows[0][1]
     print(f"\nbatch {m} ({'GEMV' if m == 1 else 'GEMM'})")
     print(f"{'':<34} {'ms':>9} {'vs f32 dense':>13}")
@@ -106,7 +136,8 @@ def main():
       print(f"{name:<34} {t * 1e3:>9.2f} {base / t:>12.2f}x")
     if bnb_err is not None:
       print(f"{'bitsandbytes':<34} unavailable: {bnb_err}")
-    print(f"{'qwix nf4':<34} {qwix_err}")
+    if qwix_err is not None:
+      print(f"{'qwix nf4':<34} {qwix_err}")
   print("\nmeasured on a shared, loaded 2-core machine")
 
 

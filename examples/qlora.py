@@ -50,7 +50,8 @@ def nbytes(tree) -> int:
              for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
 
 
-def main():
+def main(steps: int = STEPS) -> dict:
+  """Run the QLoRA fine-tune; returns {"loss", "config", "qbase", "params", "table"}."""
   config = llama.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=384,
                              num_hidden_layers=4, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=SEQ)
@@ -99,11 +100,13 @@ def main():
 
   print("\ntraining the adapter")
   t0 = time.perf_counter()
-  for step in range(STEPS):
+  history = []
+  for step in range(steps):
     adapter, opt_state, loss = train_step(adapter, opt_state, jax.random.PRNGKey(100 + step))
-    if step % 10 == 0 or step == STEPS - 1:
-      print(f"  step {step:3d}  loss {float(loss):.4f}")
-  print(f"  {STEPS} steps in {time.perf_counter() - t0:.1f} s (first step compiles)")
+    history.append(float(loss))
+    if step % 10 == 0 or step == steps - 1:
+      print(f"  step {step:3d}  loss {history[-1]:.4f}")
+  print(f"  {steps} steps in {time.perf_counter() - t0:.1f} s (first step compiles)")
 
   # The codes are untouched; the trained adapter can be merged onto the dequantized base.
   trained = lj.combine(adapter, frozen)
@@ -115,6 +118,8 @@ def main():
   merged = lj.merge(qz.dequantize(trained))
   diff = jnp.max(jnp.abs(fwd(trained, config, ids) - llama.forward(merged, config, ids)))
   print(f"implicit QLoRA forward vs merged dense forward: max |diff| = {float(diff):.2e}")
+  return {"loss": history, "config": config, "qbase": qbase, "params": trained,
+          "table": table, "bigram_batch": bigram_batch}
 
 
 if __name__ == "__main__":
