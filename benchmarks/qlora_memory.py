@@ -269,19 +269,26 @@ def main():
   runners = {}
 
   # ours: quantize, add LoRA, split; the same for the linen tree and the reference tree
-  def ours(tree, fwd, targets):
+  def ours(tree, fwd, targets, quantize=True):
     q = qz.quantize(tree, qz.QuantConfig(format="nf4", block_size=BLOCK, double_quant=True,
-                                         targets=targets))
+                                         targets=targets)) if quantize else tree
     params = lj.init(jax.random.PRNGKey(2), q, lj.LoraConfig(rank=RANK, alpha=ALPHA,
                                                              targets=targets))
     adapter, frozen = lj.split(params)
-    qbytes = sum(x.nbytes() for x in jax.tree.leaves(frozen, is_leaf=is_q) if is_q(x))
+    if quantize:
+      qbytes = sum(x.nbytes() for x in jax.tree.leaves(frozen, is_leaf=is_q) if is_q(x))
+    else:
+      qbytes = sum(nbytes(x.w) for x in jax.tree.leaves(
+          params, is_leaf=lambda x: isinstance(x, lj.LoraWeight)) if isinstance(x, lj.LoraWeight))
     return Runner(make_step(lj.implicit(fwd), lj.combine, opt), adapter, frozen, opt, ids, qbytes)
 
   runners["ours (Flax)"] = ours(lbase, lambda p, i: model.apply({"params": p}, i),
                                 rf"layers_\d+/{PROJ}/kernel")
   runners["ours (llama)"] = ours(base, lambda p, i: llama.forward(p, config, i),
                                  rf"layers/\d+/{PROJ}/kernel")
+  # the floor: plain LoRA on the float32 base, same model (no quantization at all)
+  runners["LoRA, float32 base"] = ours(lbase, lambda p, i: model.apply({"params": p}, i),
+                                       rf"layers_\d+/{PROJ}/kernel", quantize=False)
 
   # qwix: QLoRA provider on the same linen model, base quantized from the same weights
   # qwix tiles a contracting axis only by an exact divisor (ours pads the last block):
@@ -347,6 +354,16 @@ def main():
   print(f"  quantized base                      "
         f"{ours_f.state_bytes['base'] / qw.state_bytes['base']:.3f}   (ours NF4 + double quant, "
         "qwix NF4 + float32 scales)")
+  fl = runners["LoRA, float32 base"]
+  # Any QLoRA step on this model holds what the float-base LoRA step holds, minus the
+  # bytes quantization removes from the base; qwix's NF4 base is the smaller one it
+  # could reach (its own), so this is the least peak either library could report.
+  floor = fl.peak - (fl.state_bytes["base"] - min(ours_f.state_bytes["base"],
+                                                   qw.state_bytes["base"]))
+  print(f"  floor / qwix                        {floor / qw.peak:.3f}   (floor = the float32-base "
+        f"LoRA step's peak {fl.peak / MB:.1f} MiB minus the bytes NF4 saves on the base: "
+        f"{floor / MB:.1f} MiB; activations, not weights, fill the step"
+        + ("; the 0.8 target lies below it)" if floor / qw.peak > 0.8 else ")"))
   print(f"  median step time (Flax / llama)     {ours_f.median / qw.median:.3f} / "
         f"{ours_l.median / qw.median:.3f}")
   print("\ncommand: .venv/bin/python benchmarks/qlora_memory.py"
