@@ -40,6 +40,7 @@ import numpy as np
 
 from lora_jax import _paths
 from lora_jax._dora import DoraWeight
+from lora_jax._files import read_json, read_safetensors, write_json, write_safetensors
 from lora_jax._implicit import ImplicitArray, is_implicit
 from lora_jax._lora_weight import LoraWeight
 
@@ -145,8 +146,7 @@ def _get_pattern_key(pattern_keys, key: str):
 # load
 
 def _read_config(root: pathlib.Path) -> dict:
-  from lora_jax.models.llama import _read_json
-  d = _read_json(root / CONFIG_NAME, "PEFT adapter config (adapter_config.json)")
+  d = read_json(root / CONFIG_NAME, "PEFT adapter config (adapter_config.json)")
   where = root / CONFIG_NAME
   pt = d.get("peft_type", "LORA")
   if str(pt).upper() != "LORA":
@@ -221,7 +221,6 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
       unsupported PEFT options, keys that map to no parameter, shape mismatches
       (an adapter for another base). Nothing is returned half-loaded.
   """
-  from lora_jax.models.llama import read_safetensors
   name_map = tuple(LLAMA_NAME_MAP if name_map is None else name_map)
   root = pathlib.Path(path)
   cfg = _read_config(root)
@@ -478,7 +477,6 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
       "base_model_name_or_path": base_model_name_or_path, "layers_to_transform": None,
       "layers_pattern": None, "revision": None,
   }
-  from lora_jax.models.llama import write_json, write_safetensors
   root = pathlib.Path(path)
   root.mkdir(parents=True, exist_ok=True)
   write_safetensors(root / WEIGHTS_NAME, tensors, {"format": "pt"})
