@@ -187,26 +187,29 @@ def test_transformers_bnb4bit_llama_checkpoint(bnb_llama):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_peft_qlora_adapter_on_bnb_checkpoint(bnb_llama, tmp_path, use_dora):
+@pytest.mark.parametrize("use_dora,stacked", [(False, False), (True, False), (False, True)])
+def test_peft_qlora_adapter_on_bnb_checkpoint(bnb_llama, tmp_path, use_dora, stacked):
   """PEFT's QLoRA (LoRA / DoRA on bnb Linear4bit) vs `lj.load_adapter` on the 4-bit
-  checkpoint read by `llama.load_hf`: same logits."""
+  checkpoint read by `llama.load_hf` (layers unrolled, or stacked for scan with the
+  adapter on one layer only): same logits."""
   peft = pytest.importorskip("peft")
   from lora_jax.models import llama
   root, m4, ids = bnb_llama
   torch.manual_seed(2)
   pm = peft.get_peft_model(m4, peft.LoraConfig(
       r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, use_dora=use_dora,
-      target_modules=["q_proj", "v_proj", "down_proj"]))
+      target_modules=["q_proj", "v_proj", "down_proj"],
+      layers_to_transform=[1] if stacked else None))
   pm.train()
   with torch.no_grad():
     ref = pm(ids).logits.numpy()
   pm.save_pretrained(tmp_path / "adapter")
   pm.unload()          # leave the shared 4-bit model without LoRA layers
 
-  config, params = llama.load_hf(root / "q4")
+  config, params = llama.load_hf(root / "q4", stacked=stacked)
   lparams = lj.load_adapter(tmp_path / "adapter", params)
-  kernel = lparams["layers"][0]["self_attn"]["q_proj"]["kernel"]
+  layers = lparams["layers"] if stacked else lparams["layers"][0]
+  kernel = layers["self_attn"]["q_proj"]["kernel"]
   assert isinstance(kernel, lj.DoraWeight if use_dora else lj.LoraWeight)
   assert isinstance(kernel.w, qz.QuantizedArray)
   y = lj.implicit(llama.forward)(lparams, config, jnp.asarray(ids.numpy()))
