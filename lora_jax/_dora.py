@@ -24,7 +24,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -219,4 +218,3 @@ for _p in (P.transpose_p, P.reshape_p, P.gather_p):
 
 
 __all__ = ["DoraWeight", "dora_from_lora", "to_dora"]
-del math

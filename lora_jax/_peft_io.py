@@ -285,10 +285,9 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
                          "2-D kernel (in, out)")
       kernel = shape
     r = A.shape[0]
-    if emb:   # lora_embedding_A (r, vocab), lora_embedding_B (dim, r)
-      want_a, want_b = (r, kernel[0]), (kernel[1], r)
-    else:     # lora_A (r, in), lora_B (out, r)
-      want_a, want_b = (r, kernel[0]), (kernel[1], r)
+    # lora_A (r, in), lora_B (out, r); for embeddings lora_embedding_A (r, vocab),
+    # lora_embedding_B (dim, r): the same shapes, as the table is (vocab, dim).
+    want_a, want_b = (r, kernel[0]), (kernel[1], r)
     if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
       raise ValueError(
           f"{wfile}: {key}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not fit "
