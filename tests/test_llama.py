@@ -345,6 +345,12 @@ def test_load_hf_errors(tmp_path):
   save_file(bad, str(tmp_path / "model.safetensors"))
   with pytest.raises(ValueError, match=r"lacks.*model\.norm\.weight"):
     llama.load_hf(tmp_path)
+  # a bitsandbytes 8-bit checkpoint: named as such
+  bad = dict(sd)
+  bad["model.layers.0.mlp.up_proj.SCB"] = np.ones((128,), np.float32)
+  save_file(bad, str(tmp_path / "model.safetensors"))
+  with pytest.raises(ValueError, match=r"up_proj\.SCB.*8-bit"):
+    llama.load_hf(tmp_path)
   # truncated file
   save_file(sd, str(tmp_path / "model.safetensors"))
   raw = (tmp_path / "model.safetensors").read_bytes()

@@ -686,6 +686,11 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
   root = pathlib.Path(path)
   config = LlamaConfig.from_hf(_read_json(root / "config.json", "config.json"))
   sd = _read_state_dict(root)
+  int8 = sorted(k for k in sd if k.endswith(".SCB"))
+  if int8:
+    raise ValueError(f"{root}: tensor {int8[0]!r} belongs to a bitsandbytes 8-bit (LLM.int8) "
+                     "checkpoint, which load_hf does not read; 4-bit (nf4/fp4) bnb "
+                     "checkpoints and float checkpoints are supported")
   if any(_BNB_STATE in k for k in sd):
     # A bnb-4bit checkpoint (transformers' `load_in_4bit` + `save_pretrained`).
     # Imported here, not at the top: `quantization` builds on `lora_jax`.
