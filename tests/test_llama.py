@@ -138,6 +138,34 @@ def test_padded_forward_matches_transformers(models):
 
 
 @pytest.mark.interop
+def test_long_padded_forward_runs_in_causal_blocks_and_matches_transformers(models,
+                                                                            monkeypatch):
+  """At 128 tokens the causal attention runs in query blocks; logits still equal
+  transformers' at every non-padding position, and the unblocked path's everywhere."""
+  m, path = models["default"]
+  config, params = llama.load_hf(path)
+  T = llama.CAUSAL_BLOCK_MIN_TOKENS
+  ids = _ids((2, T), seed=5)
+  mask = np.ones((2, T), np.int64)
+  mask[1, :37] = 0
+  ref = _hf_logits(m, ids, mask)
+  fwd = jax.jit(llama.forward, static_argnums=1)
+  blocked = fwd(params, config, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+  keep = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(blocked)[keep], ref[keep], atol=1e-4, rtol=0)
+  jaxpr = str(jax.make_jaxpr(lambda p: llama.forward(p, config, jnp.asarray(ids)))(params))
+  c = T // llama.CAUSAL_BLOCKS
+  heads = config.num_attention_heads
+  assert f"f32[2,{heads},{c},{c}]" in jaxpr           # scores of a (c, c) block
+  assert f"f32[2,{heads},{T},{T}]" not in jaxpr       # never the full (T, T) scores
+  monkeypatch.setattr(llama, "CAUSAL_BLOCK_MIN_TOKENS", 10 ** 9)
+  dense = jax.jit(llama.forward, static_argnums=1)(params, config, jnp.asarray(ids),
+                                                    attention_mask=jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(blocked)[keep], np.asarray(dense)[keep], atol=1e-5,
+                             rtol=0)
+
+
+@pytest.mark.interop
 def test_sharded_checkpoint(models, tmp_path):
   m, path = models["default"]
   _save(m, tmp_path, max_shard_size="40KB")

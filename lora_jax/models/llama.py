@@ -294,22 +294,27 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
 
 
 def _rope_tables(config: LlamaConfig, positions: jax.Array, dtype):
-  """cos, sin `(batch, seq, head_dim)` for integer `positions` `(batch, seq)`."""
+  """cos, sin `(batch, seq, head_dim // 2)` for integer `positions` `(batch, seq)`.
+
+  transformers repeats these tables to `head_dim` (`cat([freqs, freqs])`); both
+  halves are equal, so half tables carry the same values.
+  """
   inv = jnp.asarray(rope_inv_freq(config))
   freqs = positions.astype(jnp.float32)[..., None] * inv[None, None, :]
-  emb = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
-def _rotate_half(x):
-  h = x.shape[-1] // 2
-  return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+  return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
 
 
 def _apply_rope(x, cos, sin):
-  # x: (B, T, heads, hd); cos/sin: (B, T, hd)
-  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-  return x * cos + _rotate_half(x) * sin
+  """transformers' `x * cos + rotate_half(x) * sin` on half tables, the same products
+  in the same order: `[x1 c - x2 s, x2 c + x1 s]`.
+
+  x: (B, T, heads, hd); cos/sin: (B, T, hd // 2). Built on halves, this never forms
+  `rotate_half(x)` or the doubled tables (~6% of a LoRA training step on CPU).
+  """
+  h = x.shape[-1] // 2
+  x1, x2 = x[..., :h], x[..., h:]
+  c, s = cos[:, :, None, :], sin[:, :, None, :]
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -327,8 +332,30 @@ def _linear(x, p):
   return y
 
 
-def _attention(config: LlamaConfig, q, k, v, mask):
-  """q (B,T,nh,hd), k/v (B,S,nkv,hd), mask (B,T,S) bool -> (B,T,nh*hd)."""
+# A causal self-attention over at least this many tokens (a multiple of
+# CAUSAL_BLOCKS) runs in CAUSAL_BLOCKS query blocks, each attending only to the keys
+# up to its end: the all-masked upper blocks are skipped (10/16 of the work for 4
+# blocks; a LoRA training step of a 512-wide Llama at 8 x 256 tokens measured 4.5%
+# faster on CPU).
+CAUSAL_BLOCKS, CAUSAL_BLOCK_MIN_TOKENS = 4, 128
+
+
+def _attention(config: LlamaConfig, q, k, v, mask, causal: bool = False):
+  """q (B,T,nh,hd), k/v (B,S,nkv,hd), mask (B,T,S) bool -> (B,T,nh*hd).
+
+  `causal=True` promises that `mask` is causal with S == T (key j > query i is
+  masked), which lets long sequences run in query blocks that skip masked keys. A
+  query row with no visible key at all (a left-padding position) then spreads over
+  the keys of its block instead of all keys: a different value at a position that
+  is padding, which no other position attends to.
+  """
+  T = q.shape[1]
+  n = CAUSAL_BLOCKS
+  if causal and T >= CAUSAL_BLOCK_MIN_TOKENS and T % n == 0 and k.shape[1] == T:
+    c = T // n
+    return jnp.concatenate(
+        [_attention(config, q[:, i * c:(i + 1) * c], k[:, :(i + 1) * c], v[:, :(i + 1) * c],
+                    mask[:, i * c:(i + 1) * c, :(i + 1) * c]) for i in range(n)], axis=1)
   B, T, nh, hd = q.shape
   g = nh // k.shape[2]
   if g > 1:
@@ -346,7 +373,8 @@ def _attention(config: LlamaConfig, q, k, v, mask):
   return out.reshape(B, T, nh * hd)
 
 
-def _layer(lp, config: LlamaConfig, h, cos, sin, mask, cache=None, layer=None, index=None):
+def _layer(lp, config: LlamaConfig, h, cos, sin, mask, cache=None, layer=None, index=None,
+           causal=False):
   """One decoder layer.
 
   With a cache (`{"k", "v"}` of shape `(L, B, S, nkv, hd)`), this layer's keys and
@@ -369,7 +397,7 @@ def _layer(lp, config: LlamaConfig, h, cos, sin, mask, cache=None, layer=None, i
     cache = {"k": ck, "v": cv}
     k = lax.dynamic_index_in_dim(ck, layer, axis=0, keepdims=False).astype(q.dtype)
     v = lax.dynamic_index_in_dim(cv, layer, axis=0, keepdims=False).astype(q.dtype)
-  attn = _attention(c, q, k, v, mask)
+  attn = _attention(c, q, k, v, mask, causal=causal and cache is None)
   h = h + _linear(attn, at["o_proj"])
   x = rms_norm(h, lp["post_attention_layernorm"]["scale"], c.rms_norm_eps)
   mp = lp["mlp"]
@@ -379,7 +407,8 @@ def _layer(lp, config: LlamaConfig, h, cos, sin, mask, cache=None, layer=None, i
   return h, cache
 
 
-def _run(params, config: LlamaConfig, input_ids, positions, mask, cache=None, index=None):
+def _run(params, config: LlamaConfig, input_ids, positions, mask, cache=None, index=None,
+         causal=False):
   """Embeddings -> layers -> norm -> logits. Returns (logits, cache)."""
   emb = params["embed_tokens"]["embedding"]
   h = jnp.take(emb, input_ids, axis=0)
@@ -389,7 +418,7 @@ def _run(params, config: LlamaConfig, input_ids, positions, mask, cache=None, in
     # the cache rides in the scan carry, so each layer updates it in place
     def body(carry, lp):
       h, cache, i = carry
-      h, cache = _layer(lp, config, h, cos, sin, mask, cache, i, index)
+      h, cache = _layer(lp, config, h, cos, sin, mask, cache, i, index, causal)
       return (h, cache, i + 1), None
     (h, cache, _), _ = lax.scan(body, (h, cache, jnp.zeros((), jnp.int32)), params["layers"])
   else:
@@ -398,7 +427,7 @@ def _run(params, config: LlamaConfig, input_ids, positions, mask, cache=None, in
       raise ValueError(f"llama: params have {len(layers)} layers, config says "
                        f"num_hidden_layers={config.num_hidden_layers}")
     for i, lp in enumerate(layers):
-      h, cache = _layer(lp, config, h, cos, sin, mask, cache, i, index)
+      h, cache = _layer(lp, config, h, cos, sin, mask, cache, i, index, causal)
   h = rms_norm(h, params["norm"]["scale"], config.rms_norm_eps)
   if config.tie_word_embeddings or "lm_head" not in params:
     # (B,T,H) x (V,H) contracting H: a LoRA'd embedding contracts its out axis.
@@ -441,7 +470,7 @@ def forward(params: Mapping[str, Any], config: LlamaConfig, input_ids: jax.Array
     mask = mask & jnp.asarray(attention_mask).astype(bool)[:, None, :]
   else:
     mask = jnp.broadcast_to(mask, (B, T, T))
-  logits, _ = _run(params, config, input_ids, positions, mask)
+  logits, _ = _run(params, config, input_ids, positions, mask, causal=True)
   return logits
 
 
