@@ -215,13 +215,77 @@ def _fused_bwd(scale, res, dy):
 _fused_lora_matmul.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
+def _base_matmul(x, w):
+  """`x @ w` (x (..., in), w (in, out)) through w's own rules when w is implicit."""
+  return bind(P.dot_general_p, x, w, dimension_numbers=(((x.ndim - 1,), (0,)), ((), ())),
+              precision=None, preferred_element_type=jnp.float32)
+
+
+def _base_matmul_t(dy, w):
+  """`dy @ w^T` (dy (..., out)) through w's own rules when w is implicit."""
+  return bind(P.dot_general_p, dy, w, dimension_numbers=(((dy.ndim - 1,), (1,)), ((), ())),
+              precision=None, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _lora_matmul_implicit_base(x, w, a, b, scale):
+  """`x @ w + scale * (x @ a) @ b` for a 2-D implicit `w` (a quantized base: QLoRA).
+
+  `x @ w` and, backward, `dy @ w^T` go to w's own `dot_general` rules (the
+  dequant-matmul kernels); the low-rank terms are skinny GEMMs on 2-D views. The
+  residuals are x, t = s x @ a and w's children. Measured on CPU, a QLoRA step
+  of a 512-wide Llama: 1.49 -> 1.22 s against the generic rule under autodiff,
+  same loss and gradients.
+  """
+  return _implicit_base_forward(x, w, a, b, scale)[0]
+
+
+def _implicit_base_forward(x, w, a, b, scale):
+  t = (jnp.matmul(x, a.astype(x.dtype), preferred_element_type=jnp.float32) * scale
+       ).astype(x.dtype)
+  y = _base_matmul(x, w) + jnp.matmul(t, b.astype(x.dtype), preferred_element_type=jnp.float32)
+  return y.astype(x.dtype), t
+
+
+def _implicit_base_fwd(x, w, a, b, scale):
+  need = (x.perturbed, any(p.perturbed for p in jax.tree.leaves(w)), a.perturbed, b.perturbed)
+  x, a, b = x.value, a.value, b.value
+  w = jax.tree.map(lambda p: p.value, w)
+  y, t = _implicit_base_forward(x, w, a, b, scale)
+  return y, ((x, w, a, b, t), need)
+
+
+def _implicit_base_bwd(scale, res, dy):
+  (x, w, a, b, t), (need_x, need_w, need_a, need_b) = res
+  if isinstance(dy, SymbolicZero):
+    return None, None, None, None
+  dt = jnp.matmul(dy, b.astype(dy.dtype).T, preferred_element_type=jnp.float32)
+  dt = (dt * scale).astype(dy.dtype)
+  x2 = x.reshape(-1, x.shape[-1])
+  dx = dw = da = db = None
+  if need_x:
+    dx = (_base_matmul_t(dy, w) + jnp.matmul(dt, a.astype(dy.dtype).T,
+                                             preferred_element_type=jnp.float32)
+          ).astype(x.dtype)
+  if need_a:
+    da = (x2.T @ dt.reshape(-1, dt.shape[-1])).astype(a.dtype)
+  if need_b:
+    db = (t.reshape(-1, t.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])).astype(b.dtype)
+  if need_w:   # rare (a trained implicit base): its own rules give the cotangent
+    _, vjp = jax.vjp(lambda w: _base_matmul(x, w).astype(dy.dtype), w)
+    (dw,) = vjp(dy)
+  return dx, dw, da, db
+
+
+_lora_matmul_implicit_base.defvjp(_implicit_base_fwd, _implicit_base_bwd, symbolic_zeros=True)
+
+
 def _fusable(lw, x, dimension_numbers, on_rhs, params) -> bool:
-  """The common case `x @ W` for a plain 2-D kernel, contracting x's last axis."""
+  """The common case `x @ W` for a 2-D kernel, contracting x's last axis."""
   (lc, rc), (lb, rb) = dimension_numbers
   return (on_rhs and lw.nbatch == 0 and lw.axes == "io" and not lb and not rb
           and tuple(rc) == (0,) and tuple(lc) == (x.ndim - 1,)
-          and not isinstance(lw.w, ImplicitArray) and lw.rng is None
-          and x.dtype == lw.w.dtype and params.get("out_sharding") is None)
+          and lw.rng is None and x.dtype == lw.w.dtype and params.get("out_sharding") is None)
 
 
 def _dot_general_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
@@ -239,7 +303,9 @@ def _dot_general_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
   xc, xb = (lc, lb) if on_rhs else (rc, rb)
   x = _other_dense(x)
   if _FUSE[0] and _fusable(lw, x, dimension_numbers, on_rhs, params):
-    y = _fused_lora_matmul(x, lw.w, lw.a, lw.b, float(lw.scale))
+    fused = (_lora_matmul_implicit_base if isinstance(lw.w, ImplicitArray)
+             else _fused_lora_matmul)
+    y = fused(x, lw.w, lw.a, lw.b, float(lw.scale))
     want = preferred_element_type or x.dtype
     return y.astype(want)
   nb = lw.nbatch

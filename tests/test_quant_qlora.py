@@ -167,3 +167,35 @@ def test_qlora_under_scan_with_stacked_layers():
   chex.assert_trees_all_close(jax.tree.leaves(g), jax.tree.leaves(dg), rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(lj.implicit(f)(params, x), f(lj.merge(qz.dequantize(params)), x),
                              rtol=1e-5)
+
+
+def test_qlora_matmul_is_one_custom_vjp_and_gradients_of_the_whole_tree_are_safe():
+  """A 2-D QLoRA matmul runs as one fused custom_vjp (x @ Wq via the quantized rule,
+  plus the low-rank terms); differentiating every float leaf, the quantized base's
+  scales included, gives the dense reference's gradients for the factors and exact
+  zeros for the base's scales (codes are never trained)."""
+  # no double quant: the block absmax are float32 leaves, which grad does reach
+  params = qz.quantize(_init(jax.random.PRNGKey(3)), qz.QuantConfig("fp4", 32, False,
+                                                                     targets=TARGETS))
+  params = lj.init(jax.random.PRNGKey(4), params,
+                   lj.LoraConfig(rank=4, alpha=8, targets=TARGETS, init="gaussian"))
+  params = jax.tree.map(
+      lambda x: x.__class__(**{**x.__dict__, "b": jnp.full_like(x.b, 0.02)})
+      if isinstance(x, lj.LoraWeight) else x, params, is_leaf=lambda x: isinstance(x, lj.LoraWeight))
+  jaxpr = str(jax.make_jaxpr(lambda p: lj.implicit(loss_fn)(p, IDS))(params))
+  assert jaxpr.count("_lora_matmul_implicit_base") == 6     # 3 kernels x 2 blocks
+  g = jax.grad(lambda p: lj.implicit(loss_fn)(p, IDS), allow_int=True)(params)
+  dense = lj.merge(qz.dequantize(params))
+  lw = params["blocks"][0]["mlp"]["up_proj"]["kernel"]
+  assert isinstance(lw.w, qz.QuantizedArray) and lw.w.absmax.dtype == jnp.float32
+  gw = g["blocks"][0]["mlp"]["up_proj"]["kernel"].w
+  np.testing.assert_array_equal(np.asarray(gw.absmax), 0.0)
+  # factors: same gradient as the step on the dequantized base
+  def dense_loss(a, b):
+    p = jax.tree.map(lambda x: x, dense)
+    p["blocks"][0]["mlp"]["up_proj"]["kernel"] = (
+        qz.dequantize(lw.w) + lw.scale * a @ b)
+    return loss_fn(p, IDS)
+  ga, gb = jax.grad(dense_loss, argnums=(0, 1))(lw.a, lw.b)
+  gl = g["blocks"][0]["mlp"]["up_proj"]["kernel"]
+  chex.assert_trees_all_close((gl.a, gl.b), (ga, gb), atol=1e-5, rtol=1e-4)
