@@ -281,11 +281,33 @@ _lora_matmul_implicit_base.defvjp(_implicit_base_fwd, _implicit_base_bwd, symbol
 
 
 def _fusable(lw, x, dimension_numbers, on_rhs, params) -> bool:
-  """The common case `x @ W` for a 2-D kernel, contracting x's last axis."""
+  """The common case `x @ W`: x's trailing axes contract, in order, with the kernel's
+  leading in axes (a 2-D kernel, or an N-D one such as a `DenseGeneral` kernel
+  `(d, heads, head_dim)` "ioo" or `(heads, head_dim, d)` "iio", seen as 2-D)."""
   (lc, rc), (lb, rb) = dimension_numbers
-  return (on_rhs and lw.nbatch == 0 and lw.axes == "io" and not lb and not rb
-          and tuple(rc) == (0,) and tuple(lc) == (x.ndim - 1,)
-          and lw.rng is None and x.dtype == lw.w.dtype and params.get("out_sharding") is None)
+  n_in = lw.axes.count("i")
+  if not (on_rhs and lw.nbatch == 0 and not lb and not rb and lw.rng is None
+          and x.dtype == lw.w.dtype and params.get("out_sharding") is None
+          and lw.axes == "i" * n_in + "o" * (len(lw.axes) - n_in)
+          and tuple(rc) == tuple(range(n_in))
+          and tuple(lc) == tuple(range(x.ndim - n_in, x.ndim))):
+    return False
+  # an implicit base (quantized) is fused only as the 2-D kernel it is
+  return not isinstance(lw.w, ImplicitArray) or lw.axes == "io"
+
+
+def _fused_call(lw, x):
+  """`x @ W` through the fused custom_vjps, N-D kernels viewed as 2-D (free reshapes)."""
+  n_in = lw.axes.count("i")
+  ins, outs = lw.w.shape[:n_in], lw.w.shape[n_in:]
+  k, n = int(np.prod(ins)), int(np.prod(outs))
+  lead = x.shape[:x.ndim - n_in]
+  if isinstance(lw.w, ImplicitArray):
+    y = _lora_matmul_implicit_base(x, lw.w, lw.a, lw.b, float(lw.scale))
+  else:
+    y = _fused_lora_matmul(x.reshape(*lead, k), lw.w.reshape(k, n), lw.a.reshape(k, -1),
+                           lw.b.reshape(-1, n), float(lw.scale))
+  return y.reshape(*lead, *outs)
 
 
 def _dot_general_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
@@ -303,9 +325,7 @@ def _dot_general_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
   xc, xb = (lc, lb) if on_rhs else (rc, rb)
   x = _other_dense(x)
   if _FUSE[0] and _fusable(lw, x, dimension_numbers, on_rhs, params):
-    fused = (_lora_matmul_implicit_base if isinstance(lw.w, ImplicitArray)
-             else _fused_lora_matmul)
-    y = fused(x, lw.w, lw.a, lw.b, float(lw.scale))
+    y = _fused_call(lw, x)
     want = preferred_element_type or x.dtype
     return y.astype(want)
   nb = lw.nbatch
