@@ -190,25 +190,31 @@ def _fused_fwd(x, w, a, b, scale):
   return y, ((x, w, a, b, t), need)
 
 
+def _low_rank_grads(x, a, b, t, dy, scale, need_a, need_b):
+  """`dt = s dy @ b^T` and the skinny factor gradients `da = x^T dt`, `db = t^T dy`
+  (None where not needed), on 2-D views of the activations."""
+  dt = jnp.matmul(dy, b.astype(dy.dtype).T, preferred_element_type=jnp.float32)
+  dt = (dt * scale).astype(dy.dtype)
+  da = db = None
+  if need_a:
+    da = (x.reshape(-1, x.shape[-1]).T @ dt.reshape(-1, dt.shape[-1])).astype(a.dtype)
+  if need_b:
+    db = (t.reshape(-1, t.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])).astype(b.dtype)
+  return dt, da, db
+
+
 def _fused_bwd(scale, res, dy):
   (x, w, a, b, t), (need_x, need_w, need_a, need_b) = res
   if isinstance(dy, SymbolicZero):
     return None, None, None, None
-  out = w.shape[-1]
-  dt = jnp.matmul(dy, b.astype(dy.dtype).T, preferred_element_type=jnp.float32)
-  dt = (dt * scale).astype(dy.dtype)
-  x2 = x.reshape(-1, x.shape[-1])
-  dx = dw = da = db = None
+  dt, da, db = _low_rank_grads(x, a, b, t, dy, scale, need_a, need_b)
+  dx = dw = None
   if need_x:
     wa = jnp.concatenate([w, a.astype(w.dtype)], axis=-1)
     dx = jnp.matmul(jnp.concatenate([dy, dt], axis=-1), wa.T,
                     preferred_element_type=jnp.float32).astype(x.dtype)
-  if need_a:
-    da = (x2.T @ dt.reshape(-1, dt.shape[-1])).astype(a.dtype)
-  if need_b:
-    db = (t.reshape(-1, t.shape[-1]).T @ dy.reshape(-1, out)).astype(b.dtype)
   if need_w:
-    dw = (x2.T @ dy.reshape(-1, out)).astype(w.dtype)
+    dw = (x.reshape(-1, x.shape[-1]).T @ dy.reshape(-1, w.shape[-1])).astype(w.dtype)
   return dx, dw, da, db
 
 
@@ -259,18 +265,12 @@ def _implicit_base_bwd(scale, res, dy):
   (x, w, a, b, t), (need_x, need_w, need_a, need_b) = res
   if isinstance(dy, SymbolicZero):
     return None, None, None, None
-  dt = jnp.matmul(dy, b.astype(dy.dtype).T, preferred_element_type=jnp.float32)
-  dt = (dt * scale).astype(dy.dtype)
-  x2 = x.reshape(-1, x.shape[-1])
-  dx = dw = da = db = None
+  dt, da, db = _low_rank_grads(x, a, b, t, dy, scale, need_a, need_b)
+  dx = dw = None
   if need_x:
     dx = (_base_matmul_t(dy, w) + jnp.matmul(dt, a.astype(dy.dtype).T,
                                              preferred_element_type=jnp.float32)
           ).astype(x.dtype)
-  if need_a:
-    da = (x2.T @ dt.reshape(-1, dt.shape[-1])).astype(a.dtype)
-  if need_b:
-    db = (t.reshape(-1, t.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])).astype(b.dtype)
   if need_w:   # rare (a trained implicit base): its own rules give the cotangent
     _, vjp = jax.vjp(lambda w: _base_matmul(x, w).astype(dy.dtype), w)
     (dw,) = vjp(dy)
