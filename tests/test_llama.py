@@ -355,30 +355,25 @@ def test_load_hf_errors(tmp_path):
   llama.save_hf(tmp_path, config, params)
   ok = llama.load_hf(tmp_path)[1]
   chex.assert_trees_all_close(ok, params)
-  from lora_jax.models.llama import read_safetensors
+  from lora_jax._files import read_safetensors
   sd = read_safetensors(tmp_path / "model.safetensors")
+
+  def rejects(tensors, match):
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=match):
+      llama.load_hf(tmp_path)
+
   # wrong shape
-  bad = dict(sd)
-  bad["model.layers.1.mlp.up_proj.weight"] = np.zeros((100, 64), np.float32)
-  save_file(bad, str(tmp_path / "model.safetensors"))
-  with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*\(100, 64\)"):
-    llama.load_hf(tmp_path)
+  rejects({**sd, "model.layers.1.mlp.up_proj.weight": np.zeros((100, 64), np.float32)},
+          r"model\.layers\.1\.mlp\.up_proj\.weight.*\(100, 64\)")
   # unknown and missing tensors
-  bad = dict(sd)
-  bad["model.layers.0.self_attn.rotary.foo"] = np.zeros((3,), np.float32)
-  save_file(bad, str(tmp_path / "model.safetensors"))
-  with pytest.raises(ValueError, match="rotary.foo"):
-    llama.load_hf(tmp_path)
-  bad = {k: v for k, v in sd.items() if k != "model.norm.weight"}
-  save_file(bad, str(tmp_path / "model.safetensors"))
-  with pytest.raises(ValueError, match=r"lacks.*model\.norm\.weight"):
-    llama.load_hf(tmp_path)
+  rejects({**sd, "model.layers.0.self_attn.rotary.foo": np.zeros((3,), np.float32)},
+          "rotary.foo")
+  rejects({k: v for k, v in sd.items() if k != "model.norm.weight"},
+          r"lacks.*model\.norm\.weight")
   # a bitsandbytes 8-bit checkpoint: named as such
-  bad = dict(sd)
-  bad["model.layers.0.mlp.up_proj.SCB"] = np.ones((128,), np.float32)
-  save_file(bad, str(tmp_path / "model.safetensors"))
-  with pytest.raises(ValueError, match=r"up_proj\.SCB.*8-bit"):
-    llama.load_hf(tmp_path)
+  rejects({**sd, "model.layers.0.mlp.up_proj.SCB": np.ones((128,), np.float32)},
+          r"up_proj\.SCB.*8-bit")
   # truncated file
   save_file(sd, str(tmp_path / "model.safetensors"))
   raw = (tmp_path / "model.safetensors").read_bytes()
