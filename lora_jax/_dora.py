@@ -62,6 +62,13 @@ class DoraWeight(LoraWeight):
     kernel = w_shape[nb:]
     return (*w_shape[:nb], *(d for d, ax in zip(kernel, axes) if ax == "o"))
 
+  def partition_specs(self, spec):
+    """As `LoraWeight`; the magnitude `(*batch, *out)` split like the output axes."""
+    from jax.sharding import PartitionSpec as PS
+    from lora_jax._sharding import implicit_spec_parts
+    batch, _, outs = implicit_spec_parts(spec, self.nbatch, self.axes)
+    return dataclasses.replace(super().partition_specs(spec), m=PS(*batch, *outs))
+
   trainable_fields = ("a", "b", "m")
   data_fields = ("w", "a", "b", "rng", "m")
 

@@ -70,6 +70,13 @@ class ImplicitArray:
     # Lets code outside `implicit` use the leaf as a plain array (slowly).
     return self.materialize()
 
+  def partition_specs(self, spec):
+    """This leaf with each array child replaced by its `PartitionSpec`, given the spec
+    `spec` (one entry per logical axis) of the dense array it stands for."""
+    raise NotImplementedError(
+        f"{type(self).__name__} does not define partition_specs, so lj.partition_specs "
+        "cannot shard it; define it to map the dense array's spec to its children's")
+
 
 def is_implicit(x: Any) -> bool:
   return isinstance(x, ImplicitArray)

@@ -103,6 +103,15 @@ class LoraWeight(ImplicitArray):
                    self.a.astype(jnp.float32), self.b.astype(jnp.float32))
     return (w.astype(jnp.float32) + self.scale * d).astype(w.dtype)
 
+  def partition_specs(self, spec):
+    """Children split like the kernel along shared axes; the rank axis replicated."""
+    from jax.sharding import PartitionSpec as PS
+    from lora_jax._sharding import child_spec, implicit_spec_parts
+    batch, ins, outs = implicit_spec_parts(spec, self.nbatch, self.axes)
+    return dataclasses.replace(
+        self, w=child_spec(self.w, spec), a=PS(*batch, *ins, None),
+        b=PS(*batch, None, *outs), rng=None if self.rng is None else PS(*batch))
+
   # --- fields a trainer updates (DoRA adds its magnitude)
   trainable_fields = ("a", "b")
   data_fields = ("w", "a", "b", "rng")

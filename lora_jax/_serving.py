@@ -68,6 +68,17 @@ class MultiLoraWeight(ImplicitArray):
     b = b * s.reshape(s.shape + (1,) * (b.ndim - nb)).astype(b.dtype)
     return LoraWeight(w=self.w, a=a, b=b, scale=1.0, axes=self.axes)
 
+  def partition_specs(self, spec):
+    """Children split like the kernel along shared axes; adapter and rank axes, the
+    scales and the per-row ids replicated."""
+    from jax.sharding import PartitionSpec as PS
+    from lora_jax._sharding import child_spec, implicit_spec_parts
+    batch, ins, outs = implicit_spec_parts(spec, self.nbatch, self.axes)
+    return dataclasses.replace(
+        self, w=child_spec(self.w, spec), a=PS(*batch, None, *ins, None),
+        b=PS(*batch, None, None, *outs), scales=PS(*batch, None),
+        ids=None if self.ids is None else PS(*batch, None))
+
   def materialize(self):
     raise TypeError(
         "MultiLoraWeight has one weight per batch row, so it has no single dense form; "

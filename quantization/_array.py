@@ -132,6 +132,18 @@ class QuantizedArray(lj.ImplicitArray):
   def materialize(self) -> jax.Array:
     return jnp.swapaxes(self.dequantize_t(jnp.float32), -1, -2).astype(self.dtype)
 
+  def partition_specs(self, spec):
+    """Children split like the kernel `(*batch, in, out)`: codes and absmax, stored
+    `(*batch, out, in)`, take the kernel's `out` and `in` entries swapped; the small
+    nested scales and offset are replicated along their own axis."""
+    from jax.sharding import PartitionSpec as PS
+    s = tuple(spec)
+    batch, (s_in, s_out) = s[:self.nbatch], s[self.nbatch:]
+    dq = self.double_quant
+    return dataclasses.replace(
+        self, codes=PS(*batch, s_out, s_in), absmax=PS(*batch, s_out, s_in),
+        nested_absmax=PS(*batch, None) if dq else None, offset=PS(*batch) if dq else None)
+
   def nbytes(self) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                for x in jax.tree.leaves(self))

@@ -37,14 +37,13 @@ def main():
   def f(prm, x):
     return jnp.tanh(x @ prm["up"]) @ prm["down"]
 
-  specs = {"up": lj.LoraWeight(w=PS(None, "model"), a=PS(), b=PS(None, "model"),
-                               scale=p["up"].scale, axes="io"),
-           "down": lj.LoraWeight(w=PS("model", None), a=PS("model", None), b=PS(),
-                                 scale=p["down"].scale, axes="io")}
+  # the dense layout (column- then row-parallel); lj.named_shardings carries it to a, b
+  shardings = lj.named_shardings(p, mesh, [("up", PS(None, "model")), ("down", PS("model", None))])
+  assert shardings["up"].a.spec == PS(None, None) and shardings["down"].a.spec == PS("model", None)
   to_global = lambda v, s: jax.make_array_from_callback(  # noqa: E731
-      v.shape, NamedSharding(mesh, s), lambda idx: np.asarray(v)[idx])
-  gp = jax.tree.map(to_global, p, specs, is_leaf=lambda s: isinstance(s, PS))
-  gx = to_global(x, PS("data", None))
+      v.shape, s, lambda idx: np.asarray(v)[idx])
+  gp = jax.tree.map(to_global, p, shardings)
+  gx = to_global(x, NamedSharding(mesh, PS("data", None)))
 
   y = jax.jit(lj.implicit(f), out_shardings=NamedSharding(mesh, PS("data", None)))(gp, gx)
   adapter, frozen = lj.split(gp)
