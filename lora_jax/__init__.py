@@ -4,6 +4,7 @@ from lora_jax._dora import DoraWeight, to_dora
 from lora_jax._extract import extract_lora
 from lora_jax._implicit import (ImplicitArray, bind, implicit, is_implicit, materialize,
                                 materialize_tree, register_rule)
+from lora_jax._inits import to_standard_lora
 from lora_jax._lora import (LoraConfig, combine, init, merge, split, summary,
                             trainable_mask, with_dropout_rng)
 from lora_jax._lora_weight import LoraWeight, check_factors
@@ -21,5 +22,5 @@ __all__ = [
     "select_paths", "split", "summary", "trainable_mask", "with_dropout_rng",
     "DoraWeight", "to_dora", "LLAMA_NAME_MAP", "load_adapter", "save_adapter",
     "MultiLoraWeight", "stack_adapters", "with_adapter_ids", "set_adapter",
-    "partition_specs", "named_shardings", "shard",
+    "partition_specs", "named_shardings", "shard", "to_standard_lora",
 ]

@@ -14,9 +14,10 @@ import numpy as np
 from lora_jax import _paths
 from lora_jax._dora import dora_from_lora
 from lora_jax._implicit import ImplicitArray, is_implicit, materialize
+from lora_jax._inits import MUTATING_INITS, mutating_factors, residual
 from lora_jax._lora_weight import LoraWeight, check_factors
 
-INITS = ("default", "gaussian", "zeros")
+INITS = ("default", "gaussian", "zeros", "pissa", "olora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +31,10 @@ class LoraConfig:
     targets: regex (or list of regexes) fullmatched against "/"-joined leaf paths.
     rslora: rank-stabilized scaling `alpha / sqrt(rank)` (PEFT `use_rslora`).
     init: "default" (a Kaiming-uniform as PEFT, b zeros), "gaussian" (a ~ N(0, 1/r),
-      b zeros, PEFT's `init_lora_weights="gaussian"`), or "zeros" (both zero).
+      b zeros, PEFT's `init_lora_weights="gaussian"`), "zeros" (both zero), or
+      "pissa" / "olora" (PEFT's: the top singular / QR part of `W` moves into the
+      factors and the base becomes the residual, function unchanged; see
+      `lj.to_standard_lora` to save such an adapter for the original base).
     rank_pattern: {path regex: rank} overrides (first match wins).
     alpha_pattern: {path regex: alpha} overrides.
     dtype: dtype of the factors; `None` uses the base weight's dtype.
@@ -173,6 +177,12 @@ def init(key: jax.Array, params: Any, cfg: LoraConfig, *, fn: Callable | None = 
     dtype = cfg.dtype or leaf.dtype
     fan_in = int(np.prod(ins))
     k = next(keys)
+    if cfg.init in MUTATING_INITS:
+      a, b = mutating_factors(path, leaf, axes, r, cfg.scale_for(path), cfg.init)
+      w = residual(leaf, a, b, cfg.scale_for(path), axes)
+      lw = LoraWeight(w=w, a=a.astype(dtype), b=b.astype(dtype), scale=cfg.scale_for(path),
+                      axes=axes, dropout=float(cfg.dropout))
+      return dora_from_lora(lw) if cfg.use_dora else lw
     if cfg.init == "default":
       # PEFT: kaiming_uniform_(A, a=sqrt(5)) on A (r, in) -> U(-1/sqrt(in), 1/sqrt(in)).
       bound = 1.0 / math.sqrt(fan_in)

@@ -32,6 +32,7 @@ import math
 import os
 import pathlib
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -162,6 +163,13 @@ def _read_config(root: pathlib.Path) -> dict:
   if d.get("bias", "none") not in ("none", None):
     raise ValueError(f"{where}: bias={d['bias']!r}: trained biases are not supported by "
                      "lora_jax.load_adapter (expected 'none')")
+  init = str(d.get("init_lora_weights", True)).lower()
+  if init.startswith(("pissa", "olora", "corda", "lora_ga")):
+    warnings.warn(f"{where}: init_lora_weights={d['init_lora_weights']!r}: this adapter was "
+                  "trained on a residual base (its initialisation moved part of W into the "
+                  "factors); load it onto that residual base, or onto the original base only "
+                  "after converting it (PEFT's path_initial_model_for_weight_conversion, or "
+                  "lj.to_standard_lora)", stacklevel=3)
   for k in ("rank_pattern", "alpha_pattern"):
     if d.get(k) is not None and not isinstance(d[k], dict):
       raise ValueError(f"{where}: {k} must be an object, got {type(d[k]).__name__}")
