@@ -15,6 +15,7 @@ from quantization._array import (
                                  quantize_array,
                                  summary,
 )
+from quantization._loftq import loftq
 from quantization._bnb import from_bnb_state_dict, to_bnb_state_dict
 from quantization._formats import BLOCK_SIZES, FORMATS
 from quantization._matmul import BACKENDS, matmul, matmul_t_xla, matmul_xla
@@ -22,7 +23,7 @@ from quantization._pallas import QMatmulTiles, qmatmul, qmatmul_reference
 
 __all__ = [
     "BACKENDS", "BLOCK_SIZES", "FORMATS", "QMatmulTiles", "QuantConfig", "QuantizedArray",
-    "bits_per_param", "dequantize", "from_bnb_state_dict", "matmul", "matmul_t_xla",
+    "bits_per_param", "dequantize", "from_bnb_state_dict", "loftq", "matmul", "matmul_t_xla",
     "matmul_xla", "qmatmul", "qmatmul_reference", "quantize", "quantize_array", "summary",
     "to_bnb_state_dict",
 ]
