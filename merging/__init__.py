@@ -18,11 +18,14 @@ from merging._methods import (METHODS, MethodInfo, breadcrumbs, breadcrumbs_ties
                               register, slerp, slerp_leaf, stack_layers, task_arithmetic,
                               task_vector_leaf, ties)
 from merging._params import Conditions, PerModel
+from merging._selective import nearswap, nearswap_leaf, sce, sce_leaf
+from merging._sphere import karcher, karcher_leaf, multislerp, multislerp_leaf
 
 __all__ = [
     "METHODS", "MethodInfo", "Conditions", "PerModel", "breadcrumbs", "breadcrumbs_ties",
     "dare_linear", "dare_ties", "della", "della_linear", "linear", "linear_leaf", "merge",
     "merge_adapters", "model_stock", "model_stock_leaf", "nuslerp", "nuslerp_leaf",
     "passthrough", "register", "slerp", "slerp_leaf", "sparsify", "stack_layers",
-    "task_arithmetic", "task_vector_leaf", "ties",
+    "task_arithmetic", "task_vector_leaf", "ties", "karcher", "karcher_leaf", "multislerp",
+    "multislerp_leaf", "nearswap", "nearswap_leaf", "sce", "sce_leaf",
 ]

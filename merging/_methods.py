@@ -764,8 +764,10 @@ def merge(method: str, models, base=None, **params):
   if method not in METHODS:
     raise ValueError(f"unknown merge method {method!r}; known methods: {', '.join(sorted(METHODS))}")
   info = METHODS[method]
-  if method == "slerp":
-    return slerp(base, models[0], **params)
+  if method in ("slerp", "nearswap"):
+    if base is None:
+      raise ValueError(f"{method} needs a base model: pass base=")
+    return info.fn(base, models[0], **params)
   if method == "passthrough":
     return passthrough(models[0], **params)
   if info.base == "none":

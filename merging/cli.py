@@ -55,6 +55,11 @@ _SPEC = {
                 {"weight": _REQ}, (1, None), (2, 2)),
     "model_stock": ("required", {"filter_wise": False}, {}, (3, None), None),
     "passthrough": ("ignored", {}, {"scale": None}, (1, 1), None),
+    "karcher": ("ignored", {"max_iter": 10, "tol": 1e-5}, {}, (1, None), None),
+    "multislerp": ("optional", {"normalize_weights": True, "eps": 1e-8}, {"weight": _REQ},
+                   (1, None), (1, 10 ** 9)),
+    "nearswap": ("required", {"t": _REQ}, {}, (2, 2), None),
+    "sce": ("required", {"select_topk": 1.0, "int8_mask": False}, {}, (1, None), None),
 }
 
 
@@ -202,9 +207,9 @@ def _resolve_param(name, scopes, tensor_name, t, default, where):
   return default
 
 
-def _check_value(name, v, where):
+def _check_value(name, v, where, method=None):
   bools = ("normalize", "rescale", "int8_mask", "nuslerp_row_wise", "nuslerp_flatten",
-           "filter_wise")
+           "filter_wise", "normalize_weights")
   if name in bools:
     if not isinstance(v, bool):
       raise ValueError(f"{where}: parameter {name!r} must be true or false, got {v!r}")
@@ -218,10 +223,15 @@ def _check_value(name, v, where):
       raise ValueError(f"{where}: parameter {name!r} must be a number, got {v!r}") from None
   if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
     raise ValueError(f"{where}: parameter {name!r} must be a finite number, got {v!r}")
-  if name in ("density", "gamma", "t") and not 0 <= v <= 1:
+  if (name in ("density", "gamma", "select_topk") or (name == "t" and method != "nearswap")) \
+      and not 0 <= v <= 1:
     raise ValueError(f"{where}: parameter {name!r} must be in [0, 1], got {v}")
-  if name == "epsilon" and v < 0:
-    raise ValueError(f"{where}: parameter 'epsilon' must be >= 0, got {v}")
+  if name in ("epsilon", "tol", "eps", "t") and v < 0:
+    raise ValueError(f"{where}: parameter {name!r} must be >= 0, got {v}")
+  if name == "max_iter":
+    if v != int(v) or v < 1:
+      raise ValueError(f"{where}: parameter 'max_iter' must be an integer >= 1, got {v}")
+    return int(v)
   return float(v)
 
 
@@ -328,7 +338,9 @@ def plan(cfg: dict, models: dict | None = None) -> Plan:
     if non_base is not None:
       nb = n - (base_index is not None)
       if not non_base[0] <= nb <= non_base[1]:
-        raise ValueError(f"{method} takes exactly {non_base[0]} models besides the base, got {nb}")
+        want = (f"exactly {non_base[0]}" if non_base[0] == non_base[1]
+                else f"at least {non_base[0]}")
+        raise ValueError(f"{method} takes {want} models besides the base, got {nb}")
     inputs = []
     for ref, name in zip(refs, names):
       mod = models[ref]
@@ -344,7 +356,7 @@ def plan(cfg: dict, models: dict | None = None) -> Plan:
     shared = {}
     for p, d in shared_spec.items():
       shared[p] = _check_value(p, _resolve_param(p, [sl.params, top], out_tensor, t, d, where),
-                               where)
+                               where, method)
     per = []
     for k, (src, (ref, info)) in enumerate(zip(sl.sources, inputs)):
       if k == base_index:
@@ -352,7 +364,7 @@ def plan(cfg: dict, models: dict | None = None) -> Plan:
         continue
       w2 = f"{where} (model {ref})"
       per.append({p: _check_value(p, _resolve_param(p, [src.params, sl.params, top], info.name,
-                                                    t, d, w2), w2)
+                                                    t, d, w2), w2, method)
                   for p, d in per_spec.items()})
     if method in ("della", "della_linear"):
       from merging._sparsify import della_bounds
@@ -418,6 +430,8 @@ def run_task(task: Task, method: str, key=None) -> np.ndarray:
   """Merge one tensor; returns a numpy array in the task's output dtype."""
   import jax.numpy as jnp
   from merging import _methods as M
+  from merging import _selective as E
+  from merging import _sphere as S
 
   out_dt = _st.DTYPES[task.out_code]
   if task.inputs[0][1].dtype not in HF_DTYPE:
@@ -443,6 +457,19 @@ def run_task(task: Task, method: str, key=None) -> np.ndarray:
                        row_wise=sh["nuslerp_row_wise"], flatten=sh["nuslerp_flatten"])
   elif method == "model_stock":
     r = M.model_stock_leaf(arrs[bi], tuple(others), filter_wise=sh["filter_wise"])
+  elif method == "karcher":
+    r = S.karcher_leaf(tuple(arrs), max_iter=sh["max_iter"], tol=sh["tol"])
+  elif method == "multislerp":
+    w = np.array([d["weight"] for d in oper], np.float32)
+    r = S.multislerp_leaf(tuple(others), w, None if bi is None else arrs[bi],
+                          normalize=sh["normalize_weights"], eps=sh["eps"])
+    S.check_multislerp(r, f"tensor {task.name}", len(others))
+  elif method == "nearswap":
+    r = E.nearswap_leaf(arrs[bi], others[0], np.float32(sh["t"]))
+  elif method == "sce":
+    k = sh["select_topk"]
+    r = arrs[bi] if k <= 0 else E.sce_leaf(arrs[bi], tuple(others), np.float32(k),
+                                           select=bool(k < 1))
   elif method == "passthrough":
     s = task.per_model[0].get("scale")
     r = arrs[0] if s is None else (arrs[0].astype(jnp.float32) * np.float32(s)).astype(arrs[0].dtype)

@@ -43,6 +43,14 @@ def run(name, models, base=None, **kw):
     return mg.merge(name, models, base)
   if name == "linear":
     return mg.merge(name, models, weights=[1.0 + i for i in range(n)])
+  if name == "karcher":
+    return mg.merge(name, models)
+  if name == "multislerp":   # without a base: equal inputs have zero deltas from it
+    return mg.merge(name, models, weights=[0.5 + 0.25 * i for i in range(n)])
+  if name == "nearswap":
+    return mg.merge(name, models[:1], base, t=0.05)
+  if name == "sce":
+    return mg.merge(name, models, base, select_topk=0.5)
   params = dict(weights=[0.7 + 0.1 * i for i in range(n)], density=0.6)
   if info.random:
     params["key"] = KEY
@@ -57,7 +65,7 @@ ALL = sorted(mg.METHODS)
 def test_registry_has_every_method_with_reference():
   want = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
           "breadcrumbs_ties", "della", "della_linear", "slerp", "nuslerp", "model_stock",
-          "passthrough"}
+          "passthrough", "karcher", "multislerp", "nearswap", "sce"}
   assert want <= set(mg.METHODS)
   for name, info in mg.METHODS.items():
     assert info.reference.startswith("https://"), name

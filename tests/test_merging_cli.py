@@ -124,6 +124,27 @@ def configs(p):
       "model_stock": {
           "merge_method": "model_stock", "base_model": m0, "dtype": "float32",
           "models": [{"model": m1}, {"model": m2}, {"model": m3}]},
+      "karcher": {
+          "merge_method": "karcher", "dtype": "float32",
+          "parameters": {"max_iter": 3, "tol": 1e-7},
+          "models": [{"model": m1}, {"model": m2}, {"model": m3}]},
+      "multislerp": {
+          "merge_method": "multislerp", "dtype": "float32",
+          "models": [{"model": m1, "parameters": {"weight": 0.5}},
+                     {"model": m2, "parameters": {"weight": [0.2, 0.8]}},
+                     {"model": m3, "parameters": {"weight": 0.3}}]},
+      "multislerp_base": {
+          "merge_method": "multislerp", "base_model": m0, "dtype": "float32",
+          "parameters": {"normalize_weights": False},
+          "models": [{"model": m1, "parameters": {"weight": 0.5}},
+                     {"model": m2, "parameters": {"weight": 0.4}}]},
+      "nearswap": {
+          "merge_method": "nearswap", "base_model": m0, "dtype": "float32",
+          "parameters": {"t": [0.001, 0.05]}, "models": [{"model": m0}, {"model": m1}]},
+      "sce": {
+          "merge_method": "sce", "base_model": m0, "dtype": "float32",
+          "parameters": {"select_topk": 0.3},
+          "models": [{"model": m1}, {"model": m2}, {"model": m3}]},
       "passthrough": {
           "merge_method": "passthrough", "dtype": "float32",
           "slices": [{"sources": [{"model": m1, "layer_range": [0, 2]}]},
@@ -179,7 +200,8 @@ def runs(ckpts, tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["linear", "linear_sharded", "slerp", "nuslerp", "nuslerp_rows",
                                   "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties",
-                                  "model_stock", "passthrough", "slerp_slices"])
+                                  "model_stock", "passthrough", "slerp_slices", "karcher",
+                                  "multislerp", "multislerp_base", "nearswap", "sce"])
 def test_cli_equals_mergekit(runs, name):
   mk, ours = runs[name]
   a, b = load_dir(mk), load_dir(ours)

@@ -1,0 +1,93 @@
+"""Element-selective merges: SCE (select, calculate, erase) and NearSwap, as mergekit's
+`sce` and `nearswap`."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from merging._methods import MethodInfo, _check_models, _f32, _map, register, resolve
+
+
+@jax.jit
+def nearswap_leaf(base, model, t):
+  """mergekit's `nearswap`: take `model`'s value where it is within about `t` of
+  `base`'s: `w = clip(t / max(|base - model|, 1e-6), 0, 1)`, `w * model + (1-w) * base`."""
+  a, b = _f32(base), _f32(model)
+  w = jnp.clip(_f32(t) / jnp.maximum(jnp.abs(a - b), 1e-6), 0.0, 1.0)
+  return (w * b + (1 - w) * a).astype(base.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("select",))
+def sce_leaf(base, models, select_topk, *, select: bool):
+  """SCE (Wan et al. 2024, arXiv:2408.07990) on one leaf, as mergekit's `sce`.
+
+  1. Select: keep the `select_topk` fraction of elements (of those with non-zero
+     variance) with the largest variance of the task vectors across models.
+  2. Calculate: weight each model by its mean squared (selected) task vector,
+     normalised to sum to 1 (uniform when the sum is below 1e-6).
+  3. Erase: drop elements whose sign disagrees with the sign of the summed task
+     vectors (TIES' election), and divide by the summed weights that remain.
+
+  Ties in variance at the selection threshold are all kept (mergekit's `topk`
+  picks among them arbitrarily); with float data that is a measure-zero event.
+
+  Args:
+    base: array; models: tuple of N arrays of its shape; select_topk: float32 scalar
+    in (0, 1) when `select`.
+  """
+  b = _f32(base)
+  tv = jnp.stack([_f32(m) - b for m in models])                     # (N, *shape)
+  if select:
+    var = jnp.var(tv, axis=0)
+    flat = jnp.abs(var).reshape(-1)
+    k = jnp.floor(jnp.count_nonzero(flat).astype(jnp.float32) * select_topk).astype(jnp.int32)
+    ranked = -jnp.sort(-flat)
+    thresh = ranked[jnp.maximum(k - 1, 0)]
+    mask = (jnp.abs(var) >= thresh) & (k > 0)
+    tv = tv * mask[None].astype(tv.dtype)
+  n = tv.shape[0]
+  weights = jnp.mean(jnp.square(tv).reshape(n, -1), axis=1)
+  total = jnp.sum(weights)
+  weights = jnp.where(jnp.abs(total) < 1e-6, 1.0 / n, weights / jnp.where(total == 0, 1.0, total))
+  majority = jnp.where(jnp.sum(tv, axis=0) >= 0, 1.0, -1.0)
+  keep = jnp.sign(tv) == majority[None]
+  ew = weights.reshape((n,) + (1,) * (tv.ndim - 1)) * keep.astype(tv.dtype)
+  merged = jnp.sum(tv * ew, axis=0) / jnp.maximum(jnp.sum(ew, axis=0), 1e-6)
+  return (b + merged).astype(base.dtype)
+
+
+def nearswap(base, model, t):
+  """NearSwap of two models leaf by leaf; `t` a value, `{regex: value}` or gradient."""
+
+  def leaf(j, path, tt, lv):
+    tv = float(resolve(t, path, tt, "t"))
+    if tv < 0:
+      raise ValueError(f"{path}: nearswap t={tv} must be >= 0")
+    return nearswap_leaf(lv[0], lv[1], np.float32(tv))
+
+  return _map([base, model], ["base", "model"], leaf)
+
+
+def sce(models, base, *, select_topk=1.0):
+  """SCE merge of task vectors from `base`; `select_topk` (value, mapping or gradient)
+  is the fraction of elements kept by variance (1: no selection)."""
+  _check_models(models, "sce")
+  names = ["base"] + [f"models[{i}]" for i in range(len(models))]
+
+  def leaf(j, path, tt, lv):
+    k = float(resolve(select_topk, path, tt, "select_topk"))
+    return sce_leaf(lv[0], tuple(lv[1:]), np.float32(k), select=bool(0 < k < 1)) \
+        if k > 0 else lv[0]
+
+  return _map([base, *models], names, leaf)
+
+
+register(MethodInfo("nearswap", nearswap,
+                    "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", "required",
+                    1, 1, ("t",)))
+register(MethodInfo("sce", sce, "https://arxiv.org/abs/2408.07990", "required", 1, None,
+                    ("select_topk", "int8_mask")))

@@ -1,0 +1,147 @@
+"""Means on the hypersphere: Karcher mean and multi-SLERP (mergekit's `karcher`,
+`multislerp`). Each tensor is one flattened vector, as in mergekit."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from merging._methods import (MethodInfo, _check_models, _check_weights, _f32, _map, register,
+                              resolve)
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "tol"))
+def karcher_leaf(models, *, max_iter: int = 10, tol: float = 1e-5):
+  """Karcher (Riemannian) mean of N flattened tensors on the unit sphere, times their
+  mean norm, as mergekit's `karcher` (equal weights 1/N; tensors with norm <= `tol`
+  leave the direction out but count in the norm; all-zero inputs give zeros).
+
+  Args:
+    models: tuple of N arrays of one shape; the output has `models[0]`'s dtype.
+  """
+  shape, dtype = models[0].shape, models[0].dtype
+  x = jnp.stack([_f32(m).reshape(-1) for m in models])              # (N, D)
+  n = x.shape[0]
+  if n == 1:
+    return models[0]
+  norms = jnp.linalg.norm(x, axis=1)
+  units = jnp.where(norms[:, None] > 0, x / jnp.where(norms > 0, norms, 1.0)[:, None], 0.0)
+  valid = norms > tol
+  alphas = jnp.where(valid, 1.0, 0.0)
+  alphas = alphas / jnp.maximum(jnp.sum(alphas), 1.0)               # normalised over valid
+  mean0 = jnp.sum(alphas[:, None] * units, axis=0)
+  m0n = jnp.linalg.norm(mean0)
+  first = units[jnp.argmax(valid)]
+  mean0 = jnp.where(m0n < tol, first, mean0 / jnp.where(m0n < tol, 1.0, m0n))
+
+  def step(_, carry):
+    mean, done = carry
+    dot = jnp.clip(units @ mean, -1.0, 1.0)                           # (N,)
+    theta = jnp.arccos(dot)
+    far = valid & (theta >= tol)                                      # mergekit's `continue`
+    coef = jnp.where(far, alphas * theta / jnp.where(far, jnp.sin(theta), 1.0), 0.0)
+    tangent = jnp.sum(coef[:, None] * (units - dot[:, None] * mean[None]), axis=0)
+    tn = jnp.linalg.norm(tangent)
+    stop = done | (tn < tol)                                          # mergekit's `break`
+    new = jnp.cos(tn) * mean + jnp.sin(tn) * (tangent / jnp.where(tn > 0, tn, 1.0))
+    un = jnp.linalg.norm(new)
+    new = jnp.where(un > tol, new / jnp.where(un > tol, un, 1.0), new)
+    return jnp.where(stop, mean, new), stop
+
+  mean, _ = lax.fori_loop(0, max_iter, step, (mean0, jnp.asarray(False)))
+  scale = jnp.sum(norms) / n
+  out = jnp.where(jnp.any(valid), scale * mean, 0.0)
+  return out.reshape(shape).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("normalize", "eps"))
+def multislerp_leaf(models, weights, base=None, *, normalize: bool = True, eps: float = 1e-8):
+  """mergekit's `multislerp` on one leaf: barycentric interpolation on the sphere.
+
+  The (task) vectors are projected to the unit sphere, interpolated in the tangent
+  space at their weighted mean direction, mapped back with the exponential map and
+  scaled by the weighted mean norm; with a `base`, on the deltas from it. Two
+  vectors whose weighted directions cancel are averaged linearly (mergekit's
+  fallback); for more, the result is NaN (mergekit raises; `multislerp` raises too).
+
+  Args:
+    models: tuple of N arrays; weights: `(N,)` float32; base: optional array.
+  """
+  shape, dtype = models[0].shape, models[0].dtype
+  x = jnp.stack([_f32(m).reshape(-1) for m in models])
+  if len(models) == 1:
+    return models[0]
+  b = None if base is None else _f32(base).reshape(-1)
+  if b is not None:
+    x = x - b[None]
+  w = _f32(weights)
+  if normalize:
+    w = w / jnp.sum(w)
+  norms = jnp.linalg.norm(x, axis=1, keepdims=True)
+  unit = x / (norms + eps)
+  mean = jnp.sum(unit * w[:, None], axis=0)
+  mn = jnp.linalg.norm(mean)
+  mean = mean / jnp.where(mn < eps, 1.0, mn)
+  dots = jnp.sum(unit * mean[None], axis=1, keepdims=True)
+  tangent = jnp.sum((unit - dots * mean[None]) * w[:, None], axis=0)
+  tn = jnp.linalg.norm(tangent) + eps
+  res = (mean * jnp.cos(tn) + tangent * (jnp.sin(tn) / tn)) * jnp.sum(norms[:, 0] * w)
+  if len(models) == 2:
+    res = jnp.where(mn < eps, x[0] * w[0] + x[1] * w[1], res)
+  else:
+    res = jnp.where(mn < eps, jnp.nan, res)
+  if b is not None:
+    res = res + b
+  return res.reshape(shape).astype(dtype)
+
+
+def karcher(models, *, max_iter: int = 10, tol: float = 1e-5):
+  """Karcher mean of models on the hypersphere, leaf by leaf (mergekit's `karcher`,
+  arXiv:2603.04972): the direction that minimises the summed squared geodesic
+  distance, scaled by the mean norm. Equal weights, as mergekit."""
+  _check_models(models, "karcher")
+  n = len(models)
+  return _map(list(models), [f"models[{i}]" for i in range(n)],
+              lambda j, p, t, lv: karcher_leaf(tuple(lv), max_iter=int(max_iter),
+                                               tol=float(tol)))
+
+
+def multislerp(models, base=None, weights=None, *, normalize_weights: bool = True,
+               eps: float = 1e-8):
+  """Multi-model SLERP (mergekit's `multislerp`): weights per model (value, mapping or
+  gradient; default 1), optional `base` whose deltas are interpolated."""
+  _check_models(models, "multislerp")
+  n = len(models)
+  weights = _check_weights(weights, n, default=1.0)
+  trees = ([base] if base is not None else []) + list(models)
+  names = (["base"] if base is not None else []) + [f"models[{i}]" for i in range(n)]
+
+  def leaf(j, path, t, lv):
+    w = np.array([resolve(wi, path, t, "weight") for wi in weights], np.float32)
+    if base is not None:
+      b, ms = lv[0], tuple(lv[1:])
+    else:
+      b, ms = None, tuple(lv)
+    r = multislerp_leaf(ms, w, b, normalize=bool(normalize_weights), eps=float(eps))
+    check_multislerp(r, path, n)
+    return r
+
+  return _map(trees, names, leaf)
+
+
+def check_multislerp(r, where: str, n: int) -> None:
+  """Raise where `multislerp_leaf` flagged cancelling directions (NaN), outside `jit`."""
+  if n > 2 and not isinstance(r, jax.core.Tracer) and bool(jnp.isnan(r.reshape(-1)[0])):
+    raise ValueError(f"{where}: multislerp: the weighted sum of the {n} unit vectors is zero "
+                     "(antipodal inputs whose weights cancel); use other weights")
+
+
+register(MethodInfo("karcher", karcher, "https://arxiv.org/abs/2603.04972", "none", 1, None,
+                    ("max_iter", "tol")))
+register(MethodInfo("multislerp", multislerp,
+                    "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea", "optional",
+                    1, None, ("weight", "normalize_weights", "eps")))
