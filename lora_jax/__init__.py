@@ -11,6 +11,7 @@ from lora_jax._lora_weight import LoraWeight, check_factors
 from lora_jax._serving import MultiLoraWeight, set_adapter, stack_adapters, with_adapter_ids
 from lora_jax._peft_io import LLAMA_NAME_MAP, load_adapter, save_adapter
 from lora_jax._paths import leaves_with_paths, map_with_path, path_str, select_paths
+from lora_jax._trainable import Trainable
 from lora_jax._sharding import named_shardings, partition_specs, shard
 
 __version__ = "0.1.0"
@@ -23,4 +24,5 @@ __all__ = [
     "DoraWeight", "to_dora", "LLAMA_NAME_MAP", "load_adapter", "save_adapter",
     "MultiLoraWeight", "stack_adapters", "with_adapter_ids", "set_adapter",
     "partition_specs", "named_shardings", "shard", "to_standard_lora",
+    "Trainable",
 ]

@@ -353,6 +353,9 @@ def implicit(fn: Callable, *, materialize_outputs: bool = True) -> Callable:
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     leaves, treedef = jtu.tree_flatten((args, kwargs), is_leaf=is_implicit)
+    # leaves that are only a wrapper (a fully trained weight) are their value
+    leaves = [x.materialize() if getattr(x, "materialize_is_free", False) else x
+              for x in leaves]
     dynamic_idx = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
     dynamic = [leaves[i] for i in dynamic_idx]
     abstract = [_abstract(x) if is_implicit(x) else x for x in dynamic]

@@ -16,6 +16,7 @@ from lora_jax._dora import dora_from_lora
 from lora_jax._implicit import ImplicitArray, is_implicit, materialize
 from lora_jax._inits import MUTATING_INITS, mutating_factors, residual
 from lora_jax._lora_weight import LoraWeight, check_factors
+from lora_jax._trainable import Trainable
 
 INITS = ("default", "gaussian", "zeros", "pissa", "olora")
 
@@ -45,6 +46,9 @@ class LoraConfig:
       2-D kernels default to "io".
     use_dora: weight-decomposed LoRA (PEFT `use_dora`): targets become
       `DoraWeight`s whose magnitude starts at the column norms of `W`.
+    modules_to_save: regex (or list) of leaves trained in full beside the adapter
+      (PEFT `modules_to_save`, e.g. a classification head): they become
+      `lj.Trainable` leaves, which `split` puts on the adapter side.
   """
 
   rank: int = 8
@@ -58,6 +62,7 @@ class LoraConfig:
   dropout: float = 0.0
   layouts: Mapping[str, str] = dataclasses.field(default_factory=dict)
   use_dora: bool = False
+  modules_to_save: str | Sequence[str] | None = None
 
   def __post_init__(self):
     for name, v in [("rank", self.rank), *(("rank_pattern[" + k + "]", r)
@@ -90,6 +95,11 @@ class LoraConfig:
 
 def _is_lora(x) -> bool:
   return isinstance(x, LoraWeight)
+
+
+def _has_trainable(x) -> bool:
+  """An implicit leaf with trainable parts (LoRA factors, a fully trained weight)."""
+  return isinstance(x, ImplicitArray) and hasattr(x, "trainable_fields")
 
 
 def _layout_for(path: str, leaf, cfg: LoraConfig, traced: Mapping[str, str]) -> str:
@@ -138,6 +148,12 @@ def init(key: jax.Array, params: Any, cfg: LoraConfig, *, fn: Callable | None = 
   targets = _paths.select_paths(paths, cfg.targets)
   for pattern in list(cfg.rank_pattern) + list(cfg.alpha_pattern):
     _paths.select_paths(paths, pattern, what="rank_pattern/alpha_pattern")
+  to_save = (_paths.select_paths(paths, cfg.modules_to_save, what="modules_to_save")
+             if cfg.modules_to_save else set())
+  both = sorted(set(targets) & set(to_save))
+  if both:
+    raise ValueError(f"{both[0]}: matched by both targets and modules_to_save; a leaf is "
+                     "either adapted with LoRA or trained in full")
   traced = {}
   if fn is not None:
     from lora_jax._layouts import trace_layouts
@@ -145,6 +161,12 @@ def init(key: jax.Array, params: Any, cfg: LoraConfig, *, fn: Callable | None = 
   keys = iter(jax.random.split(key, max(len(targets), 1)))
 
   def make(path, leaf):
+    if path in to_save:
+      if isinstance(leaf, ImplicitArray) or not hasattr(leaf, "dtype") or \
+          not jnp.issubdtype(leaf.dtype, jnp.floating):
+        raise TypeError(f"{path}: modules_to_save needs a plain floating array, got "
+                        f"{type(leaf).__name__} {getattr(leaf, 'dtype', '')}")
+      return Trainable(leaf)
     if path not in targets:
       return leaf
     if isinstance(leaf, LoraWeight):
@@ -205,12 +227,12 @@ def trainable_mask(params: Any) -> Any:
   Use with `optax.masked` / `optax.multi_transform`, or `split`.
   """
   def mark(x):
-    if isinstance(x, LoraWeight):
+    if _has_trainable(x):
       return _rebuild(x, {
           name: jax.tree.map(lambda _: name in x.trainable_fields, getattr(x, name))
           for name in x.data_fields})
     return jax.tree.map(lambda _: False, x)
-  return jax.tree.map(mark, params, is_leaf=_is_lora)
+  return jax.tree.map(mark, params, is_leaf=_has_trainable)
 
 
 def _rebuild(x, fields: dict) -> Any:
@@ -310,6 +332,13 @@ def summary(params: Any) -> str:
       total_b += bb + tb
       train_n += tn
       train_b += tb
+    elif isinstance(x, Trainable):
+      n, b = int(np.prod(x.shape)), _nbytes(x.value)
+      rows.append((path, "x".join(map(str, x.shape)), "full", f"{n:,}"))
+      total_n += n
+      total_b += b
+      train_n += n
+      train_b += b
     elif isinstance(x, ImplicitArray):
       total_n += x.size
       total_b += sum(_nbytes(l) for l in jax.tree.leaves(x))

@@ -44,6 +44,7 @@ from lora_jax._dora import DoraWeight
 from lora_jax._files import read_json, read_safetensors, write_json, write_safetensors
 from lora_jax._implicit import ImplicitArray, is_implicit
 from lora_jax._lora_weight import LoraWeight
+from lora_jax._trainable import Trainable
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -56,11 +57,13 @@ LLAMA_NAME_MAP: tuple[tuple[str, str], ...] = (
     ("model.layers.{layer}.mlp.{proj}", "layers/{layer}/mlp/{proj}/kernel"),
     ("model.embed_tokens", "embed_tokens/embedding"),
     ("lm_head", "lm_head/kernel"),
+    # norms: only ever trained in full (modules_to_save)
+    ("model.layers.{layer}.{norm}", "layers/{layer}/{norm}/scale"),
+    ("model.norm", "norm/scale"),
 )
 
 # adapter_config.json options whose adapters we cannot reproduce: name -> why.
 _UNSUPPORTED = {
-    "modules_to_save": "fully trained copies of modules (modules_to_save) are not supported",
     "trainable_token_indices": "trainable token indices are not supported",
     "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
     "layer_replication": "layer replication is not supported",
@@ -176,8 +179,17 @@ def _read_config(root: pathlib.Path) -> dict:
   return d
 
 
-def _group_tensors(tensors: Mapping[str, np.ndarray], where: pathlib.Path) -> dict:
+def _saved_module(module: str, to_save: Sequence[str]) -> bool:
+  """PEFT's rule: a module is in modules_to_save when its name ends with an entry
+  (a plain suffix: "norm" selects every "*layernorm" too, as in PEFT)."""
+  return any(module.endswith(t) for t in to_save)
+
+
+def _group_tensors(tensors: Mapping[str, np.ndarray], where: pathlib.Path,
+                   to_save: Sequence[str] = ()) -> tuple[dict, dict]:
+  """LoRA factors by module, and fully trained tensors (modules_to_save) by module."""
   modules: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+  full: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
   for key, arr in tensors.items():
     name = key.removeprefix(PREFIX)
     for suf, kind in _SUFFIXES.items():
@@ -185,11 +197,15 @@ def _group_tensors(tensors: Mapping[str, np.ndarray], where: pathlib.Path) -> di
         modules[name[:-len(suf)]][kind] = arr
         break
     else:
+      module, _, param = name.rpartition(".")
+      if param in ("weight", "bias") and _saved_module(module, to_save):
+        full[module][param] = arr
+        continue
       raise ValueError(
-          f"{where}: tensor {key!r} {tuple(arr.shape)} is not a LoRA factor (expected a name "
-          f"ending in {sorted(_SUFFIXES)}); modules_to_save, biases and other PEFT tuners "
-          "are not supported")
-  return dict(modules)
+          f"{where}: tensor {key!r} {tuple(arr.shape)} is neither a LoRA factor (a name "
+          f"ending in {sorted(_SUFFIXES)}) nor a weight of a module in modules_to_save "
+          f"{list(to_save)}; biases and other PEFT tuners are not supported")
+  return dict(modules), dict(full)
 
 
 @dataclasses.dataclass
@@ -236,7 +252,10 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
   wfile = root / WEIGHTS_NAME
   if not tensors:
     raise ValueError(f"{wfile}: holds no tensors")
-  modules = _group_tensors(tensors, wfile)
+  to_save = cfg.get("modules_to_save") or []
+  if isinstance(to_save, str):
+    to_save = [to_save]
+  modules, full = _group_tensors(tensors, wfile, to_save)
   use_dora = bool(cfg.get("use_dora", False))
   rslora = bool(cfg.get("use_rslora", False))
   rank_pattern = cfg.get("rank_pattern") or {}
@@ -353,10 +372,72 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
         m[li] = wnorm[li]
     built[target] = _make(base, a, b, m, scale, dt)
 
+  for target, value in _full_weights(full, leaves, name_map, wfile).items():
+    if target in built:
+      raise ValueError(f"{wfile}: {target} is both LoRA-adapted and in modules_to_save")
+    built[target] = Trainable(value)
+
   def swap(path, leaf):
     return built.get(path, leaf)
 
   return _paths.map_with_path(swap, base_params, is_leaf=is_implicit)
+
+
+def _param_path(kernel_path: str, param: str) -> str | None:
+  """The path of a module's `weight` / `bias` from the name map's path."""
+  if param == "weight":
+    return kernel_path
+  if kernel_path.endswith("/kernel"):
+    return kernel_path[:-len("kernel")] + "bias"
+  return None
+
+
+def _to_ours(arr: np.ndarray, path: str) -> np.ndarray:
+  """PyTorch layout -> ours: Linear weights `(out, in)` become kernels `(in, out)`."""
+  return np.asarray(arr).T if path.endswith("/kernel") and np.ndim(arr) == 2 else np.asarray(arr)
+
+
+def _full_weights(full: dict, leaves: dict, name_map: NameMap, wfile) -> dict:
+  """modules_to_save tensors -> {path: value in our layout}; stacked paths are the base
+  stack with the saved layers written in."""
+  out: dict[str, np.ndarray] = {}
+  for module in sorted(full):
+    hit = _peft_to_path(module, name_map)
+    if hit is None:
+      raise ValueError(f"{wfile}: modules_to_save module {module!r} maps to no parameter "
+                       f"through the name map {[p for p, _ in name_map]}")
+    kpath, kspath, layer = hit
+    for param, arr in full[module].items():
+      key = f"{PREFIX}{module}.{param}"
+      path = _param_path(kpath, param)
+      spath = _param_path(kspath, param) if kspath else None
+      if path in leaves:
+        target, lidx = path, -1
+      elif spath and spath in leaves:
+        target, lidx = spath, layer
+      else:
+        near = ", ".join(_paths.closest_paths(str(path), leaves))
+        raise ValueError(f"{wfile}: {key} maps to parameter {path!r}, which base_params does "
+                         f"not have; closest paths: {near}")
+      base = leaves[target]
+      if isinstance(base, ImplicitArray):
+        raise ValueError(f"{wfile}: {key}: base parameter {target} is a {type(base).__name__}; "
+                         "modules_to_save needs a plain array")
+      value = _to_ours(arr, target)
+      want = tuple(base.shape[1:]) if lidx >= 0 else tuple(base.shape)
+      if tuple(value.shape) != want:
+        raise ValueError(f"{wfile}: {key} has shape {tuple(np.shape(arr))}; the base weight "
+                         f"{target} expects {want} (ours; PyTorch layout transposed for "
+                         "kernels). Is this adapter for another base model?")
+      if lidx >= 0:
+        stack = out.get(target)
+        if stack is None:
+          stack = np.array(base, copy=True)
+        stack[lidx] = value
+        out[target] = stack
+      else:
+        out[target] = value
+  return {t: jnp.asarray(v).astype(leaves[t].dtype) for t, v in out.items()}
 
 
 def _make(base, a, b, m, scale, dt) -> LoraWeight:
@@ -405,7 +486,11 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
   kinds = set()
   dropout = 0.0
   all_paths = _paths.leaves_with_paths(params, is_leaf=is_implicit)
+  saved_modules: list[str] = []
   for lpath, leaf in all_paths:
+    if isinstance(leaf, Trainable):
+      saved_modules += _write_full(tensors, lpath, leaf, name_map)
+      continue
     if not isinstance(leaf, LoraWeight):
       continue
     kinds.add(isinstance(leaf, DoraWeight))
@@ -480,7 +565,10 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
       "target_modules": target_modules, "rank_pattern": rank_pattern,
       "alpha_pattern": alpha_pattern, "use_rslora": rslora, "use_dora": use_dora,
       "lora_dropout": dropout, "bias": "none", "fan_in_fan_out": False,
-      "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+      # full module names: PEFT matches entries as name suffixes, so these select
+      # exactly the modules written
+      "modules_to_save": sorted(set(saved_modules)) or None, "init_lora_weights": True,
+      "inference_mode": True,
       "base_model_name_or_path": base_model_name_or_path, "layers_to_transform": None,
       "layers_pattern": None, "revision": None,
   }
@@ -488,6 +576,29 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
   root.mkdir(parents=True, exist_ok=True)
   write_safetensors(root / WEIGHTS_NAME, tensors, {"format": "pt"})
   write_json(root / CONFIG_NAME, config)
+
+
+def _write_full(tensors: dict, lpath: str, leaf: Trainable, name_map: NameMap) -> list[str]:
+  """A fully trained leaf as PEFT writes modules_to_save: `<module>.weight` (or `.bias`)
+  in PyTorch layout. Returns the PEFT module names written."""
+  param = "bias" if lpath.endswith("/bias") else "weight"
+  kpath = lpath[:-len("bias")] + "kernel" if param == "bias" else lpath
+  value = np.asarray(jnp.asarray(leaf.value))
+  for stacked in (False, True):
+    tmpl = _path_to_peft(kpath, name_map, stacked=stacked)
+    if tmpl is not None:
+      break
+  if tmpl is None:
+    raise ValueError(f"{lpath}: no entry of the name map {[t for _, t in name_map]} matches "
+                     "this modules_to_save leaf; pass save_adapter(..., name_map=...)")
+  names = []
+  for li in (range(value.shape[0]) if stacked else [None]):
+    module = tmpl.format(layer=li) if stacked else tmpl
+    v = value[li] if stacked else value
+    v = v.T if kpath.endswith("/kernel") and param == "weight" and v.ndim == 2 else v
+    tensors[f"{PREFIX}{module}.{param}"] = np.ascontiguousarray(v)
+    names.append(module)
+  return names
 
 
 __all__ = ["LLAMA_NAME_MAP", "load_adapter", "save_adapter"]

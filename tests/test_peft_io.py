@@ -285,7 +285,7 @@ def test_bad_adapters(base_dir, peft_adapters, tmp_path):
   with pytest.raises(ValueError, match="rank 4 but adapter_config.json gives r=5"):
     load_adapter(d, params)
 
-  for opt, val, msg in [("modules_to_save", ["lm_head"], "modules_to_save"),
+  for opt, val, msg in [("trainable_token_indices", [1, 2], "trainable token indices"),
                         ("bias", "all", "bias='all'"),
                         ("fan_in_fan_out", True, "fan_in_fan_out"),
                         ("peft_type", "IA3", "peft_type 'IA3'"),
@@ -294,6 +294,22 @@ def test_bad_adapters(base_dir, peft_adapters, tmp_path):
     _edit_config(d, **{opt: val})
     with pytest.raises(ValueError, match=msg):
       load_adapter(d, params)
+
+  # a tensor that is neither a factor nor in modules_to_save
+  d = _copy_adapter(adir, tmp_path / "stray")
+  from safetensors.numpy import load_file, save_file
+  t = load_file(d / "adapter_model.safetensors")
+  t["base_model.model.lm_head.weight"] = np.zeros((128, 64), np.float32)
+  save_file(t, d / "adapter_model.safetensors")
+  with pytest.raises(ValueError, match=r"lm_head.weight.*neither a LoRA factor.*modules_to_save"):
+    load_adapter(d, params)
+  _edit_config(d, modules_to_save=["lm_head"])     # listed: a fully trained lm_head
+  assert isinstance(load_adapter(d, params)["lm_head"]["kernel"], lj.Trainable)
+  t["base_model.model.lm_head.weight"] = np.zeros((128, 32), np.float32)
+  save_file(t, d / "adapter_model.safetensors")
+  with pytest.raises(ValueError, match=r"lm_head.weight has shape \(128, 32\); the base weight "
+                     r"lm_head/kernel expects \(64, 128\)"):
+    load_adapter(d, params)
 
   # an adapter made for another base (intermediate_size 96): shapes do not fit
   other = _hf_base(tmp_path / "other_base", intermediate_size=96)
