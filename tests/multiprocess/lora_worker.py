@@ -4,7 +4,6 @@ Builds a LoRA'd MLP whose kernels and batch are sharded over a global mesh spann
 both processes, runs a jitted `lj.implicit` forward and an adapter gradient, and
 checks both against the materialized reference computed on each host's full copy."""
 
-import os
 import sys
 
 import jax
