@@ -266,7 +266,7 @@ def test_bad_adapters(base_dir, peft_adapters, tmp_path):
 
   d = _copy_adapter(adir, tmp_path / "stray")
   _edit_tensors(d, lambda t: {**t, "base_model.model.model.norm.weight": np.ones(64, np.float32)})
-  with pytest.raises(ValueError, match=r"model\.norm\.weight.*not a LoRA factor"):
+  with pytest.raises(ValueError, match=r"model\.norm\.weight.*neither a LoRA factor"):
     load_adapter(d, params)
 
   d = _copy_adapter(adir, tmp_path / "conv")
