@@ -617,12 +617,17 @@ def main(argv=None) -> int:
   m.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
   m.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
   m.add_argument("--quiet", action="store_true", help="no progress bar")
+  from merging import extract_cli
+  extract_cli.add_parser(sub)
   args = ap.parse_args(argv)
   try:
-    run(args.config, args.out_dir, dry_run=args.dry_run, seed=args.seed,
-        max_shard_size=args.max_shard_size, overwrite=args.overwrite, quiet=args.quiet)
+    if args.command == "extract-lora":
+      extract_cli.run_args(args)
+    else:
+      run(args.config, args.out_dir, dry_run=args.dry_run, seed=args.seed,
+          max_shard_size=args.max_shard_size, overwrite=args.overwrite, quiet=args.quiet)
   except (ValueError, TypeError, FileNotFoundError) as e:
-    print(f"lora-jax merge: error: {e}", file=sys.stderr)
+    print(f"lora-jax {args.command}: error: {e}", file=sys.stderr)
     return 2
   return 0
 
