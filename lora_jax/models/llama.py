@@ -408,8 +408,11 @@ def _layer(lp, config: LlamaConfig, h, cos, sin, mask, cache=None, layer=None, i
 
 
 def _run(params, config: LlamaConfig, input_ids, positions, mask, cache=None, index=None,
-         causal=False):
-  """Embeddings -> layers -> norm -> logits. Returns (logits, cache)."""
+         causal=False, last_only=False):
+  """Embeddings -> layers -> norm -> logits. Returns (logits, cache).
+
+  `last_only`: logits of the last position only, `(B, 1, V)`: all a prefill for
+  decoding needs (the output projection then runs on B rows, not B * T)."""
   emb = params["embed_tokens"]["embedding"]
   h = jnp.take(emb, input_ids, axis=0)
   dtype = h.dtype
@@ -428,6 +431,8 @@ def _run(params, config: LlamaConfig, input_ids, positions, mask, cache=None, in
                        f"num_hidden_layers={config.num_hidden_layers}")
     for i, lp in enumerate(layers):
       h, cache = _layer(lp, config, h, cos, sin, mask, cache, i, index, causal)
+  if last_only:
+    h = h[:, -1:]
   h = rms_norm(h, params["norm"]["scale"], config.rms_norm_eps)
   if config.tie_word_embeddings or "lm_head" not in params:
     # (B,T,H) x (V,H) contracting H: a LoRA'd embedding contracts its out axis.
@@ -505,7 +510,7 @@ def _generate_impl(params, config, prompt_ids, prompt_mask, rng, max_new_tokens,
   valid = jnp.concatenate([pm, jnp.zeros((B, N), bool)], axis=1)           # (B, S)
   causal = jnp.arange(S)[None, :] <= jnp.arange(P)[:, None]                # (P, S)
   mask = causal[None] & valid[:, None, :]
-  logits, cache = _run(params, config, prompt_ids, positions, mask, cache, 0)
+  logits, cache = _run(params, config, prompt_ids, positions, mask, cache, 0, last_only=True)
   keys = jax.random.split(rng, N) if rng is not None else None
   key0 = keys[0] if keys is not None else None
   tok = _select(logits[:, -1], key0, sample, temperature, top_k)
