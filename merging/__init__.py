@@ -18,7 +18,8 @@ from merging._methods import (METHODS, MethodInfo, breadcrumbs, breadcrumbs_ties
                               register, slerp, slerp_leaf, stack_layers, task_arithmetic,
                               task_vector_leaf, ties)
 from merging._params import Conditions, PerModel
-from merging._selective import nearswap, nearswap_leaf, sce, sce_leaf
+from merging._selective import (arcee_fusion, arcee_fusion_leaf, nearswap, nearswap_leaf, ram,
+                               ram_leaf, ramplus_tl, sce, sce_leaf)
 from merging._sphere import karcher, karcher_leaf, multislerp, multislerp_leaf
 
 __all__ = [
@@ -27,5 +28,6 @@ __all__ = [
     "merge_adapters", "model_stock", "model_stock_leaf", "nuslerp", "nuslerp_leaf",
     "passthrough", "register", "slerp", "slerp_leaf", "sparsify", "stack_layers",
     "task_arithmetic", "task_vector_leaf", "ties", "karcher", "karcher_leaf", "multislerp",
-    "multislerp_leaf", "nearswap", "nearswap_leaf", "sce", "sce_leaf",
+    "multislerp_leaf", "nearswap", "nearswap_leaf", "sce", "sce_leaf", "arcee_fusion",
+    "arcee_fusion_leaf", "ram", "ramplus_tl", "ram_leaf",
 ]

@@ -764,7 +764,7 @@ def merge(method: str, models, base=None, **params):
   if method not in METHODS:
     raise ValueError(f"unknown merge method {method!r}; known methods: {', '.join(sorted(METHODS))}")
   info = METHODS[method]
-  if method in ("slerp", "nearswap"):
+  if method in ("slerp", "nearswap", "arcee_fusion"):
     if base is None:
       raise ValueError(f"{method} needs a base model: pass base=")
     return info.fn(base, models[0], **params)

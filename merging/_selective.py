@@ -1,5 +1,5 @@
-"""Element-selective merges: SCE (select, calculate, erase) and NearSwap, as mergekit's
-`sce` and `nearswap`."""
+"""Element-selective merges, as mergekit's: SCE (select, calculate, erase), NearSwap,
+Arcee Fusion, and RAM / RAM+ (reinforced agent merging)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merging._methods import MethodInfo, _check_models, _f32, _map, register, resolve
+from merging._methods import (F32, MethodInfo, _check_models, _f32, _map, register,
+                              resolve)
 
 
 @jax.jit
@@ -60,6 +61,51 @@ def sce_leaf(base, models, select_topk, *, select: bool):
   return (b + merged).astype(base.dtype)
 
 
+@jax.jit
+def arcee_fusion_leaf(base, model):
+  """mergekit's `arcee_fusion`: keep `model`'s change only where its importance
+  `|model - base| * KL(softmax(model) || softmax(base))` (KL along the last axis) is
+  an outlier, at or above `median + 1.5 * IQR` of the tensor's importances.
+
+  Quantiles are mergekit's: the sorted value at index `floor(q * (n - 1))`. mergekit
+  estimates them from 1M random samples when a tensor has more elements; we use
+  every element (the same result up to that sampling noise)."""
+  b, m = _f32(base), _f32(model)
+  p = jax.nn.softmax(m, axis=-1) + 1e-8
+  q = jax.nn.softmax(b, axis=-1) + 1e-8
+  kl = jnp.sum(p * jnp.log(p / q), axis=-1, keepdims=True)
+  imp = jnp.abs(m - b) * kl
+  srt = jnp.sort(imp.reshape(-1))
+  n = srt.shape[0]
+  q1, med, q3 = (srt[int(f * (n - 1))] for f in (0.25, 0.5, 0.75))
+  keep = (imp >= med + 1.5 * (q3 - q1)).astype(F32)
+  return (b + (m - b) * keep).astype(base.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("plus",))
+def ram_leaf(base, models, epsilon, r=0.1, alpha=0.2, *, plus: bool = False):
+  """mergekit's `ram` / `ramplus_tl` (arXiv:2601.13572): task-vector entries above
+  `epsilon` that only one model changes are kept whole, entries several models change
+  are averaged over those models. RAM+ (tensor-local) scales each model's unique
+  entries by `1 + r * clip(shared / unique, 0, alpha)`, its counts of shared and
+  unique entries in this tensor."""
+  b = _f32(base)
+  tv = jnp.stack([(_f32(x) - b).reshape(-1) for x in models])          # (N, D)
+  nz = jnp.abs(tv) > epsilon
+  counts = jnp.sum(nz, axis=0, keepdims=True)
+  overlap, unique = counts > 1, counts == 1
+  tvz = tv * nz.astype(F32)
+  uniq = tvz * unique.astype(F32)
+  if plus:
+    shared_n = jnp.sum(nz & overlap, axis=1).astype(F32)
+    unique_n = jnp.sum(nz & unique, axis=1).astype(F32)
+    lam = 1 + r * jnp.clip(shared_n / jnp.maximum(unique_n, epsilon), 0.0, alpha)
+    uniq = uniq * lam[:, None]
+  merged = jnp.sum(uniq + tvz * overlap.astype(F32) / jnp.maximum(counts, 1).astype(F32),
+                   axis=0)
+  return (b + merged.reshape(b.shape)).astype(base.dtype)
+
+
 def nearswap(base, model, t):
   """NearSwap of two models leaf by leaf; `t` a value, `{regex: value}` or gradient."""
 
@@ -86,6 +132,36 @@ def sce(models, base, *, select_topk=1.0):
   return _map([base, *models], names, leaf)
 
 
+def arcee_fusion(base, model):
+  """Arcee Fusion of two models leaf by leaf (mergekit's `arcee_fusion`)."""
+  return _map([base, model], ["base", "model"], lambda j, p, t, lv: arcee_fusion_leaf(*lv))
+
+
+def ram(models, base, *, epsilon=1e-5):
+  """RAM (reinforced agent merging): unique task-vector entries kept, shared ones
+  averaged; `epsilon` a value, `{regex: value}` or gradient."""
+  _check_models(models, "ram")
+  names = ["base"] + [f"models[{i}]" for i in range(len(models))]
+  return _map([base, *models], names, lambda j, p, t, lv: ram_leaf(
+      lv[0], tuple(lv[1:]), np.float32(resolve(epsilon, p, t, "epsilon"))))
+
+
+def ramplus_tl(models, base, *, r=0.1, alpha=0.2, epsilon=1e-5):
+  """RAM+ (tensor-local): RAM with each model's unique entries scaled up by how much
+  it overlaps with the others in that tensor."""
+  _check_models(models, "ramplus_tl")
+  names = ["base"] + [f"models[{i}]" for i in range(len(models))]
+  return _map([base, *models], names, lambda j, p, t, lv: ram_leaf(
+      lv[0], tuple(lv[1:]), np.float32(resolve(epsilon, p, t, "epsilon")),
+      np.float32(resolve(r, p, t, "r")), np.float32(resolve(alpha, p, t, "alpha")),
+      plus=True))
+
+
+register(MethodInfo("arcee_fusion", arcee_fusion, "https://arcee.ai", "required", 1, 1, ()))
+register(MethodInfo("ram", ram, "https://arxiv.org/abs/2601.13572", "required", 1, None,
+                    ("epsilon",)))
+register(MethodInfo("ramplus_tl", ramplus_tl, "https://arxiv.org/abs/2601.13572", "required",
+                    1, None, ("r", "alpha", "epsilon")))
 register(MethodInfo("nearswap", nearswap,
                     "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", "required",
                     1, 1, ("t",)))

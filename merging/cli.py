@@ -60,6 +60,9 @@ _SPEC = {
                    (1, None), (1, 10 ** 9)),
     "nearswap": ("required", {"t": _REQ}, {}, (2, 2), None),
     "sce": ("required", {"select_topk": 1.0, "int8_mask": False}, {}, (1, None), None),
+    "arcee_fusion": ("required", {}, {}, (2, 2), None),
+    "ram": ("required", {"epsilon": 1e-5}, {}, (1, None), None),
+    "ramplus_tl": ("required", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {}, (1, None), None),
 }
 
 
@@ -226,7 +229,7 @@ def _check_value(name, v, where, method=None):
   if (name in ("density", "gamma", "select_topk") or (name == "t" and method != "nearswap")) \
       and not 0 <= v <= 1:
     raise ValueError(f"{where}: parameter {name!r} must be in [0, 1], got {v}")
-  if name in ("epsilon", "tol", "eps", "t") and v < 0:
+  if name in ("epsilon", "tol", "eps", "t", "r", "alpha") and v < 0:
     raise ValueError(f"{where}: parameter {name!r} must be >= 0, got {v}")
   if name == "max_iter":
     if v != int(v) or v < 1:
@@ -470,6 +473,13 @@ def run_task(task: Task, method: str, key=None) -> np.ndarray:
     k = sh["select_topk"]
     r = arrs[bi] if k <= 0 else E.sce_leaf(arrs[bi], tuple(others), np.float32(k),
                                            select=bool(k < 1))
+  elif method == "arcee_fusion":
+    r = E.arcee_fusion_leaf(arrs[bi], others[0])
+  elif method in ("ram", "ramplus_tl"):
+    r = (arrs[bi] if not others else
+         E.ram_leaf(arrs[bi], tuple(others), np.float32(sh["epsilon"]),
+                    np.float32(sh.get("r", 0.1)), np.float32(sh.get("alpha", 0.2)),
+                    plus=method == "ramplus_tl"))
   elif method == "passthrough":
     s = task.per_model[0].get("scale")
     r = arrs[0] if s is None else (arrs[0].astype(jnp.float32) * np.float32(s)).astype(arrs[0].dtype)

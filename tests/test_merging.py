@@ -51,6 +51,10 @@ def run(name, models, base=None, **kw):
     return mg.merge(name, models[:1], base, t=0.05)
   if name == "sce":
     return mg.merge(name, models, base, select_topk=0.5)
+  if name == "arcee_fusion":
+    return mg.merge(name, models[:1], base)
+  if name in ("ram", "ramplus_tl"):
+    return mg.merge(name, models, base, epsilon=1e-3)
   params = dict(weights=[0.7 + 0.1 * i for i in range(n)], density=0.6)
   if info.random:
     params["key"] = KEY
@@ -65,7 +69,8 @@ ALL = sorted(mg.METHODS)
 def test_registry_has_every_method_with_reference():
   want = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
           "breadcrumbs_ties", "della", "della_linear", "slerp", "nuslerp", "model_stock",
-          "passthrough", "karcher", "multislerp", "nearswap", "sce"}
+          "passthrough", "karcher", "multislerp", "nearswap", "sce", "arcee_fusion", "ram",
+          "ramplus_tl"}
   assert want <= set(mg.METHODS)
   for name, info in mg.METHODS.items():
     assert info.reference.startswith("https://"), name

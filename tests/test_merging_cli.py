@@ -145,6 +145,17 @@ def configs(p):
           "merge_method": "sce", "base_model": m0, "dtype": "float32",
           "parameters": {"select_topk": 0.3},
           "models": [{"model": m1}, {"model": m2}, {"model": m3}]},
+      "arcee_fusion": {
+          "merge_method": "arcee_fusion", "base_model": m0, "dtype": "float32",
+          "models": [{"model": m0}, {"model": m1}]},
+      "ram": {
+          "merge_method": "ram", "base_model": m0, "dtype": "float32",
+          "parameters": {"epsilon": 0.01},
+          "models": [{"model": m1}, {"model": m2}, {"model": m3}]},
+      "ramplus_tl": {
+          "merge_method": "ramplus_tl", "base_model": m0, "dtype": "float32",
+          "parameters": {"epsilon": 0.01, "r": 0.3, "alpha": 0.5},
+          "models": [{"model": m1}, {"model": m2}, {"model": m3}]},
       "passthrough": {
           "merge_method": "passthrough", "dtype": "float32",
           "slices": [{"sources": [{"model": m1, "layer_range": [0, 2]}]},
@@ -201,7 +212,8 @@ def runs(ckpts, tmp_path_factory):
 @pytest.mark.parametrize("name", ["linear", "linear_sharded", "slerp", "nuslerp", "nuslerp_rows",
                                   "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties",
                                   "model_stock", "passthrough", "slerp_slices", "karcher",
-                                  "multislerp", "multislerp_base", "nearswap", "sce"])
+                                  "multislerp", "multislerp_base", "nearswap", "sce",
+                                  "arcee_fusion", "ram", "ramplus_tl"])
 def test_cli_equals_mergekit(runs, name):
   mk, ours = runs[name]
   a, b = load_dir(mk), load_dir(ours)
