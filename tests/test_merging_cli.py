@@ -405,3 +405,11 @@ def test_tokenizer_source_warns(ckpts, tmp_path):
   path.write_text(yaml.safe_dump(cfg))
   with pytest.warns(UserWarning, match="tokenizer_source"):
     cli.run(str(path), str(tmp_path / "o"), dry_run=True)
+
+
+def test_every_mergekit_method_is_ours():
+  from mergekit.merge_methods.registry import registered_methods
+
+  import merging as mg
+  theirs = {m.spec.name for m in registered_methods()}
+  assert theirs <= set(mg.METHODS), sorted(theirs - set(mg.METHODS))
