@@ -383,6 +383,76 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
   return _paths.map_with_path(swap, base_params, is_leaf=is_implicit)
 
 
+@dataclasses.dataclass
+class WeightUpdate:
+  """What a PEFT adapter does to one PyTorch weight `(out, in)` (or embedding
+  `(vocab, dim)`), independent of any parameter tree. See `read_adapter_updates`."""
+  kind: str                    # "lora" | "embedding" | "full"
+  a: np.ndarray | None = None  # lora_A (r, in) / lora_embedding_A (r, vocab)
+  b: np.ndarray | None = None  # lora_B (out, r) / lora_embedding_B (dim, r)
+  scale: float = 1.0
+  m: np.ndarray | None = None  # DoRA magnitude (out,)
+  value: np.ndarray | None = None   # "full": the saved tensor
+
+  def apply(self, w: np.ndarray) -> np.ndarray:
+    """The updated weight, computed in float32 and cast to `w`'s dtype (PyTorch layout)."""
+    if self.kind == "full":
+      if tuple(self.value.shape) != tuple(w.shape):
+        raise ValueError(f"modules_to_save tensor {tuple(self.value.shape)} does not match "
+                         f"the base weight {tuple(w.shape)}")
+      return np.asarray(self.value).astype(w.dtype)
+    a, b = np.asarray(self.a, np.float32), np.asarray(self.b, np.float32)
+    delta = self.scale * (b @ a)
+    if self.kind == "embedding":
+      delta = delta.T
+    if tuple(delta.shape) != tuple(w.shape):
+      raise ValueError(f"LoRA factors give a {tuple(delta.shape)} update for a base weight "
+                       f"{tuple(w.shape)}; is the adapter for another base model?")
+    out = np.asarray(w, np.float32) + delta
+    if self.m is not None:     # DoRA: m * (W + sBA) / ||W + sBA|| per output row
+      out = np.asarray(self.m, np.float32)[:, None] * out / np.linalg.norm(
+          out, axis=1, keepdims=True)
+    return out.astype(w.dtype)
+
+
+def read_adapter_updates(path: str | os.PathLike) -> dict[str, dict[str, WeightUpdate]]:
+  """A PEFT adapter as `{module: {"weight" | "bias": WeightUpdate}}` in PyTorch names
+  (`model.layers.0.self_attn.q_proj`), for tools that work tensor by tensor (the merge
+  command line's `base+adapter` references). Same checks as `load_adapter`."""
+  root = pathlib.Path(path)
+  cfg = _read_config(root)
+  wfile = root / WEIGHTS_NAME
+  tensors = read_safetensors(wfile)
+  to_save = cfg.get("modules_to_save") or []
+  to_save = [to_save] if isinstance(to_save, str) else to_save
+  modules, full = _group_tensors(tensors, wfile, to_save)
+  rslora, use_dora = bool(cfg.get("use_rslora", False)), bool(cfg.get("use_dora", False))
+  out: dict[str, dict[str, WeightUpdate]] = collections.defaultdict(dict)
+  for module, parts in modules.items():
+    emb = "EA" in parts
+    a, b = (parts.get("EA"), parts.get("EB")) if emb else (parts.get("A"), parts.get("B"))
+    if a is None or b is None:
+      raise ValueError(f"{wfile}: module {PREFIX + module!r} needs both lora_A and lora_B; "
+                       f"found {sorted(parts)}")
+    r = a.shape[0]
+    rk = _get_pattern_key(cfg.get("rank_pattern") or {}, module)
+    ak = _get_pattern_key(cfg.get("alpha_pattern") or {}, module)
+    alpha = float(cfg["alpha_pattern"][ak]) if ak is not None else float(cfg["lora_alpha"])
+    if rk is not None and int(cfg["rank_pattern"][rk]) != r:
+      raise ValueError(f"{wfile}: {module}: lora_A has rank {r}, rank_pattern says "
+                       f"{cfg['rank_pattern'][rk]}")
+    if ("m" in parts) != use_dora:
+      raise ValueError(f"{wfile}: {module}: use_dora={use_dora} but the magnitude vector "
+                       f"is {'present' if 'm' in parts else 'missing'}")
+    out[module]["weight"] = WeightUpdate(
+        "embedding" if emb else "lora", a=a, b=b, m=parts.get("m"),
+        scale=alpha / math.sqrt(r) if rslora else alpha / r)
+  for module, params in full.items():
+    for param, arr in params.items():
+      out[module][param] = WeightUpdate("full", value=arr)
+  return dict(out)
+
+
 def _param_path(kernel_path: str, param: str) -> str | None:
   """The path of a module's `weight` / `bias` from the name map's path."""
   if param == "weight":
@@ -601,4 +671,5 @@ def _write_full(tensors: dict, lpath: str, leaf: Trainable, name_map: NameMap) -
   return names
 
 
-__all__ = ["LLAMA_NAME_MAP", "load_adapter", "save_adapter"]
+__all__ = ["LLAMA_NAME_MAP", "load_adapter", "save_adapter", "read_adapter_updates",
+           "WeightUpdate"]

@@ -101,12 +101,55 @@ class Model:
   prefix: str | None
 
 
+class AdaptedTensor:
+  """A base tensor seen through a PEFT adapter (mergekit's `model+lora` reference):
+  read like a `TensorInfo`, it returns the updated weight (`W + s * B @ A`, DoRA, or
+  a modules_to_save copy), computed when the tensor is read."""
+  __slots__ = ("info", "update")
+
+  def __init__(self, info, update):
+    self.info, self.update = info, update
+
+  name = property(lambda self: self.info.name)
+  dtype = property(lambda self: self.info.dtype)
+  shape = property(lambda self: self.info.shape)
+  nbytes = property(lambda self: self.info.nbytes)
+
+  def read(self) -> np.ndarray:
+    try:
+      return self.update.apply(_st.read_tensor(self.info))
+    except ValueError as e:
+      raise ValueError(f"tensor {self.info.name}: {e}") from None
+
+
+def read(info) -> np.ndarray:
+  """A tensor's data, through its adapter when it has one."""
+  return info.read() if isinstance(info, AdaptedTensor) else _st.read_tensor(info)
+
+
+def _with_adapter(model: Model, adapter_ref: str) -> Model:
+  from lora_jax._peft_io import read_adapter_updates
+  adir = os.path.expanduser(adapter_ref)
+  if not os.path.isdir(adir):
+    raise FileNotFoundError(f"model {model.ref!r}: adapter {adapter_ref!r}: no such directory")
+  updates = read_adapter_updates(adir)
+  tensors = dict(model.tensors)
+  for module, params in updates.items():
+    for param, up in params.items():
+      name = f"{module}.{param}"
+      if name not in tensors:
+        raise ValueError(f"model {model.ref!r}: adapter tensor for {name} has no base tensor "
+                         f"in {model.path}; is the adapter for another base model?")
+      tensors[name] = AdaptedTensor(tensors[name], up)
+  return dataclasses.replace(model, tensors=tensors)
+
+
 def open_model(ref: str) -> Model:
   if not isinstance(ref, str):
     raise ValueError(f"model reference {ref!r} must be a path string")
   if "+" in ref and not os.path.exists(ref):
-    raise ValueError(f"model {ref!r}: 'model+lora' references are not supported; merge the "
-                     "adapter first (lj.merge) or use merging.merge_adapters")
+    base_ref, adapter_ref = ref.split("+", 1)   # mergekit's "model+lora"
+    return dataclasses.replace(_with_adapter(open_model(base_ref), adapter_ref), ref=ref)
   path = os.path.expanduser(ref)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"model {ref!r}: no such directory (only local checkpoints are "
@@ -423,7 +466,7 @@ def plan(cfg: dict, models: dict | None = None) -> Plan:
 # execution
 
 def _to_np(info: _st.TensorInfo, in_code):
-  x = _st.read_tensor(info)
+  x = read(info)
   if in_code and info.dtype in HF_DTYPE and info.dtype != in_code:
     x = x.astype(_st.DTYPES[in_code])
   return x

@@ -31,7 +31,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from merging import _st
 
 EMBED_RX = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings)$")
 OUTPUT_EMBED = ("lm_head", "embed_out")
@@ -112,7 +111,7 @@ def extract(model: str, base_model: str, out_path: str, *, max_rank: int = 128,
   from tqdm import tqdm
 
   from lora_jax._files import write_json, write_safetensors
-  from merging.cli import open_model
+  from merging.cli import open_model, read
 
   if max_rank < 1:
     raise ValueError(f"--max-rank {max_rank} must be >= 1")
@@ -135,8 +134,8 @@ def extract(model: str, base_model: str, out_path: str, *, max_rank: int = 128,
   tensors, ranks = {}, {}
   for module, transpose in tqdm(lora, desc="extracting LoRA", unit="module", disable=quiet):
     name = module + ".weight"
-    w_ft = _st.read_tensor(ft.tensors[name])
-    d = w_ft.astype(np.float32) - _st.read_tensor(base.tensors[name]).astype(np.float32)
+    w_ft = read(ft.tensors[name])
+    d = w_ft.astype(np.float32) - read(base.tensors[name]).astype(np.float32)
     a, b = _svd(d.T if transpose else d, max_rank, distribute_scale, sv_epsilon)
     a, b = a.astype(w_ft.dtype), b.astype(w_ft.dtype)
     kind, suffix = ("lora_embedding", "") if transpose else ("lora", ".weight")
@@ -144,7 +143,7 @@ def extract(model: str, base_model: str, out_path: str, *, max_rank: int = 128,
     tensors[f"base_model.model.{module}.{kind}_B{suffix}"] = np.ascontiguousarray(b)
     ranks[module] = a.shape[0]
   for name in full:
-    tensors[f"base_model.model.{name}"] = _st.read_tensor(ft.tensors[name])
+    tensors[f"base_model.model.{name}"] = read(ft.tensors[name])
   r = max(ranks.values())
   differ = {m: k for m, k in ranks.items() if k != r}
   config = {

@@ -413,3 +413,51 @@ def test_every_mergekit_method_is_ours():
   import merging as mg
   theirs = {m.spec.name for m in registered_methods()}
   assert theirs <= set(mg.METHODS), sorted(theirs - set(mg.METHODS))
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "modules_to_save"])
+def test_model_plus_lora_reference_equals_mergekit(ckpts, tmp_path, kind):
+  """mergekit's `model: base+adapter` reference: the adapter (LoRA, DoRA, or with a fully
+  saved lm_head) is applied to the base tensor by tensor while merging."""
+  import peft
+  from mergekit.config import MergeConfiguration
+  from mergekit.merge import MergeOptions, run_merge
+  m0, m1 = ckpts["m0"], ckpts["m1"]
+  extra = {"dora": {"use_dora": True}, "modules_to_save": {"modules_to_save": ["lm_head"]},
+           "lora": {}}[kind]
+  pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(m1), peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+      init_lora_weights=False, **extra))
+  with torch.no_grad():
+    for n, p in pm.named_parameters():
+      if "modules_to_save" in n:
+        p.add_(0.05 * torch.randn_like(p))
+  pm.save_pretrained(str(tmp_path / "adapter"))
+  cfg = {"merge_method": "linear", "dtype": "float32",
+         "models": [{"model": m0, "parameters": {"weight": 0.3}},
+                    {"model": f"{m1}+{tmp_path / 'adapter'}", "parameters": {"weight": 0.7}}]}
+  path = tmp_path / "cfg.yml"
+  path.write_text(yaml.safe_dump(cfg))
+  run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "mk"),
+            MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False,
+                         lora_merge_cache=str(tmp_path / "cache")))
+  assert cli.main(["merge", str(path), str(tmp_path / "ours"), "--quiet"]) == 0
+  a, b = load_dir(tmp_path / "mk"), load_dir(tmp_path / "ours")
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], atol=1e-6, err_msg=k)
+  # and the adapter really changed the merge
+  plain = load_dir_f32(ckpts["m1"])
+  k = "model.layers.0.self_attn.q_proj.weight"
+  assert not np.allclose(b[k], 0.3 * load_dir(m0)[k] + 0.7 * plain[k], atol=1e-6)
+
+
+def test_model_plus_lora_errors(ckpts, tmp_path, capsys):
+  cfg = {"merge_method": "linear", "dtype": "float32",
+         "models": [{"model": ckpts["m0"], "parameters": {"weight": 0.5}},
+                    {"model": ckpts["m1"] + "+" + str(tmp_path / "missing"),
+                     "parameters": {"weight": 0.5}}]}
+  path = tmp_path / "cfg.yml"
+  path.write_text(yaml.safe_dump(cfg))
+  assert cli.main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 2
+  assert "adapter" in capsys.readouterr().err and not (tmp_path / "out").exists()
