@@ -57,3 +57,18 @@ def test_qlora_example_trains_and_keeps_codes(capsys):
   import quantization as qz
   kernel = run["params"]["layers"][0]["mlp"]["up_proj"]["kernel"]
   assert isinstance(kernel, lj.LoraWeight) and isinstance(kernel.w, qz.QuantizedArray)
+
+
+def test_sharded_qlora_example_matches_one_device_and_trains(capsys):
+  import jax
+  import sharded_qlora
+  assert len(jax.devices()) == 8
+  with jax.numpy_dtype_promotion("standard"):
+    run = sharded_qlora.main(steps=15)
+  loss = np.asarray(run["loss"])
+  np.testing.assert_allclose(loss[0], run["first_loss_1dev"], rtol=1e-5)
+  assert loss[-3:].mean() < loss[:3].mean() - 0.1
+  assert run["mesh"] == {"data": 2, "model": 4}
+  on0, whole = run["bytes"]["base (NF4 codes + scales, dense leaves)"]
+  assert on0 < 0.35 * whole          # the quantized base is split over "model"
+  assert "over 8 cpu devices" in capsys.readouterr().out
