@@ -1,7 +1,8 @@
-"""`implicit` on three kinds of models: a hand-written MLP, a Flax linen transformer
-(Embed, DenseGeneral, nn.scan over nn.remat layers, tied output), and Flax NNX through
-nnx.split / nnx.merge. Outputs and adapter gradients equal the materialized reference,
-and the factored path is real: no dot_general builds a LoRA'd kernel's full shape."""
+"""`implicit` on four kinds of models: a hand-written MLP, a Flax linen transformer
+(Embed, DenseGeneral, nn.scan over nn.remat layers, tied output), Flax NNX through
+nnx.split / nnx.merge, and Equinox through eqx.partition / eqx.combine. Outputs and
+adapter gradients equal the materialized reference, and the factored path is real: no
+dot_general builds a LoRA'd kernel's full shape."""
 
 from __future__ import annotations
 
@@ -212,3 +213,27 @@ def test_named_sharding_inputs_keep_sharding():
   np.testing.assert_allclose(y, x @ lj.merge({"k": lw})["k"], rtol=1e-5, atol=1e-5)
   assert y.sharding.spec == PS("data", "model")
   assert len(y.addressable_shards) == 8
+
+
+# --- Equinox: eqx.partition / eqx.combine --------------------------------------------
+
+def test_equinox_mlp_through_partition_and_combine():
+  """Equinox keeps Linear weights as (out, in) and applies `weight @ x` under vmap:
+  `init(fn=...)` reads the "oi" layout from the traced dots, and the factored path
+  equals the merged one."""
+  eqx = pytest.importorskip("equinox")
+  model = eqx.nn.MLP(16, 4, 32, depth=2, key=KEY)
+  params, static = eqx.partition(model, eqx.is_array)
+
+  def apply(p, x):
+    return jax.vmap(eqx.combine(p, static))(x)
+
+  x = jax.random.normal(KEY, (8, 16))
+  lp = _randomize_b(lj.init(KEY, params, lj.LoraConfig(rank=2, targets=r"layers/\d+/weight"),
+                            fn=apply, args=(x,)))
+  w0 = lp.layers[0].weight
+  assert isinstance(w0, lj.LoraWeight) and w0.axes == "oi"
+  assert w0.a.shape == (16, 2) and w0.b.shape == (2, 32)
+  _check_fwd_and_grad(apply, lp, x)
+  shapes = dot_output_shapes(jax.make_jaxpr(lj.implicit(apply))(lp, x))
+  assert not set(shapes) & _lora_kernel_shapes(lp)
