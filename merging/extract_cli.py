@@ -55,10 +55,9 @@ def plan(model_tensors: dict, base_tensors: dict, *, embed_lora: bool,
          skip_undecomposable: bool) -> tuple[list, list, list[str]]:
   """-> (lora modules [(module, transpose)], full tensors [name], modules_to_save)."""
   to_save = list(modules_to_save)
+  # other tensors (buffers such as an old checkpoint's rotary_emb.inv_freq) belong to no
+  # weight-bearing module: mergekit leaves them out too
   names = [n for n in model_tensors if n.endswith(".weight")]
-  stray = sorted(n for n in model_tensors if not n.endswith((".weight", ".bias")))
-  if stray:
-    raise ValueError(f"tensors that are neither weights nor biases: {stray[:5]}")
   embeds = {n[:-7] for n in names if EMBED_RX.search(n[:-7])}
   embeds |= {n[:-7] for n in names if n[:-7] in OUTPUT_EMBED}
   vocab = {m: model_tensors[m + ".weight"].shape[0] for m in embeds}
