@@ -30,6 +30,7 @@ from jax.extend.core import primitives as P
 from lora_jax import _paths
 from lora_jax._implicit import ImplicitArray, bind, register_rule
 from lora_jax._lora_weight import LoraWeight
+from lora_jax._trainable import Trainable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +104,14 @@ def stack_adapters(trees: Sequence[Any]) -> Any:
   """
   if not trees:
     raise ValueError("stack_adapters needs at least one adapter tree")
+  for k, t in enumerate(trees):
+    for path, x in _paths.leaves_with_paths(t, is_leaf=lambda x: isinstance(x, Trainable)):
+      if isinstance(x, Trainable):
+        raise ValueError(
+            f"stack_adapters: {path} in adapter {k} is a fully trained module "
+            "(modules_to_save); the rows of a served batch share one base, so it cannot "
+            "differ per adapter. Serve that adapter on its own (lj.merge its module into "
+            "the base), or train it without modules_to_save")
   flat = [_paths.leaves_with_paths(t, is_leaf=_is_lora) for t in trees]
   paths0 = [p for p, _ in flat[0]]
   for k, f in enumerate(flat[1:], 1):

@@ -75,6 +75,9 @@ def test_serving_errors():
   b = _adapter(params, 2, 2, "up")
   with pytest.raises(ValueError, match="down: adapter 1 has no LoRA weight"):
     lj.stack_adapters([a, b])
+  full = lj.init(KEY, params, lj.LoraConfig(rank=2, targets="up", modules_to_save="down"))
+  with pytest.raises(ValueError, match=r"down in adapter 1 is a fully trained module"):
+    lj.stack_adapters([a, full])
   served = lj.stack_adapters([a, a])
   with pytest.raises(ValueError, match=r"(up|down) has rank 4; the served bank holds rank <= 2"):
     lj.set_adapter(served, 0, _adapter(params, 3, 4, "up|down"))
