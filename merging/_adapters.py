@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import lora_jax as lj
 from lora_jax._lora_weight import LoraWeight
 from lora_jax._paths import leaves_with_paths
 from merging import _sparsify as sp
@@ -165,6 +166,14 @@ def merge_adapters(adapters, method="svd", weights=None, *, rank=None, density=N
   if rank is not None and (not isinstance(rank, (int, np.integer)) or rank <= 0):
     raise ValueError(f"merge_adapters: rank must be a positive int, got {rank!r}")
 
+  for i, ad in enumerate(adapters):
+    for path, x in leaves_with_paths(ad, is_leaf=lambda x: isinstance(x, lj.Trainable)):
+      if isinstance(x, lj.Trainable):
+        raise ValueError(
+            f"merge_adapters: {path} in adapters[{i}] is a fully trained module "
+            "(modules_to_save); how copies trained in full should combine is not defined "
+            "by the adapter methods. Merge those leaves yourself (e.g. mg.linear on their "
+            "values) and pass trees without them")
   flat0, treedef = jax.tree_util.tree_flatten(adapters[0], is_leaf=_is_lora)
   paths = [p for p, _ in leaves_with_paths(adapters[0], is_leaf=_is_lora)]
   cols = [flat0]

@@ -99,6 +99,8 @@ def test_bad_inputs():
   a, b = {"q": lw(1, w=w)}, {"q": lw(2, w=w, r=3)}
   with pytest.raises(ValueError, match="unknown method 'mean'.*cat"):
     mg.merge_adapters([a, b], "mean")
+  with pytest.raises(ValueError, match="head in adapters\\[1\\] is a fully trained module"):
+    mg.merge_adapters([{**a, "head": w}, {**a, "head": lj.Trainable(w)}], "cat")
   with pytest.raises(ValueError, match="q: method 'linear' .* equal ranks.*\\[2, 3\\]"):
     mg.merge_adapters([a, b], "linear")
   with pytest.raises(ValueError, match="2 weights for 1 adapters"):
