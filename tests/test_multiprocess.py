@@ -1,4 +1,5 @@
-"""LoRA under a mesh that spans two real processes on localhost (jax.distributed)."""
+"""LoRA and QLoRA under a mesh that spans two real processes on localhost
+(jax.distributed)."""
 
 import os
 import socket
@@ -35,4 +36,5 @@ def test_two_process_sharded_lora_forward_and_grad():
     outs.append((p.returncode, out))
   for i, (rc, out) in enumerate(outs):
     assert rc == 0, f"process {i} failed:\n{out[-3000:]}"
-    assert f"process {i}: ok, 4 global devices, 2 local shards" in out, out[-2000:]
+    for kind in ("lora", "qlora"):
+      assert f"process {i}: ok ({kind}), 4 global devices, 2 local shards" in out, out[-2000:]
