@@ -32,3 +32,22 @@ def test_adapter_and_full_lora_tree_roundtrip_through_orbax(tmp_path):
 
   full = ckpt.restore(tmp_path / "full", jax.tree.map(ocp.utils.to_shape_dtype_struct, params))
   chex.assert_trees_all_close(lj.merge(full), lj.merge(params))
+
+
+def test_qlora_tree_with_fully_trained_module_roundtrips_through_orbax(tmp_path):
+  """NF4 codes (uint8), double-quant scales, LoRA factors and a `Trainable` head."""
+  import quantization as qz
+  key = jax.random.key(1)
+  base = {"up": {"kernel": jax.random.normal(key, (64, 32))},
+          "head": {"kernel": jax.random.normal(key, (32, 5))}}
+  q = qz.quantize(base, qz.QuantConfig("nf4", 32, True, targets="up/kernel"))
+  params = lj.init(key, q, lj.LoraConfig(rank=2, targets="up/kernel",
+                                         modules_to_save="head/kernel"))
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "q", params)
+  ckpt.wait_until_finished()
+  back = ckpt.restore(tmp_path / "q", jax.tree.map(ocp.utils.to_shape_dtype_struct, params))
+  chex.assert_trees_all_equal(back, params)
+  assert isinstance(back["up"]["kernel"].w, qz.QuantizedArray)
+  assert back["up"]["kernel"].w.codes.dtype == jnp.uint8
+  assert isinstance(back["head"]["kernel"], lj.Trainable)
