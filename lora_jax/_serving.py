@@ -29,6 +29,7 @@ from jax.extend.core import primitives as P
 
 from lora_jax import _paths
 from lora_jax._implicit import ImplicitArray, bind, register_rule
+from lora_jax._dora import DoraWeight
 from lora_jax._lora_weight import LoraWeight
 from lora_jax._trainable import Trainable
 
@@ -42,6 +43,7 @@ class MultiLoraWeight(ImplicitArray):
   b: Any
   scales: Any
   ids: Any = None
+  mags: Any = None   # DoRA: (*L, n_adapters, *out) factor m / ||W + s A B||; 1 for LoRA
   axes: str = "io"
 
   @property
@@ -61,13 +63,20 @@ class MultiLoraWeight(ImplicitArray):
     return int(self.a.shape[self.nbatch])
 
   def adapter(self, slot: int) -> LoraWeight:
-    """One adapter as a plain `LoraWeight` (its scale folded into `b`)."""
+    """One adapter as a `LoraWeight` (its scale folded into `b`), or a `DoraWeight`
+    when the bank serves DoRA adapters."""
     nb = self.nbatch
     a = jnp.take(self.a, slot, axis=nb)
     b = jnp.take(self.b, slot, axis=nb)
     s = jnp.take(self.scales, slot, axis=nb)
     b = b * s.reshape(s.shape + (1,) * (b.ndim - nb)).astype(b.dtype)
-    return LoraWeight(w=self.w, a=a, b=b, scale=1.0, axes=self.axes)
+    lw = LoraWeight(w=self.w, a=a, b=b, scale=1.0, axes=self.axes)
+    if self.mags is None:
+      return lw
+    d = DoraWeight(w=self.w, a=a, b=b, scale=1.0, axes=self.axes,
+                   m=jnp.ones(DoraWeight.m_shape(tuple(self.w.shape), self.axes), a.dtype))
+    m = jnp.take(self.mags, slot, axis=nb) * d.column_norm()
+    return dataclasses.replace(d, m=m.astype(a.dtype))
 
   def partition_specs(self, spec):
     """Children split like the kernel along shared axes; adapter and rank axes, the
@@ -78,7 +87,8 @@ class MultiLoraWeight(ImplicitArray):
     return dataclasses.replace(
         self, w=child_spec(self.w, spec), a=PS(*batch, None, *ins, None),
         b=PS(*batch, None, None, *outs), scales=PS(*batch, None),
-        ids=None if self.ids is None else PS(*batch, None))
+        ids=None if self.ids is None else PS(*batch, None),
+        mags=None if self.mags is None else PS(*batch, None, *outs))
 
   def materialize(self):
     raise TypeError(
@@ -88,8 +98,17 @@ class MultiLoraWeight(ImplicitArray):
         "use .adapter(slot) for one adapter.")
 
 
-jax.tree_util.register_dataclass(MultiLoraWeight, data_fields=["w", "a", "b", "scales", "ids"],
+jax.tree_util.register_dataclass(MultiLoraWeight,
+                                 data_fields=["w", "a", "b", "scales", "ids", "mags"],
                                  meta_fields=["axes"])
+
+
+def _magnitude_factor(lw: LoraWeight) -> jax.Array:
+  """DoRA's per-output-column factor `m / ||W + s A @ B||` (float32, `(*batch, *out)`),
+  fixed for serving; 1 for a plain LoRA adapter."""
+  if isinstance(lw, DoraWeight):
+    return lw.m.astype(jnp.float32) / lw.column_norm()
+  return jnp.ones(DoraWeight.m_shape(tuple(lw.shape), lw.axes), jnp.float32)
 
 
 def _is_lora(x):
@@ -137,7 +156,11 @@ def stack_adapters(trees: Sequence[Any]) -> Any:
     batch = tuple(leaves[0].w.shape[:nb])
     scales = jnp.broadcast_to(jnp.asarray([lw.scale for lw in leaves], jnp.float32),
                               (*batch, len(leaves)))
-    return MultiLoraWeight(w=leaves[0].w, a=a, b=b, scales=scales, axes=leaves[0].axes)
+    mags = None
+    if any(isinstance(lw, DoraWeight) for lw in leaves):
+      mags = jnp.stack([_magnitude_factor(lw) for lw in leaves], axis=nb)
+    return MultiLoraWeight(w=leaves[0].w, a=a, b=b, scales=scales, mags=mags,
+                           axes=leaves[0].axes)
 
   structure = jax.tree.structure(trees[0], is_leaf=_is_lora)
   leaves = [[x for _, x in f] for f in flat]
@@ -189,7 +212,13 @@ def set_adapter(served: Any, slot: int | jax.Array, tree: Any) -> Any:
     a = x.a.at[idx].set(_pad_rank(lw.a, r, lw.a.ndim - 1).astype(x.a.dtype))
     b = x.b.at[idx].set(_pad_rank(lw.b, r, nb).astype(x.b.dtype))
     scales = x.scales.at[idx].set(lw.scale)
-    return dataclasses.replace(x, a=a, b=b, scales=scales)
+    mags = x.mags
+    if mags is None and isinstance(lw, DoraWeight):
+      raise ValueError(f"set_adapter: {path} is a DoRA adapter but the served bank holds "
+                       "plain LoRA only (stack_adapters with a DoRA adapter to serve DoRA)")
+    if mags is not None:
+      mags = mags.at[idx].set(_magnitude_factor(lw))
+    return dataclasses.replace(x, a=a, b=b, scales=scales, mags=mags)
 
   return _paths.map_with_path(put, served, is_leaf=lambda x: isinstance(x, MultiLoraWeight))
 
@@ -235,7 +264,16 @@ def _multi_dot_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
                       preferred_element_type=preferred_element_type).astype(x.dtype)
   y = lax.dot_general(t, b, (((t.ndim - 1,), (1,)), ((0,), (0,))), precision=precision,
                       preferred_element_type=preferred_element_type)
-  return base + y.astype(base.dtype)
+  out = base + y.astype(base.dtype)
+  if m.mags is not None:
+    # DoRA rows: (x W + s x A B) * m / ||W + s A B|| per output column; 1 elsewhere
+    valid = m.ids >= 0
+    mag = jnp.take(m.mags, jnp.where(valid, m.ids, 0), axis=0)          # (batch, *out)
+    mag = jnp.where(valid.reshape((-1,) + (1,) * (mag.ndim - 1)), mag, 1.0)
+    nout = mag.ndim - 1
+    mag = mag.reshape(mag.shape[:1] + (1,) * (out.ndim - 1 - nout) + mag.shape[1:])
+    out = (out.astype(jnp.float32) * mag).astype(out.dtype)
+  return out
 
 
 @register_rule(P.convert_element_type_p, MultiLoraWeight)

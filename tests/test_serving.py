@@ -1,5 +1,7 @@
 """Multi-LoRA serving: each batch row gets exactly its own adapter's output."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -107,3 +109,41 @@ def test_mixed_batch_generate_equals_each_adapter_alone(stacked):
     alone = llama.generate(base if i < 0 else ads[i], cfg, prompt[row:row + 1], 6)
     np.testing.assert_array_equal(out[row], alone[0])
   assert len({tuple(np.asarray(r)) for r in out[:3]}) == 3   # the adapters matter
+
+
+@pytest.mark.parametrize("model,params,targets,layouts", [
+    (mlp, {"up": jax.random.normal(KEY, (8, 16)) / 3, "down": jax.random.normal(KEY, (16, 4)) / 4},
+     "up|down", None),
+    (scan_model, {"layers": jax.random.normal(KEY, (3, 8, 8)) / 3}, "layers", {"layers": "lio"}),
+])
+def test_dora_and_lora_adapters_in_one_batch(model, params, targets, layouts):
+  """DoRA rows get their own magnitude, LoRA rows and base rows none."""
+  def dora(seed, rank):
+    p = lj.to_dora(_adapter(params, seed, rank, targets, layouts))
+    return jax.tree.map(  # a trained magnitude, not the initial column norms
+        lambda x: dataclasses.replace(x, m=x.m * (1.0 + 0.3 * jax.random.uniform(
+            jax.random.key(seed), x.m.shape))) if isinstance(x, lj.DoraWeight) else x,
+        p, is_leaf=lambda x: isinstance(x, lj.DoraWeight))
+  adapters = [dora(1, 2), _adapter(params, 2, 4, targets, layouts), dora(3, 3)]
+  served = lj.stack_adapters(adapters)
+  ids = jnp.array([2, -1, 0, 1, 0])
+  x = jax.random.normal(KEY, (5, 8))
+  got = jax.jit(lj.implicit(model))(lj.with_adapter_ids(served, ids), x)
+  for n, i in enumerate(np.asarray(ids)):
+    ref = params if i < 0 else lj.merge(adapters[i])
+    np.testing.assert_allclose(got[n], model(ref, x[n:n + 1])[0], rtol=1e-5, atol=1e-5)
+  # hot swap a DoRA adapter into a LoRA slot; .adapter() gives it back
+  new = dora(7, 2)
+  served = lj.set_adapter(served, 1, new)
+  got = lj.implicit(model)(lj.with_adapter_ids(served, jnp.array([1])), x[:1])
+  np.testing.assert_allclose(got[0], model(lj.merge(new), x[:1])[0], rtol=1e-5, atol=1e-5)
+  leaf = jax.tree.leaves(served, is_leaf=lambda v: isinstance(v, lj.MultiLoraWeight))[0]
+  if leaf.nbatch == 0:
+    back = leaf.adapter(1)
+    assert isinstance(back, lj.DoraWeight)
+    np.testing.assert_allclose(back.materialize(),
+                               jax.tree.leaves(lj.merge(new))[0], rtol=1e-5, atol=1e-5)
+  # a LoRA-only bank cannot take a DoRA adapter without changing shape
+  plain = lj.stack_adapters([_adapter(params, 4, 2, targets, layouts)])
+  with pytest.raises(ValueError, match="DoRA adapter but the served bank holds plain LoRA"):
+    lj.set_adapter(plain, 0, new)
