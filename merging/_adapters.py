@@ -167,7 +167,14 @@ def merge_adapters(adapters, method="svd", weights=None, *, rank=None, density=N
     raise ValueError(f"merge_adapters: rank must be a positive int, got {rank!r}")
 
   for i, ad in enumerate(adapters):
-    for path, x in leaves_with_paths(ad, is_leaf=lambda x: isinstance(x, lj.Trainable)):
+    for path, x in leaves_with_paths(
+        ad, is_leaf=lambda x: isinstance(x, (lj.Trainable, lj.DoraWeight))):
+      if isinstance(x, lj.DoraWeight):
+        raise ValueError(
+            f"merge_adapters: {path} in adapters[{i}] is a DoRA weight; the adapter "
+            "methods combine low-rank deltas, which a DoRA magnitude does not add to "
+            "(PEFT's add_weighted_adapter has no DoRA either). Merge full models instead "
+            "(lj.merge, then mg.linear / mg.ties ...)")
       if isinstance(x, lj.Trainable):
         raise ValueError(
             f"merge_adapters: {path} in adapters[{i}] is a fully trained module "

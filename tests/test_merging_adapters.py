@@ -101,6 +101,8 @@ def test_bad_inputs():
     mg.merge_adapters([a, b], "mean")
   with pytest.raises(ValueError, match="head in adapters\\[1\\] is a fully trained module"):
     mg.merge_adapters([{**a, "head": w}, {**a, "head": lj.Trainable(w)}], "cat")
+  with pytest.raises(ValueError, match="q in adapters\\[0\\] is a DoRA weight"):
+    mg.merge_adapters([lj.to_dora(a), lj.to_dora(a)], "cat")
   with pytest.raises(ValueError, match="q: method 'linear' .* equal ranks.*\\[2, 3\\]"):
     mg.merge_adapters([a, b], "linear")
   with pytest.raises(ValueError, match="2 weights for 1 adapters"):
