@@ -363,7 +363,7 @@ def summary(tree: Any) -> str:
   for path, leaf in _paths.leaves_with_paths(tree, is_leaf=_is_leaf):
     q = leaf.w if isinstance(leaf, lj.LoraWeight) else leaf
     if isinstance(leaf, lj.LoraWeight):
-      for f in ("a", "b"):
+      for f in leaf.trainable_fields:       # a, b (and DoRA's m)
         arr = getattr(leaf, f)
         tn += int(np.prod(arr.shape))
         tb += 8 * int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
@@ -375,7 +375,11 @@ def summary(tree: Any) -> str:
       qb += b
       tn += n
       tb += b
-    elif _has_shape(q) and not lj.is_implicit(q):
+    elif lj.is_implicit(q):                  # another leaf type: count what it stores
+      for arr in jax.tree.leaves(q):
+        tn += int(np.prod(arr.shape))
+        tb += 8 * int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
+    elif _has_shape(q):
       tn += int(np.prod(q.shape))
       tb += 8 * int(np.prod(q.shape)) * np.dtype(q.dtype).itemsize
   head = ("path", "shape", "format", "block", "dq", "bits/param")

@@ -163,6 +163,17 @@ def test_summary_bits_per_param(fmt, dq, want):
   assert f"{want:.3f}" in s and "w" in s
 
 
+def test_summary_counts_every_stored_array():
+  """Totals agree with a count of every array the tree holds: LoRA factors, DoRA's
+  magnitude, fully trained leaves, quantized codes (at their logical size)."""
+  p = {"k": _normal(1, (64, 32)), "h": _normal(2, (32, 4)), "n": _normal(3, (32,))}
+  q = qz.quantize(p, qz.QuantConfig("nf4", 32, targets="k"))
+  t = lj.to_dora(lj.init(jax.random.key(0), q, lj.LoraConfig(rank=2, targets="k",
+                                                             modules_to_save="h")))
+  want = 64 * 32 + 32 * 4 + 32 + (64 * 2 + 2 * 32 + 32)     # k, h, n, a + b + m
+  assert f"all params: {want:,} at" in qz.summary(t)
+
+
 def test_convert_element_type_keeps_quantized():
   q = qz.quantize_array(_normal(9, (64, 16)), "nf4", 64, True)
   x = _normal(10, (3, 64), 1.0, jnp.bfloat16)
