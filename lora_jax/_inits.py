@@ -6,6 +6,9 @@ Both follow PEFT (`init_lora_weights="pissa"` / `"olora"`), written in our layou
 
 - PiSSA: `W = U S Vh`; `a = U_r sqrt(S_r / s)`, `b = sqrt(S_r / s) Vh_r`, where `s` is
   the LoRA scale, so that `s * a @ b` is the top-`r` singular part of `W`.
+  "pissa_niter_<n>" finds that part by randomized subspace iteration (n power steps)
+  with the key given to `lj.init`, as PEFT does with `torch.svd_lowrank`; the residual
+  is exact either way, so the function is unchanged at init.
 - OLoRA: `W^T = Q R` (PEFT's QR of its `(out, in)` weight); `a = R_r^T`, `b = Q_r^T`.
 
 The base becomes the residual `W - s * a @ b` (computed in float32), so the model's
@@ -18,6 +21,7 @@ original base, `[a | a0] @ [b ; -b0]` at twice the rank, as PEFT's
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -28,7 +32,24 @@ from lora_jax import _paths
 from lora_jax._implicit import ImplicitArray, is_implicit
 from lora_jax._lora_weight import LoraWeight
 
-MUTATING_INITS = ("pissa", "olora")
+MUTATING_INITS = ("pissa", "olora")   # and "pissa_niter_<n>" (randomized SVD)
+
+
+def is_mutating(init: str) -> bool:
+  return init in MUTATING_INITS or re.fullmatch(r"pissa_niter_\d+", init) is not None
+
+
+def _randomized_svd(m: jax.Array, rank: int, niter: int, key: jax.Array):
+  """Top-`rank` SVD of `m (*batch, I, O)` by randomized subspace iteration (Halko et
+  al. 2009, as `torch.svd_lowrank(q=rank, niter)` that PEFT's "pissa_niter_n" uses)."""
+  g = jax.random.normal(key, m.shape[:-2] + (m.shape[-1], rank), jnp.float32)
+  q, _ = jnp.linalg.qr(m @ g)
+  mt = jnp.swapaxes(m, -1, -2)
+  for _ in range(niter):
+    q, _ = jnp.linalg.qr(mt @ q)
+    q, _ = jnp.linalg.qr(m @ q)
+  u, sv, vh = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ m, full_matrices=False)
+  return q @ u, sv, vh
 
 
 def _matrix(w: jax.Array, axes: str) -> tuple[jax.Array, tuple, tuple]:
@@ -43,8 +64,9 @@ def _matrix(w: jax.Array, axes: str) -> tuple[jax.Array, tuple, tuple]:
 
 
 def mutating_factors(path: str, w: Any, axes: str, rank: int, scale: float,
-                     kind: str) -> tuple[jax.Array, jax.Array]:
-  """float32 `a (*batch, *in, r)`, `b (*batch, r, *out)` for `kind` in MUTATING_INITS."""
+                     kind: str, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """float32 `a (*batch, *in, r)`, `b (*batch, r, *out)` for `kind` in MUTATING_INITS
+  or "pissa_niter_<n>" (which needs `key`)."""
   if isinstance(w, ImplicitArray):
     raise TypeError(
         f"{path}: init={kind!r} decomposes the base weight, which is a "
@@ -52,8 +74,11 @@ def mutating_factors(path: str, w: Any, axes: str, rank: int, scale: float,
         "(qz.quantize then quantizes the residual, as PEFT recommends for PiSSA/OLoRA)")
   m, in_dims, out_dims = _matrix(w, axes)
   batch = m.shape[:-2]
-  if kind == "pissa":
-    u, sv, vh = jnp.linalg.svd(m, full_matrices=False)
+  if kind == "pissa" or kind.startswith("pissa_niter_"):
+    if kind == "pissa":
+      u, sv, vh = jnp.linalg.svd(m, full_matrices=False)
+    else:
+      u, sv, vh = _randomized_svd(m, rank, int(kind.rsplit("_", 1)[1]), key)
     root = jnp.sqrt(sv[..., :rank] / scale)
     a = u[..., :, :rank] * root[..., None, :]
     b = root[..., :, None] * vh[..., :rank, :]

@@ -14,7 +14,7 @@ import numpy as np
 from lora_jax import _paths
 from lora_jax._dora import dora_from_lora
 from lora_jax._implicit import ImplicitArray, is_implicit, materialize
-from lora_jax._inits import MUTATING_INITS, mutating_factors, residual
+from lora_jax._inits import is_mutating, mutating_factors, residual
 from lora_jax._lora_weight import LoraWeight, check_factors
 from lora_jax._trainable import Trainable
 
@@ -73,8 +73,9 @@ class LoraConfig:
                                              for k, a in self.alpha_pattern.items())]:
       if not isinstance(v, (int, float, np.number)) or isinstance(v, bool) or not v > 0:
         raise ValueError(f"LoraConfig.{name} must be a positive number, got {v!r}")
-    if self.init not in INITS:
-      raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+    if self.init not in INITS and not is_mutating(self.init):
+      raise ValueError(f"LoraConfig.init must be one of {INITS} or 'pissa_niter_<n>', got "
+                       f"{self.init!r}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
     for k, lay in self.layouts.items():
@@ -199,8 +200,8 @@ def init(key: jax.Array, params: Any, cfg: LoraConfig, *, fn: Callable | None = 
     dtype = cfg.dtype or leaf.dtype
     fan_in = int(np.prod(ins))
     k = next(keys)
-    if cfg.init in MUTATING_INITS:
-      a, b = mutating_factors(path, leaf, axes, r, cfg.scale_for(path), cfg.init)
+    if is_mutating(cfg.init):
+      a, b = mutating_factors(path, leaf, axes, r, cfg.scale_for(path), cfg.init, k)
       w = residual(leaf, a, b, cfg.scale_for(path), axes)
       lw = LoraWeight(w=w, a=a.astype(dtype), b=b.astype(dtype), scale=cfg.scale_for(path),
                       axes=axes, dropout=float(cfg.dropout))

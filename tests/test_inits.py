@@ -4,10 +4,12 @@ computed at test time on a tiny random Llama, plus the properties that must hold
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -170,3 +172,24 @@ def test_mutating_init_errors():
   d = lj.init(jax.random.key(0), w, lj.LoraConfig(rank=2, targets="k", init="pissa",
                                                   use_dora=True))
   np.testing.assert_allclose(lj.merge(d)["k"], w["k"], atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["io", "lio"])
+def test_pissa_niter_finds_the_principal_part(layout):
+  """Randomized subspace iteration (PEFT's "pissa_niter_n"): with a decaying spectrum,
+  s * a @ b is close to the exact top-r part; the residual keeps W exactly."""
+  rng = np.random.default_rng(0)
+  batch = (2,) if layout == "lio" else ()
+  u, _ = np.linalg.qr(rng.normal(size=batch + (48, 48)))
+  v, _ = np.linalg.qr(rng.normal(size=batch + (40, 40)))
+  s = 0.5 ** np.arange(40)
+  w = jnp.asarray((u[..., :, :40] * s) @ np.swapaxes(v, -1, -2), jnp.float32)
+  cfg = lj.LoraConfig(rank=4, alpha=8, targets="k", init="pissa_niter_4",
+                      layouts={"k": layout})
+  p = lj.init(jax.random.key(3), {"k": w}, cfg)["k"]
+  np.testing.assert_allclose(lj.merge({"k": p})["k"], w, atol=1e-5)
+  exact = lj.init(jax.random.key(3), {"k": w}, dataclasses.replace(cfg, init="pissa"))["k"]
+  # subspace iteration converges like (s_5 / s_4)^(2 niter + 1) = 2^-9 of s_5 = 0.0625
+  np.testing.assert_allclose(p.delta(), exact.delta(), atol=1e-4)
+  with pytest.raises(ValueError, match="pissa_niter_<n>"):
+    lj.LoraConfig(init="pissa_niter_x")
