@@ -147,10 +147,11 @@ def test_dora_and_multi_lora_specs_and_values(mesh):
 
   lps = [_randomize_b(lj.init(jax.random.key(i), base, lj.LoraConfig(rank=2 + i, targets="k")),
                       jax.random.key(i)) for i in range(3)]
+  lps[2] = lj.to_dora(lps[2])           # a DoRA adapter in the bank: per-adapter magnitudes
   served = lj.with_adapter_ids(lj.stack_adapters(lps), jnp.array([0, 1, 2, -1, 2, 1, 0, -1]))
   s = lj.partition_specs(served, rules)["k"]
-  assert (s.a, s.b, s.scales, s.ids) == (PS(None, None, None), PS(None, None, "model"),
-                                         PS(None), PS(None))
+  assert (s.a, s.b, s.scales, s.ids, s.mags) == (
+      PS(None, None, None), PS(None, None, "model"), PS(None), PS(None), PS(None, "model"))
   got = jax.jit(lj.implicit(f))(lj.shard(served, mesh, rules), x)
   for row, i in enumerate([0, 1, 2, -1, 2, 1, 0, -1]):
     w = base["k"] if i < 0 else lj.merge(lps[i])["k"]
