@@ -201,3 +201,29 @@ def test_dtype_is_kept():
   np.testing.assert_allclose(np.asarray(y, np.float32),
                              np.asarray(x.astype(jnp.float32) @ dw.materialize()
                                         .astype(jnp.float32)), rtol=5e-2, atol=5e-2)
+
+
+def test_qdora_on_nf4_base_equals_dora_on_the_dequantized_base():
+  """QDoRA: DoRA on a quantized base gives the outputs and adapter gradients (a, b, m)
+  of DoRA on the dequantized base, with the codes kept packed."""
+  import quantization as qz
+  key = jax.random.key(7)
+  base = {"k": jax.random.normal(key, (128, 48)) / 10}
+  q = qz.quantize(base, qz.QuantConfig("nf4", 64, True))
+  p = to_dora(lj.init(key, q, lj.LoraConfig(rank=4, alpha=8, targets="k")))
+  p = {"k": DoraWeight(w=p["k"].w, a=p["k"].a, b=0.1 * jax.random.normal(key, p["k"].b.shape),
+                       m=p["k"].m * 1.2, scale=p["k"].scale, axes=p["k"].axes)}
+  dense = qz.dequantize(p)
+  assert isinstance(p["k"].w, qz.QuantizedArray) and not isinstance(dense["k"].w, qz.QuantizedArray)
+  x = jax.random.normal(key, (6, 128))
+  f = lambda prm, x: jnp.tanh(x @ prm["k"])  # noqa: E731
+  np.testing.assert_allclose(lj.implicit(f)(p, x), lj.implicit(f)(dense, x), rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(lj.implicit(f)(p, x), f(lj.merge(dense), x), rtol=1e-4, atol=1e-5)
+  ad, fr = lj.split(p)
+  ad_d, fr_d = lj.split(dense)
+  g = jax.grad(lambda a: jnp.sum(lj.implicit(f)(lj.combine(a, fr), x) ** 2))(ad)
+  g_d = jax.grad(lambda a: jnp.sum(lj.implicit(f)(lj.combine(a, fr_d), x) ** 2))(ad_d)
+  for f_ in ("a", "b", "m"):                # (the two trees differ only in their w node)
+    np.testing.assert_allclose(getattr(g["k"], f_), getattr(g_d["k"], f_), rtol=1e-4,
+                               atol=1e-5)
