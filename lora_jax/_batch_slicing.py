@@ -23,34 +23,30 @@ from jax.extend.core import primitives as P
 from lora_jax._implicit import ImplicitArray, register_rule
 
 
-def _children(x: ImplicitArray):
-  """Direct children (arrays or implicit leaves) and the rebuild function."""
-  leaves, treedef = jax.tree_util.tree_flatten(
-      x, is_leaf=lambda y: y is not x and isinstance(y, ImplicitArray))
-  return leaves, lambda new: jax.tree_util.tree_unflatten(treedef, new)
-
-
 def _nbatch(x: Any) -> int | None:
   return getattr(x, "nbatch", None) if isinstance(x, ImplicitArray) else None
 
 
-def _map_children(x: ImplicitArray, fn) -> ImplicitArray:
-  """`fn(child, rest)` on every child, `rest` = the child's axes after the batch axes."""
-  leaves, rebuild = _children(x)
-  nb = x.nbatch
+def _map_children(x: ImplicitArray, fn, nb: int) -> ImplicitArray | None:
+  """`fn(child, rest)` on every array child (recursing into implicit children), `rest`
+  the child's axes after the `nb` batch axes; None when a nested leaf has other batch
+  axes."""
+  leaves, treedef = jax.tree_util.tree_flatten(
+      x, is_leaf=lambda y: y is not x and isinstance(y, ImplicitArray))
   out = []
   for c in leaves:
     if isinstance(c, ImplicitArray):
-      out.append(_map_children_nested(c, nb, fn))
+      c = _map_children(c, fn, nb) if c.nbatch == nb else None
+      if c is None:
+        return None
+      out.append(c)
     else:
       out.append(fn(c, tuple(c.shape[nb:])))
-  return rebuild(out)
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _map_children_nested(c: ImplicitArray, nb: int, fn) -> ImplicitArray:
-  if c.nbatch != nb:
-    raise NotImplementedError
-  return _map_children(c, fn)
+def _or_not_implemented(y):
+  return NotImplemented if y is None else y
 
 
 @register_rule(P.slice_p, ImplicitArray)
@@ -64,11 +60,8 @@ def _slice_rule(prim, x, *, start_indices, limit_indices, strides):
     if start_indices[k] != 0 or limit_indices[k] != shape[k] or strides[k] != 1:
       return NotImplemented
   s, lim, st = start_indices[:nb], limit_indices[:nb], strides[:nb]
-  try:
-    return _map_children(x, lambda c, rest: lax.slice(
-        c, s + (0,) * len(rest), lim + rest, st + (1,) * len(rest)))
-  except NotImplementedError:
-    return NotImplemented
+  return _or_not_implemented(_map_children(x, lambda c, rest: lax.slice(
+      c, s + (0,) * len(rest), lim + rest, st + (1,) * len(rest)), nb))
 
 
 @register_rule(P.dynamic_slice_p, ImplicitArray)
@@ -80,11 +73,8 @@ def _dynamic_slice_rule(prim, x, *starts, slice_sizes):
   if tuple(slice_sizes[nb:]) != tuple(shape[nb:]):
     return NotImplemented         # a full-size axis clamps its start to 0: ignore it
   s, sizes = list(starts[:nb]), tuple(slice_sizes[:nb])
-  try:
-    return _map_children(x, lambda c, rest: lax.dynamic_slice(
-        c, s + [0] * len(rest), sizes + rest))
-  except NotImplementedError:
-    return NotImplemented
+  return _or_not_implemented(_map_children(x, lambda c, rest: lax.dynamic_slice(
+      c, s + [0] * len(rest), sizes + rest), nb))
 
 
 @register_rule(P.squeeze_p, ImplicitArray)
@@ -92,7 +82,4 @@ def _squeeze_rule(prim, x, *, dimensions):
   nb = _nbatch(x)
   if not nb or any(d >= nb or d < 0 for d in dimensions):
     return NotImplemented
-  try:
-    return _map_children(x, lambda c, rest: lax.squeeze(c, dimensions))
-  except NotImplementedError:
-    return NotImplemented
+  return _or_not_implemented(_map_children(x, lambda c, rest: lax.squeeze(c, dimensions), nb))

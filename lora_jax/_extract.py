@@ -23,9 +23,13 @@ from lora_jax._paths import compile_patterns, leaves_with_paths
 F32 = jnp.float32
 
 
-def _svd_factors(d, rank, distribute_scale):
+def _svd_factors(d, rank, distribute_scale, sv_epsilon=0.0):
+  """(U_r sqrt(S_r), sqrt(S_r) Vh_r) of `d`, or (U_r, S_r Vh_r); with `sv_epsilon`, only
+  singular values above it are kept (needs a concrete `d`)."""
   u, s, vh = jnp.linalg.svd(d, full_matrices=False)
   r = min(rank, s.shape[-1])
+  if sv_epsilon > 0:
+    r = min(int(jnp.sum(s > sv_epsilon)), r)
   u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
   if distribute_scale:
     rs = jnp.sqrt(s)

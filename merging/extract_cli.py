@@ -37,17 +37,13 @@ OUTPUT_EMBED = ("lm_head", "embed_out")
 
 
 def _svd(d: np.ndarray, max_rank: int, distribute_scale: bool, sv_epsilon: float):
-  """(lora_A (r, in), lora_B (out, r)) float32 of `d (out, in)`."""
+  """(lora_A (r, in), lora_B (out, r)) float32 of `d (out, in)`: `lj.extract_lora`'s
+  factors, in PyTorch's layout (`lora_B @ lora_A = U_r S_r Vh_r`)."""
   import jax.numpy as jnp
-  u, s, vh = (np.asarray(t) for t in jnp.linalg.svd(jnp.asarray(d, jnp.float32),
-                                                     full_matrices=False))
-  r = min(max_rank, s.shape[0])
-  if sv_epsilon > 0:
-    r = min(int((s > sv_epsilon).sum()), r)
-  if distribute_scale:
-    rs = np.sqrt(s[:r])
-    return rs[:, None] * vh[:r], u[:, :r] * rs[None, :]
-  return s[:r, None] * vh[:r], u[:, :r]
+
+  from lora_jax._extract import _svd_factors
+  b, a = _svd_factors(jnp.asarray(d, jnp.float32), max_rank, distribute_scale, sv_epsilon)
+  return np.asarray(a), np.asarray(b)
 
 
 def plan(model_tensors: dict, base_tensors: dict, *, embed_lora: bool,
