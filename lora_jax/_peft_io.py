@@ -208,6 +208,58 @@ def _group_tensors(tensors: Mapping[str, np.ndarray], where: pathlib.Path,
   return dict(modules), dict(full)
 
 
+def _read_adapter(root: pathlib.Path) -> tuple[dict, pathlib.Path, dict, dict]:
+  """(config, weights file, LoRA tensors by module, modules_to_save tensors by module)."""
+  cfg = _read_config(root)
+  wfile = root / WEIGHTS_NAME
+  tensors = read_safetensors(wfile)
+  if not tensors:
+    raise ValueError(f"{wfile}: holds no tensors")
+  to_save = cfg.get("modules_to_save") or []
+  to_save = [to_save] if isinstance(to_save, str) else to_save
+  modules, full = _group_tensors(tensors, wfile, to_save)
+  return cfg, wfile, modules, full
+
+
+def _lora_updates(cfg: dict, modules: dict, wfile) -> dict[str, "WeightUpdate"]:
+  """Each module's LoRA factors and scale from the grouped tensors and the config, with
+  the checks that need no parameter tree: both factors present and 2-D, a DoRA
+  magnitude exactly when `use_dora`, the rank `rank_pattern` / `r` says."""
+  use_dora = bool(cfg.get("use_dora", False))
+  rslora = bool(cfg.get("use_rslora", False))
+  rank_pattern = cfg.get("rank_pattern") or {}
+  alpha_pattern = cfg.get("alpha_pattern") or {}
+  out = {}
+  for module in sorted(modules):
+    parts = modules[module]
+    key = PREFIX + module
+    emb = "EA" in parts or "EB" in parts
+    ka, kb = ("EA", "EB") if emb else ("A", "B")
+    if ka not in parts or kb not in parts or (emb and ("A" in parts or "B" in parts)):
+      raise ValueError(f"{wfile}: module {key!r} needs both lora_A and lora_B (or "
+                       f"lora_embedding_A and _B); found {sorted(parts)}")
+    A, B = parts[ka], parts[kb]
+    if A.ndim != 2 or B.ndim != 2:
+      raise ValueError(f"{wfile}: {key}: lora_A {A.shape} / lora_B {B.shape} are not 2-D; "
+                       "only Linear and Embedding targets are supported (not Conv)")
+    if ("m" in parts) != use_dora:
+      raise ValueError(f"{wfile}: {key}: use_dora={use_dora} in {CONFIG_NAME} but the "
+                       f"magnitude vector is {'present' if 'm' in parts else 'missing'}")
+    if use_dora and emb:
+      raise ValueError(f"{wfile}: {key}: DoRA on embeddings is not supported")
+    r = A.shape[0]
+    rk = _get_pattern_key(rank_pattern, module)
+    want_r = int(rank_pattern[rk]) if rk is not None else int(cfg["r"])
+    if r != want_r:
+      raise ValueError(f"{wfile}: {key}: lora_A has rank {r} but {CONFIG_NAME} gives r="
+                       f"{want_r}" + (f" (rank_pattern {rk!r})" if rk is not None else ""))
+    ak = _get_pattern_key(alpha_pattern, module)
+    alpha = float(alpha_pattern[ak]) if ak is not None else float(cfg["lora_alpha"])
+    out[module] = WeightUpdate("embedding" if emb else "lora", a=A, b=B, m=parts.get("m"),
+                               scale=alpha / math.sqrt(r) if rslora else alpha / r)
+  return out
+
+
 @dataclasses.dataclass
 class _Entry:
   a: np.ndarray          # (in, r)
@@ -247,40 +299,15 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
   """
   name_map = tuple(LLAMA_NAME_MAP if name_map is None else name_map)
   root = pathlib.Path(path)
-  cfg = _read_config(root)
-  tensors = read_safetensors(root / WEIGHTS_NAME)
-  wfile = root / WEIGHTS_NAME
-  if not tensors:
-    raise ValueError(f"{wfile}: holds no tensors")
-  to_save = cfg.get("modules_to_save") or []
-  if isinstance(to_save, str):
-    to_save = [to_save]
-  modules, full = _group_tensors(tensors, wfile, to_save)
+  cfg, wfile, modules, full = _read_adapter(root)
   use_dora = bool(cfg.get("use_dora", False))
-  rslora = bool(cfg.get("use_rslora", False))
-  rank_pattern = cfg.get("rank_pattern") or {}
-  alpha_pattern = cfg.get("alpha_pattern") or {}
 
   leaves = dict(_paths.leaves_with_paths(base_params, is_leaf=is_implicit))
   # path -> {layer or -1: _Entry}
   entries: dict[str, dict[int, _Entry]] = collections.defaultdict(dict)
-  for module in sorted(modules):
-    parts = modules[module]
+  for module, up in _lora_updates(cfg, modules, wfile).items():
     key = PREFIX + module
-    emb = "EA" in parts or "EB" in parts
-    ka, kb = ("EA", "EB") if emb else ("A", "B")
-    if ka not in parts or kb not in parts or (emb and ("A" in parts or "B" in parts)):
-      raise ValueError(f"{wfile}: module {key!r} needs both lora_A and lora_B (or "
-                       f"lora_embedding_A and _B); found {sorted(parts)}")
-    A, B = parts[ka], parts[kb]
-    if A.ndim != 2 or B.ndim != 2:
-      raise ValueError(f"{wfile}: {key}: lora_A {A.shape} / lora_B {B.shape} are not 2-D; "
-                       "only Linear and Embedding targets are supported (not Conv)")
-    if ("m" in parts) != use_dora:
-      raise ValueError(f"{wfile}: {key}: use_dora={use_dora} in {CONFIG_NAME} but the "
-                       f"magnitude vector is {'present' if 'm' in parts else 'missing'}")
-    if use_dora and emb:
-      raise ValueError(f"{wfile}: {key}: DoRA on embeddings is not supported")
+    A, B = up.a, up.b
     hit = _peft_to_path(module, name_map)
     if hit is None:
       raise ValueError(f"{wfile}: tensor {key}.* (module {module!r}) maps to no parameter "
@@ -321,17 +348,9 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
           f"the base weight {target} {kernel} (in, out) [torch (out, in) = "
           f"{kernel[::-1]}]: expected lora_A {want_a} and lora_B {want_b}. "
           "Is this adapter for another base model?")
-    rk = _get_pattern_key(rank_pattern, module)
-    want_r = int(rank_pattern[rk]) if rk is not None else int(cfg["r"])
-    if r != want_r:
-      raise ValueError(f"{wfile}: {key}: lora_A has rank {r} but {CONFIG_NAME} gives r="
-                       f"{want_r}" + (f" (rank_pattern {rk!r})" if rk is not None else ""))
-    ak = _get_pattern_key(alpha_pattern, module)
-    alpha = float(alpha_pattern[ak]) if ak is not None else float(cfg["lora_alpha"])
-    scale = alpha / math.sqrt(r) if rslora else alpha / r
-    m = None
-    if use_dora:
-      m = parts["m"]
+    scale = up.scale
+    m = up.m
+    if m is not None:
       if tuple(m.shape) != (kernel[1],):
         raise ValueError(f"{wfile}: {key}.lora_magnitude_vector has shape {tuple(m.shape)}; "
                          f"expected ({kernel[1]},) for {target} {kernel}")
@@ -419,34 +438,10 @@ def read_adapter_updates(path: str | os.PathLike) -> dict[str, dict[str, WeightU
   """A PEFT adapter as `{module: {"weight" | "bias": WeightUpdate}}` in PyTorch names
   (`model.layers.0.self_attn.q_proj`), for tools that work tensor by tensor (the merge
   command line's `base+adapter` references). Same checks as `load_adapter`."""
-  root = pathlib.Path(path)
-  cfg = _read_config(root)
-  wfile = root / WEIGHTS_NAME
-  tensors = read_safetensors(wfile)
-  to_save = cfg.get("modules_to_save") or []
-  to_save = [to_save] if isinstance(to_save, str) else to_save
-  modules, full = _group_tensors(tensors, wfile, to_save)
-  rslora, use_dora = bool(cfg.get("use_rslora", False)), bool(cfg.get("use_dora", False))
+  cfg, wfile, modules, full = _read_adapter(pathlib.Path(path))
   out: dict[str, dict[str, WeightUpdate]] = collections.defaultdict(dict)
-  for module, parts in modules.items():
-    emb = "EA" in parts
-    a, b = (parts.get("EA"), parts.get("EB")) if emb else (parts.get("A"), parts.get("B"))
-    if a is None or b is None:
-      raise ValueError(f"{wfile}: module {PREFIX + module!r} needs both lora_A and lora_B; "
-                       f"found {sorted(parts)}")
-    r = a.shape[0]
-    rk = _get_pattern_key(cfg.get("rank_pattern") or {}, module)
-    ak = _get_pattern_key(cfg.get("alpha_pattern") or {}, module)
-    alpha = float(cfg["alpha_pattern"][ak]) if ak is not None else float(cfg["lora_alpha"])
-    if rk is not None and int(cfg["rank_pattern"][rk]) != r:
-      raise ValueError(f"{wfile}: {module}: lora_A has rank {r}, rank_pattern says "
-                       f"{cfg['rank_pattern'][rk]}")
-    if ("m" in parts) != use_dora:
-      raise ValueError(f"{wfile}: {module}: use_dora={use_dora} but the magnitude vector "
-                       f"is {'present' if 'm' in parts else 'missing'}")
-    out[module]["weight"] = WeightUpdate(
-        "embedding" if emb else "lora", a=a, b=b, m=parts.get("m"),
-        scale=alpha / math.sqrt(r) if rslora else alpha / r)
+  for module, up in _lora_updates(cfg, modules, wfile).items():
+    out[module]["weight"] = up
   for module, params in full.items():
     for param, arr in params.items():
       out[module][param] = WeightUpdate("full", value=arr)
