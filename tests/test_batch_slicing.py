@@ -15,6 +15,7 @@ from jax import lax
 import lora_jax as lj
 import quantization as qz
 from jaxpr_walk import dot_output_shapes
+from lora_testing import randomize_b
 
 KEY = jax.random.key(0)
 L, D = 3, 64
@@ -25,9 +26,7 @@ def _tree(kind):
   if kind == "qlora":
     base = qz.quantize(base, qz.QuantConfig("nf4", 32, True))
   p = lj.init(KEY, base, lj.LoraConfig(rank=4, targets="k", layouts={"k": "lio"}))
-  p = jax.tree.map(lambda x: x if not isinstance(x, lj.LoraWeight) else
-                   type(x)(**{**x.__dict__, "b": 0.1 * jax.random.normal(KEY, x.b.shape)}),
-                   p, is_leaf=lambda x: isinstance(x, lj.LoraWeight))
+  p = randomize_b(p)
   return lj.to_dora(p) if kind == "dora" else p
 
 

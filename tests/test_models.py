@@ -16,24 +16,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
 import lora_jax as lj
+from lora_testing import randomize_b
 from jaxpr_walk import dot_output_shapes
 
 KEY = jax.random.key(0)
 VOCAB, D, HEADS, LAYERS = 48, 32, 4, 3
-
-
-def _randomize_b(params, key=KEY):
-  """Fresh adapters have b = 0; give b values so the low-rank branch matters."""
-  leaves = []
-
-  def fill(x):
-    if isinstance(x, lj.LoraWeight):
-      leaves.append(x)
-      k = jax.random.fold_in(key, len(leaves))
-      return lj.LoraWeight(w=x.w, a=x.a, b=0.1 * jax.random.normal(k, x.b.shape, x.b.dtype),
-                           scale=x.scale, axes=x.axes, dropout=x.dropout)
-    return x
-  return jax.tree.map(fill, params, is_leaf=lambda x: isinstance(x, lj.LoraWeight))
 
 
 def _check_fwd_and_grad(apply, params, *args, atol=1e-4):
@@ -73,7 +60,7 @@ def test_handwritten_mlp():
   params = {"layers": [{"kernel": jax.random.normal(ks[i], (16, 16)) / 4, "bias": jnp.zeros(16)}
                        for i in range(3)],
             "head": jax.random.normal(ks[3], (16, 4))}
-  lp = _randomize_b(lj.init(KEY, params, lj.LoraConfig(rank=4, alpha=8, targets=r".*kernel|head")))
+  lp = randomize_b(lj.init(KEY, params, lj.LoraConfig(rank=4, alpha=8, targets=r".*kernel|head")))
   _check_fwd_and_grad(mlp, lp, jax.random.normal(KEY, (8, 16)))
 
 
@@ -125,7 +112,7 @@ def _linen():
 def test_flax_linen_transformer_scan_remat_tied():
   model, variables, ids = _linen()
   cfg = lj.LoraConfig(rank=4, alpha=8, targets=LINEN_TARGETS, layouts=LINEN_LAYOUTS)
-  lp = _randomize_b(lj.init(KEY, variables, cfg))
+  lp = randomize_b(lj.init(KEY, variables, cfg))
   q = lp["params"]["layers"]["q_proj"]["kernel"]
   assert q.shape == (LAYERS, D, HEADS, D // HEADS) and q.a.shape == (LAYERS, D, 4)
   _check_fwd_and_grad(model.apply, lp, ids)
@@ -181,7 +168,7 @@ def test_flax_nnx_split_merge():
   def apply(state, x):
     return nnx.merge(graphdef, state)(x)
 
-  lp = _randomize_b(lj.init(KEY, state, lj.LoraConfig(rank=4, alpha=4, targets=r".*/kernel")))
+  lp = randomize_b(lj.init(KEY, state, lj.LoraConfig(rank=4, alpha=4, targets=r".*/kernel")))
   _check_fwd_and_grad(apply, lp, jax.random.normal(KEY, (5, 16)))
 
 
@@ -189,7 +176,7 @@ def test_flax_nnx_split_merge():
 
 def test_vmap_over_stacked_adapters():
   params = {"k": jax.random.normal(KEY, (16, 8))}
-  lps = [_randomize_b(lj.init(jax.random.key(i), params, lj.LoraConfig(rank=2, targets="k")),
+  lps = [randomize_b(lj.init(jax.random.key(i), params, lj.LoraConfig(rank=2, targets="k")),
                       jax.random.key(10 + i)) for i in range(3)]
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *lps)
   x = jax.random.normal(KEY, (4, 16))
@@ -201,7 +188,7 @@ def test_vmap_over_stacked_adapters():
 def test_named_sharding_inputs_keep_sharding():
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
   params = {"k": jax.random.normal(KEY, (16, 32))}
-  lp = _randomize_b(lj.init(KEY, params, lj.LoraConfig(rank=4, targets="k")))
+  lp = randomize_b(lj.init(KEY, params, lj.LoraConfig(rank=4, targets="k")))
   lw = lp["k"]
   put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
   lw = lj.LoraWeight(w=put(lw.w, PS(None, "model")), a=put(lw.a, PS()),
@@ -229,7 +216,7 @@ def test_equinox_mlp_through_partition_and_combine():
     return jax.vmap(eqx.combine(p, static))(x)
 
   x = jax.random.normal(KEY, (8, 16))
-  lp = _randomize_b(lj.init(KEY, params, lj.LoraConfig(rank=2, targets=r"layers/\d+/weight"),
+  lp = randomize_b(lj.init(KEY, params, lj.LoraConfig(rank=2, targets=r"layers/\d+/weight"),
                             fn=apply, args=(x,)))
   w0 = lp.layers[0].weight
   assert isinstance(w0, lj.LoraWeight) and w0.axes == "oi"

@@ -19,8 +19,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 import lora_jax as lj
 import quantization as qz
 from lora_jax.models import llama
+from lora_testing import randomize_b as _randomize
 
 KEY = jax.random.key(0)
+
+
+def _randomize_b(params, key=KEY):
+  return _randomize(params, key, std=0.05)
 CFG = llama.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256,
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                         max_position_embeddings=64)
@@ -39,16 +44,6 @@ TARGETS = r"layers/(self_attn|mlp)/.*_proj/kernel"
 @pytest.fixture(scope="module")
 def mesh():
   return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
-
-
-def _randomize_b(params, key=KEY):
-  """Fresh adapters have b = 0; give b values so the low-rank branch matters."""
-  def fill(path, x):
-    if isinstance(x, lj.LoraWeight):
-      k = jax.random.fold_in(key, hash(path) % (1 << 30))
-      return type(x)(**{**x.__dict__, "b": 0.05 * jax.random.normal(k, x.b.shape, x.b.dtype)})
-    return x
-  return lj.map_with_path(fill, params, is_leaf=lambda x: isinstance(x, lj.LoraWeight))
 
 
 def _lora_llama(quantized=False):
