@@ -19,37 +19,23 @@ from lora_jax.models import llama
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+from hf_testing import IDS, TINY, hf_base, logits  # noqa: E402
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128)
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = r"layers/\d+/(self_attn|mlp)/.*_proj/kernel"
-IDS = np.random.RandomState(0).randint(0, 128, (2, 12))
 _ifwd = jax.jit(lj.implicit(llama.forward), static_argnums=1)
 is_lw = lambda x: isinstance(x, lj.LoraWeight)  # noqa: E731
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("base")
-  torch.manual_seed(0)
-  m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
-  with torch.no_grad():
-    for p in m.parameters():
-      p.normal_(0.0, 0.1) if p.ndim == 2 else p.uniform_(0.5, 1.5)
-  m.save_pretrained(str(path), safe_serialization=True)
-  return path
+  return hf_base(tmp_path_factory.mktemp("base"))
 
 
 def _peft_model(base_dir, kind):
   m = transformers.LlamaForCausalLM.from_pretrained(str(base_dir), attn_implementation="eager")
   return peft.get_peft_model(m.eval(), peft.LoraConfig(
       r=4, lora_alpha=8, target_modules=ALL, init_lora_weights=kind)).eval()
-
-
-def _logits(m):
-  with torch.no_grad():
-    return m(torch.tensor(IDS)).logits.numpy()
 
 
 def _peft_module(pm, layer, proj):
@@ -80,7 +66,7 @@ def test_init_matches_peft(base_dir, kind):
       np.testing.assert_allclose(np.asarray(ours.a) * sign, a, atol=1e-4, err_msg=f"{layer} {proj} a")
       np.testing.assert_allclose(np.asarray(ours.b) * sign[:, None], b, atol=1e-4, err_msg=f"{layer} {proj} b")
   # the function is unchanged, and equal to PEFT's
-  want = _logits(pm)
+  want = logits(pm)
   np.testing.assert_allclose(_ifwd(params, config, IDS), want, atol=1e-4)
   np.testing.assert_allclose(llama.forward(base, config, IDS), want, atol=1e-4)
 
@@ -120,7 +106,7 @@ def test_conversion_to_plain_lora_matches_peft(base_dir, tmp_path, kind):
     for n, p in pm.named_parameters():
       if "lora_" in n:
         p.add_(0.05 * torch.randn_like(p))
-  trained_logits = _logits(pm)
+  trained_logits = logits(pm)
   pm.save_pretrained(str(tmp_path / "trained"))
   pm.save_pretrained(str(tmp_path / "peft_conv"),
                      path_initial_model_for_weight_conversion=str(tmp_path / "init"))
@@ -151,7 +137,7 @@ def test_conversion_to_plain_lora_matches_peft(base_dir, tmp_path, kind):
   # the converted adapter on the ORIGINAL base is the trained model, in ours and PEFT
   m = transformers.LlamaForCausalLM.from_pretrained(str(base_dir), attn_implementation="eager")
   pc = peft.PeftModel.from_pretrained(m.eval(), str(tmp_path / "ours_conv")).eval()
-  np.testing.assert_allclose(_logits(pc), trained_logits, atol=1e-4)
+  np.testing.assert_allclose(logits(pc), trained_logits, atol=1e-4)
   np.testing.assert_allclose(_ifwd(lj.load_adapter(tmp_path / "peft_conv", original), config,
                                    IDS), trained_logits, atol=1e-4)
 

@@ -76,23 +76,14 @@ def test_modules_to_save_errors():
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128)
-IDS = np.random.RandomState(0).randint(0, 128, (2, 12))
+from hf_testing import IDS, hf_base, load_base, logits  # noqa: E402
 _ifwd = jax.jit(lj.implicit(llama.forward), static_argnums=1)
-
-
-def _logits(m):
-  with torch.no_grad():
-    return m(torch.tensor(IDS)).logits.numpy()
 
 
 @pytest.mark.interop
 @pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "scan"])
 def test_peft_modules_to_save_roundtrip(tmp_path, stacked):
-  torch.manual_seed(0)
-  base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
-  base.save_pretrained(str(tmp_path / "base"))
+  base = load_base(hf_base(tmp_path / "base"))
   pm = peft.get_peft_model(base, peft.LoraConfig(
       r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
       modules_to_save=["lm_head", "norm"])).eval()
@@ -100,7 +91,7 @@ def test_peft_modules_to_save_roundtrip(tmp_path, stacked):
     for n, p in pm.named_parameters():
       if "modules_to_save" in n:
         p.add_(0.1 * torch.randn_like(p))
-  want = _logits(pm)
+  want = logits(pm)
   pm.save_pretrained(str(tmp_path / "peft"))
 
   config, params = llama.load_hf(tmp_path / "base")
@@ -122,4 +113,4 @@ def test_peft_modules_to_save_roundtrip(tmp_path, stacked):
     np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
   fresh = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base")).eval()
   back = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "ours")).eval()
-  np.testing.assert_allclose(_logits(back), want, atol=1e-4)
+  np.testing.assert_allclose(logits(back), want, atol=1e-4)

@@ -21,9 +21,9 @@ from lora_jax.models import llama
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+from hf_testing import (IDS, hf_base as _hf_base, load_base as _load_base,  # noqa: E402
+                        logits as _logits)
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128)
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {
     "lora": dict(r=4, lora_alpha=8),
@@ -35,31 +35,9 @@ VARIANTS = {
     # only layer 1 adapted: stacked params get identity (zero / ||W||) layer-0 slices
     "dora_layer1": dict(r=4, lora_alpha=8, use_dora=True, layers_to_transform=[1]),
 }
-IDS = np.random.RandomState(0).randint(0, 128, (2, 12))
 
 _ifwd = jax.jit(lj.implicit(llama.forward), static_argnums=1)
 _fwd = jax.jit(llama.forward, static_argnums=1)
-
-
-def _hf_base(path, seed=0, **over):
-  cfg = transformers.LlamaConfig(**{**TINY, **over})
-  torch.manual_seed(seed)
-  m = transformers.LlamaForCausalLM(cfg).eval()
-  with torch.no_grad():
-    for p in m.parameters():
-      p.normal_(0.0, 0.1) if p.ndim == 2 else p.uniform_(0.5, 1.5)
-  m.save_pretrained(str(path), safe_serialization=True)
-  return path
-
-
-def _load_base(path):
-  m = transformers.LlamaForCausalLM.from_pretrained(str(path), attn_implementation="eager")
-  return m.eval()
-
-
-def _logits(m, ids=IDS):
-  with torch.no_grad():
-    return m(torch.tensor(ids)).logits.numpy()
 
 
 @pytest.fixture(scope="module")
