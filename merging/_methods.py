@@ -764,18 +764,15 @@ def merge(method: str, models, base=None, **params):
   if method not in METHODS:
     raise ValueError(f"unknown merge method {method!r}; known methods: {', '.join(sorted(METHODS))}")
   info = METHODS[method]
-  if method in ("slerp", "nearswap", "arcee_fusion"):
-    if base is None:
-      raise ValueError(f"{method} needs a base model: pass base=")
-    return info.fn(base, models[0], **params)
-  if method == "passthrough":
-    return passthrough(models[0], **params)
+  if info.base == "required" and base is None:
+    raise ValueError(f"{method} needs a base model: pass base=")
+  if info.max_models == 1:     # one model (and the base): fn(model) / fn(base, model)
+    return info.fn(models[0], **params) if info.base == "none" else info.fn(
+        base, models[0], **params)
   if info.base == "none":
     return info.fn(models, **params)
   if info.base == "optional":
     return info.fn(models, base=base, **params)
-  if base is None:
-    raise ValueError(f"{method} needs a base model: pass base=")
   return info.fn(models, base, **params)
 
 
