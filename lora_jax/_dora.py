@@ -31,30 +31,34 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import primitives as P
 
-from lora_jax._implicit import ImplicitArray, bind, register_rule
-from lora_jax._lora_weight import LoraWeight, _delta_einsum, _has_shape, _lora_dropout
+from lora_jax._implicit import ImplicitArray, bind, register_dot_rule, register_rule, trainable
+from lora_jax._lora_weight import LoraWeight, LowRankWeight, _delta_einsum, _lora_dropout
 
 
-@dataclasses.dataclass(frozen=True)
-class DoraWeight(LoraWeight):
-  """A `LoraWeight` with a DoRA magnitude `m`.
+class DoraWeight(LowRankWeight):
+  """A low-rank update with a DoRA magnitude `m`.
 
   Attributes:
-    w, a, b, rng, scale, axes, dropout: as `LoraWeight`.
-    m: `(*batch, *out)` magnitude per output column (PEFT `lora_magnitude_vector`);
-      a fresh adapter sets it to the column norms of `w`, which leaves the
-      function unchanged.
+    w, a, b, rng, scale, axes, dropout: as `LoraWeight` (both are `LowRankWeight`s).
+    m: `(*batch, *out)` magnitude per output column (PEFT `lora_magnitude_vector`),
+      trainable; a fresh adapter sets it to the column norms of `w`, which leaves
+      the function unchanged.
+
+  Not a subclass of `LoraWeight`: LoRA's rules (which would drop `m`) never apply;
+  DoRA has its own `dot_general`, `convert_element_type` and `copy` rules, and the
+  generic slicing rules of stacked layers.
   """
 
-  m: Any = None
+  m: Any = trainable(None)
 
-  def __post_init__(self):
-    super().__post_init__()
-    if _has_shape(self.m) and _has_shape(self.w):
-      want = self.m_shape(tuple(self.w.shape), self.axes)
-      if tuple(self.m.shape) != want:
-        raise ValueError(f"DoraWeight: magnitude m {tuple(self.m.shape)} does not fit w "
-                         f"{tuple(self.w.shape)} (axes {self.axes!r}): expected {want}")
+  def __check_init__(self):
+    if self.m is None:
+      raise ValueError("DoraWeight: the magnitude m is required (lj.to_dora or "
+                       "dora_from_lora computes it from the column norms)")
+    want = self.m_shape(tuple(self.w.shape), self.axes)
+    if tuple(self.m.shape) != want:
+      raise ValueError(f"DoraWeight: magnitude m {tuple(self.m.shape)} does not fit w "
+                       f"{tuple(self.w.shape)} (axes {self.axes!r}): expected {want}")
 
   @staticmethod
   def m_shape(w_shape: tuple, axes: str) -> tuple:
@@ -67,15 +71,7 @@ class DoraWeight(LoraWeight):
     from jax.sharding import PartitionSpec as PS
     from lora_jax._sharding import implicit_spec_parts
     batch, _, outs = implicit_spec_parts(spec, self.nbatch, self.axes)
-    return dataclasses.replace(super().partition_specs(spec), m=PS(*batch, *outs))
-
-  trainable_fields = ("a", "b", "m")
-  data_fields = ("w", "a", "b", "rng", "m")
-
-  # --- helpers
-  def _in_axes(self) -> tuple[int, ...]:
-    nb = self.nbatch
-    return tuple(nb + k for k, ax in enumerate(self.axes) if ax == "i")
+    return super().partition_specs(spec).replace_children(m=PS(*batch, *outs))
 
   def _expand_m(self, v: jax.Array) -> jax.Array:
     """`(*batch, *out)` -> broadcastable to the kernel `(*batch, *kernel)`."""
@@ -85,32 +81,6 @@ class DoraWeight(LoraWeight):
     for ax in self.axes:
       shape.append(next(outs) if ax == "o" else 1)
     return jnp.reshape(v, shape)
-
-  def column_norm(self) -> jax.Array:
-    """`||W + s * A @ B||` per output column, float32, `(*batch, *out)`, gradient stopped.
-
-    Uses the expansion over factors, so `A @ B` is not built. (In float32 the
-    expansion loses digits only when a column of `s * A @ B` nearly cancels the
-    same column of `W`; `materialize()` computes the norm densely.)
-    """
-    w = self.w.materialize() if isinstance(self.w, ImplicitArray) else self.w
-    w = lax.stop_gradient(w).astype(jnp.float32)
-    a = lax.stop_gradient(self.a).astype(jnp.float32)
-    b = lax.stop_gradient(self.b).astype(jnp.float32)
-    nb = self.nbatch
-    s = jnp.float32(self.scale)
-    letters = "abcdefghjklmnpqstuvwxyz"
-    ins = "".join(letters[k] for k, ax in enumerate(self.axes) if ax == "i")
-    outs = "".join(letters[k] for k, ax in enumerate(self.axes) if ax == "o")
-    kern = "".join(letters[k] for k in range(len(self.axes)))
-    w2 = jnp.sum(w * w, axis=self._in_axes())                                   # (*B, *out)
-    aw = jnp.einsum(f"...{kern},...{ins}R->...R{outs}", w, a)                   # (*B, r, *out)
-    cross = jnp.sum(aw * b, axis=nb)                                            # (*B, *out)
-    g = jnp.einsum(f"...{ins}R,...{ins}Q->...RQ", a, a)                         # (*B, r, r)
-    gb = jnp.einsum(f"...RQ,...Q{outs}->...R{outs}", g, b)
-    quad = jnp.sum(b * gb, axis=nb)
-    n2 = w2 + 2.0 * s * cross + s * s * quad
-    return lax.stop_gradient(jnp.sqrt(jnp.maximum(n2, 0.0)))
 
   def materialize(self) -> jax.Array:
     """`m * (W + s A B) / ||W + s A B||_c`, computed in float32, cast to `w`'s dtype."""
@@ -128,19 +98,13 @@ class DoraWeight(LoraWeight):
                       axes=self.axes, dropout=self.dropout)
 
 
-jax.tree_util.register_dataclass(
-    DoraWeight, data_fields=["w", "a", "b", "rng", "m"],
-    meta_fields=["scale", "axes", "dropout"])
-
-
 def dora_from_lora(lw: LoraWeight, m: jax.Array | None = None) -> DoraWeight:
   """A `DoraWeight` from a `LoraWeight`; `m` defaults to the column norms of `W + s A B`
   (PEFT's initialisation), so the function is unchanged."""
-  d = DoraWeight(w=lw.w, a=lw.a, b=lw.b, rng=lw.rng, scale=lw.scale, axes=lw.axes,
-                 dropout=lw.dropout, m=None)
   if m is None:
-    m = d.column_norm().astype(lw.dtype)
-  return dataclasses.replace(d, m=m)
+    m = lw.column_norm().astype(lw.dtype)
+  return DoraWeight(w=lw.w, a=lw.a, b=lw.b, rng=lw.rng, scale=lw.scale, axes=lw.axes,
+                    dropout=lw.dropout, m=m)
 
 
 def to_dora(params: Any) -> Any:
@@ -150,22 +114,21 @@ def to_dora(params: Any) -> Any:
   unchanged. Use after `lj.init`: `params = to_dora(lj.init(key, base, cfg))`.
   """
   def conv(x):
-    if isinstance(x, LoraWeight) and not isinstance(x, DoraWeight):
-      return dora_from_lora(x)
-    return x
-  return jax.tree.map(conv, params, is_leaf=lambda x: isinstance(x, LoraWeight))
+    return dora_from_lora(x) if isinstance(x, LoraWeight) else x
+  return jax.tree.map(conv, params, is_leaf=lambda x: isinstance(x, LowRankWeight))
 
 
 # ----------------------------------------------------------------------------
 # implicit rules
 
-def _dot_general_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
+@register_dot_rule(DoraWeight)
+def _dot_general_rule(prim, x, dw, *, dimension_numbers, precision=None,
                       preferred_element_type=None, **params):
-  """`x @ W'` for a DoRA kernel on the right, contracting its input axes."""
+  """`x @ W'` for a DoRA kernel, contracting its input axes (either side of the dot:
+  `register_dot_rule` derives the leaf-on-the-left case)."""
   (lc, rc), (lb, rb) = dimension_numbers
-  if not isinstance(rhs, DoraWeight) or isinstance(lhs, ImplicitArray):
+  if isinstance(x, ImplicitArray):
     return NotImplemented
-  dw, x = rhs, lhs
   nb = dw.nbatch
   if tuple(rb) != tuple(range(nb)):
     return NotImplemented
@@ -198,9 +161,6 @@ def _dot_general_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
   return base + (f - jnp.ones((), f.dtype)) * base + f * lora
 
 
-register_rule(P.dot_general_p, DoraWeight)(_dot_general_rule)
-
-
 @register_rule(P.convert_element_type_p, DoraWeight)
 def _convert_rule(prim, dw, *, new_dtype, **params):
   w = bind(prim, dw.w, new_dtype=new_dtype, **params)
@@ -212,16 +172,6 @@ def _convert_rule(prim, dw, *, new_dtype, **params):
 @register_rule(P.copy_p, DoraWeight)
 def _copy_rule(prim, dw, **params):
   return dw
-
-
-def _no_rule(prim, *args, **params):
-  return NotImplemented
-
-
-# LoraWeight's layout rules would drop or misplace `m`; DoRA falls back to
-# materializing for these (with the interpreter's one-time warning).
-for _p in (P.transpose_p, P.reshape_p, P.gather_p):
-  register_rule(_p, DoraWeight)(_no_rule)
 
 
 __all__ = ["DoraWeight", "dora_from_lora", "to_dora"]

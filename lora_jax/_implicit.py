@@ -18,9 +18,10 @@ with `register_rule`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 import numpy as np
@@ -39,20 +40,161 @@ _HIGHER_ORDER: dict[jcore.Primitive, Callable[..., Any]] = {}
 _WARNED: set[tuple[str, str]] = set()
 
 
+# ----------------------------------------------------------------------------
+# The leaf protocol: a leaf kind declares its children once, with their roles.
+
+BASE, FROZEN, TRAINABLE, DATA, STATIC = "base", "frozen", "trainable", "data", "static"
+ROLES = (BASE, FROZEN, TRAINABLE, DATA, STATIC)
+_NO_DEFAULT = dataclasses.MISSING
+
+
+def _field(role: str, default: Any = _NO_DEFAULT) -> Any:
+  return dataclasses.field(default=default, metadata={"lora_jax_role": role})
+
+
+def base(default: Any = _NO_DEFAULT) -> Any:
+  """The dense weight this leaf adapts (`LoraWeight.w`); at most one per kind. Frozen;
+  a plain array or itself implicit (a quantized base)."""
+  return _field(BASE, default)
+
+
+def frozen(default: Any = _NO_DEFAULT) -> Any:
+  """Another frozen array child (packed codes, scales, a served bank of factors)."""
+  return _field(FROZEN, default)
+
+
+def trainable(default: Any = _NO_DEFAULT) -> Any:
+  """An array child a trainer updates (LoRA `a`/`b`, DoRA `m`, a fully trained weight)."""
+  return _field(TRAINABLE, default)
+
+
+def data(default: Any = _NO_DEFAULT) -> Any:
+  """An array child that is neither a parameter nor trained (a dropout key, adapter ids)."""
+  return _field(DATA, default)
+
+
+def static(default: Any = _NO_DEFAULT) -> Any:
+  """Static metadata (hashable: `scale`, `axes`, `block_size`): part of the tree
+  structure, so a change retraces and a Python scalar is never a leaf by accident."""
+  return _field(STATIC, default)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafCount:
+  """Parameters and bytes one leaf holds (for `lj.summary`)."""
+  params: int
+  bytes: int
+  trainable_params: int
+  trainable_bytes: int
+
+
+def _size(x) -> int:
+  return int(np.prod(x.shape, dtype=np.int64))
+
+
+def _count_child(x) -> LeafCount:
+  if isinstance(x, ImplicitArray):
+    return x.count()
+  n = _size(x)
+  return LeafCount(n, n * np.dtype(x.dtype).itemsize, 0, 0)
+
+
 class ImplicitArray:
   """Base class of array-like leaves that `implicit` computes with in factored form.
 
-  Subclasses are frozen dataclasses registered as pytrees (array children as data
-  fields, static settings as metadata), define `shape` and `dtype` of the dense
-  array they stand for, and `materialize()` that builds it. All array children
-  share the logical array's leading batch dims, so `scan` and `vmap` slice them.
+  A leaf kind is declared once: a subclass lists its fields with their roles,
+
+      class LoraWeight(lj.ImplicitArray):
+        w: Any = lj.extend.base()        # the frozen weight it adapts
+        a: Any = lj.extend.trainable()
+        b: Any = lj.extend.trainable()
+        scale: float = lj.extend.static(1.0)
+
+  and becomes a frozen dataclass and a pytree (array children: every role but
+  `static`; key paths name the fields). `__check_init__(self)` validates at
+  construction (each class in the MRO that defines one), never on unflatten, so tree
+  utilities may rebuild a leaf with placeholder children. The kind defines `shape`,
+  `dtype` and `materialize()`; every array child shares the logical array's leading
+  `nbatch` (stacked-layer) axes, so `scan`, `vmap` and the slicing rules cut every
+  child alike.
+
+  The rest of the library asks the protocol, never the class: `trainable_fields`
+  (`lj.split`, `lj.trainable_mask`), `base_field` / `with_base` (`qz.quantize`
+  quantizes the base inside any adapter leaf), `count()` (`lj.summary`),
+  `with_rng(key)` (`lj.with_dropout_rng`), `partition_specs(spec)` (`lj.shard`).
+  Rules are looked up for the exact class, then for the class named by
+  `rules_from` (a kind that computes exactly like another), then the generic
+  rules registered for `ImplicitArray` itself.
   """
+
+  # Filled in by __init_subclass__ from the declaration.
+  base_field: ClassVar[str | None] = None
+  frozen_fields: ClassVar[tuple[str, ...]] = ()
+  trainable_fields: ClassVar[tuple[str, ...]] = ()
+  data_fields: ClassVar[tuple[str, ...]] = ()     # every array child, declaration order
+  static_fields: ClassVar[tuple[str, ...]] = ()
+  # A kind whose rules this one reuses (exact-class lookup otherwise).
+  rules_from: ClassVar[type | None] = None
+  # `implicit` unwraps the leaf before tracing (a wrapper with nothing to factor).
+  materialize_is_free: ClassVar[bool] = False
 
   shape: tuple[int, ...]
   dtype: Any
 
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    dataclasses.dataclass(frozen=True)(cls)
+    roles: dict[str, list[str]] = {r: [] for r in ROLES}
+    for f in dataclasses.fields(cls):
+      role = f.metadata.get("lora_jax_role")
+      if role is None:
+        raise TypeError(
+            f"{cls.__name__}.{f.name}: declare the field with its role, one of "
+            "lj.extend.base() / frozen() / trainable() / data() / static()")
+      roles[role].append(f.name)
+    if len(roles[BASE]) > 1:
+      raise TypeError(f"{cls.__name__}: at most one base field, got {roles[BASE]}")
+    cls.base_field = roles[BASE][0] if roles[BASE] else None
+    cls.frozen_fields = tuple(roles[FROZEN])
+    cls.trainable_fields = tuple(roles[TRAINABLE])
+    cls.static_fields = tuple(roles[STATIC])
+    cls.data_fields = tuple(f.name for f in dataclasses.fields(cls)
+                            if f.metadata["lora_jax_role"] != STATIC)
+    children, statics = cls.data_fields, cls.static_fields
+    keys = tuple(jtu.GetAttrKey(n) for n in children)
+
+    def flatten_with_keys(x):
+      return ([(k, getattr(x, n)) for k, n in zip(keys, children)],
+              tuple(getattr(x, n) for n in statics))
+
+    def flatten(x):
+      return [getattr(x, n) for n in children], tuple(getattr(x, n) for n in statics)
+
+    def unflatten(meta, kids):
+      # No __init__: validation runs once, at construction.
+      new = object.__new__(cls)
+      for n, v in zip(children, kids):
+        object.__setattr__(new, n, v)
+      for n, v in zip(statics, meta):
+        object.__setattr__(new, n, v)
+      return new
+
+    jtu.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    """Run every `__check_init__` of the class and its bases (done at construction;
+    call it on a leaf rebuilt from parts, e.g. after `lj.combine`)."""
+    for klass in reversed(type(self).__mro__):
+      check = klass.__dict__.get("__check_init__")
+      if check is not None:
+        check(self)
+
+  # --- the logical array
   def materialize(self) -> jax.Array:
-    raise NotImplementedError
+    raise NotImplementedError(f"{type(self).__name__} does not define materialize()")
 
   @property
   def ndim(self) -> int:
@@ -66,9 +208,62 @@ class ImplicitArray:
   def aval(self) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(self.shape, self.dtype)
 
+  @property
+  def nbatch(self) -> int:
+    """Leading axes (stacked layers) that every array child shares."""
+    return 0
+
   def __jax_array__(self):
     # Lets code outside `implicit` use the leaf as a plain array (slowly).
     return self.materialize()
+
+  # --- the protocol
+  def with_base(self, new_base: Any) -> "ImplicitArray":
+    """This leaf with its base weight replaced (`qz.quantize` quantizes it)."""
+    if self.base_field is None:
+      raise TypeError(f"{type(self).__name__} has no base weight")
+    return dataclasses.replace(self, **{self.base_field: new_base})
+
+  def frozen_base(self) -> Any:
+    """The base weight this leaf adapts, or None for a kind that has none."""
+    return None if self.base_field is None else getattr(self, self.base_field)
+
+  def replace_children(self, **children: Any) -> "ImplicitArray":
+    """A copy with some children replaced, without validation (for trees of specs,
+    masks or placeholders that have this leaf's structure)."""
+    new = object.__new__(type(self))
+    for f in dataclasses.fields(self):
+      object.__setattr__(new, f.name, children.get(f.name, getattr(self, f.name)))
+    return new
+
+  def count(self) -> LeafCount:
+    """Parameters and bytes of this leaf. The base counts as its logical array (its
+    own `count()` when implicit); frozen and trainable children by their sizes; a kind
+    without a base whose frozen children encode the array (packed codes) counts its
+    logical size; `data` children (keys, ids) do not count."""
+    tn = sum(_size(getattr(self, n)) for n in self.trainable_fields
+             if getattr(self, n) is not None)
+    tb = sum(_size(x) * np.dtype(x.dtype).itemsize
+             for x in (getattr(self, n) for n in self.trainable_fields) if x is not None)
+    frozen_arrays = [x for n in self.frozen_fields
+                     for x in jax.tree.leaves(getattr(self, n))]
+    fb = sum(_size(x) * np.dtype(x.dtype).itemsize for x in frozen_arrays)
+    if self.base_field is not None:
+      bc = _count_child(getattr(self, self.base_field))
+      n = bc.params + tn + sum(_size(x) for x in frozen_arrays)
+      return LeafCount(n, bc.bytes + fb + tb, tn + bc.trainable_params,
+                       tb + bc.trainable_bytes)
+    n = (self.size if frozen_arrays else 0) + tn
+    return LeafCount(n, fb + tb, tn, tb)
+
+  def summary_label(self) -> str:
+    """What `lj.summary` prints in its rank column for this leaf."""
+    return type(self).__name__
+
+  def with_rng(self, key: jax.Array) -> "ImplicitArray":
+    """This leaf with a dropout key attached (`lj.with_dropout_rng`); unchanged by default."""
+    del key
+    return self
 
   def partition_specs(self, spec):
     """This leaf with each array child replaced by its `PartitionSpec`, given the spec
@@ -97,6 +292,9 @@ def register_rule(primitive: jcore.Primitive, cls: type) -> Callable[[Rule], Rul
 
   The rule returns the primitive's result (a list when the primitive has multiple
   results), possibly implicit, or `NotImplemented` to fall back to materializing.
+  Rules apply to `cls` itself, not to its subclasses (a subclass that computes the
+  same way says so with `rules_from = cls`); a rule registered for `ImplicitArray`
+  is generic and applies to every kind that has no rule of its own.
   """
   def deco(rule: Rule) -> Rule:
     _RULES[(primitive, cls)] = rule
@@ -104,12 +302,45 @@ def register_rule(primitive: jcore.Primitive, cls: type) -> Callable[[Rule], Rul
   return deco
 
 
+def register_dot_rule(cls: type) -> Callable[[Rule], Rule]:
+  """Decorator: the `dot_general` rule of `cls`, written once for the leaf on the right.
+
+  `rule(prim, x, leaf, *, dimension_numbers, precision, preferred_element_type,
+  **params)` computes `dot_general(x, leaf)`; `x` may itself be implicit. The case
+  with the leaf on the left, `dot_general(leaf, x)`, is derived here: the operands
+  and dimension numbers are swapped, the rule is called, and the free axes of the
+  result are put back in `dot_general`'s order `(batch, lhs free, rhs free)`.
+  """
+  def deco(rule: Rule) -> Rule:
+    def dot_rule(prim, lhs, rhs, *, dimension_numbers, **params):
+      if isinstance(rhs, ImplicitArray) and _lookup(P.dot_general_p, type(rhs)) is dot_rule:
+        return rule(prim, lhs, rhs, dimension_numbers=dimension_numbers, **params)
+      (lc, rc), (lb, rb) = dimension_numbers
+      y = rule(prim, rhs, lhs, dimension_numbers=((rc, lc), (rb, lb)), **params)
+      if y is NotImplemented:
+        return y
+      nb = len(lb)
+      n_rhs_free = len(rhs.shape) - len(rc) - len(rb)
+      n_lhs_free = len(lhs.shape) - len(lc) - len(lb)
+      perm = (*range(nb), *range(nb + n_rhs_free, nb + n_rhs_free + n_lhs_free),
+              *range(nb, nb + n_rhs_free))
+      return lax.transpose(y, perm)
+    dot_rule.__wrapped__ = rule
+    _RULES[(P.dot_general_p, cls)] = dot_rule
+    return rule
+  return deco
+
+
 def _lookup(primitive, cls) -> Rule | None:
-  for base in cls.__mro__:
-    rule = _RULES.get((primitive, base))
+  seen = set()
+  k = cls
+  while k is not None and k not in seen:     # the class, then its rules_from chain
+    seen.add(k)
+    rule = _RULES.get((primitive, k))
     if rule is not None:
       return rule
-  return None
+    k = k.__dict__.get("rules_from")
+  return _RULES.get((primitive, ImplicitArray))
 
 
 def _warn_materialize(primitive, cls) -> None:
@@ -377,6 +608,7 @@ def implicit(fn: Callable, *, materialize_outputs: bool = True) -> Callable:
   return wrapped
 
 
-__all__ = ["ImplicitArray", "implicit", "register_rule", "bind", "materialize",
-           "materialize_tree", "is_implicit"]
+__all__ = ["ImplicitArray", "LeafCount", "implicit", "register_rule", "register_dot_rule",
+           "bind", "materialize", "materialize_tree", "is_implicit", "base", "frozen",
+           "trainable", "data", "static"]
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from lora_jax import _paths
 from lora_jax._implicit import ImplicitArray, is_implicit
-from lora_jax._lora_weight import LoraWeight
+from lora_jax._lora_weight import LoraWeight, LowRankWeight
 
 MUTATING_INITS = ("pissa", "olora")   # and "pissa_niter_<n>" (randomized SVD)
 
@@ -112,7 +112,7 @@ def to_standard_lora(trained: Any, initial: Any) -> Any:
     writes what PEFT writes with `path_initial_model_for_weight_conversion`
     (r and lora_alpha doubled).
   """
-  is_lw = lambda x: isinstance(x, LoraWeight)  # noqa: E731
+  is_lw = lambda x: isinstance(x, LowRankWeight)  # noqa: E731
   init_leaves = dict(_paths.leaves_with_paths(initial, is_leaf=is_lw))
 
   def convert(path, x):

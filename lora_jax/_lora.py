@@ -71,8 +71,9 @@ class LoraConfig:
         raise ValueError(f"LoraConfig.{name} must be a positive int, got {v!r}")
     for name, v in [("alpha", self.alpha), *(("alpha_pattern[" + k + "]", a)
                                              for k, a in self.alpha_pattern.items())]:
-      if not isinstance(v, (int, float, np.number)) or isinstance(v, bool) or not v > 0:
-        raise ValueError(f"LoraConfig.{name} must be a positive number, got {v!r}")
+      if not isinstance(v, (int, float, np.number)) or isinstance(v, bool) or not v > 0 \
+          or not math.isfinite(v):
+        raise ValueError(f"LoraConfig.{name} must be a positive number (and finite), got {v!r}")
     if self.init not in INITS and not is_mutating(self.init):
       raise ValueError(f"LoraConfig.init must be one of {INITS} or 'pissa_niter_<n>', got "
                        f"{self.init!r}")
@@ -94,13 +95,9 @@ class LoraConfig:
     return alpha / math.sqrt(r) if self.rslora else alpha / r
 
 
-def _is_lora(x) -> bool:
-  return isinstance(x, LoraWeight)
-
-
 def _has_trainable(x) -> bool:
   """An implicit leaf with trainable parts (LoRA factors, a fully trained weight)."""
-  return isinstance(x, ImplicitArray) and hasattr(x, "trainable_fields")
+  return isinstance(x, ImplicitArray) and bool(x.trainable_fields)
 
 
 def _layout_for(path: str, leaf, cfg: LoraConfig, traced: Mapping[str, str]) -> str:
@@ -170,8 +167,9 @@ def init(key: jax.Array, params: Any, cfg: LoraConfig, *, fn: Callable | None = 
       return Trainable(leaf)
     if path not in targets:
       return leaf
-    if isinstance(leaf, LoraWeight):
-      raise ValueError(f"{path}: already a LoraWeight; merge it first (lj.merge)")
+    if _has_trainable(leaf):
+      raise ValueError(f"{path}: already a {type(leaf).__name__} with trainable parts; "
+                       "merge it first (lj.merge)")
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
       raise TypeError(f"{path}: target is a {type(leaf).__name__}, not an array")
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
@@ -229,19 +227,11 @@ def trainable_mask(params: Any) -> Any:
   """
   def mark(x):
     if _has_trainable(x):
-      return _rebuild(x, {
+      return x.replace_children(**{
           name: jax.tree.map(lambda _: name in x.trainable_fields, getattr(x, name))
           for name in x.data_fields})
     return jax.tree.map(lambda _: False, x)
   return jax.tree.map(mark, params, is_leaf=_has_trainable)
-
-
-def _rebuild(x, fields: dict) -> Any:
-  """Rebuild a dataclass node with placeholder leaves, bypassing validation."""
-  new = object.__new__(type(x))
-  for f in dataclasses.fields(x):
-    object.__setattr__(new, f.name, fields.get(f.name, getattr(x, f.name)))
-  return new
 
 
 def split(params: Any) -> tuple[Any, Any]:
@@ -257,27 +247,33 @@ def split(params: Any) -> tuple[Any, Any]:
 
 
 def combine(adapter: Any, frozen: Any) -> Any:
-  """Inverse of `split`: leaves of `adapter` where not `None`, else of `frozen`."""
+  """Inverse of `split`: leaves of `adapter` where not `None`, else of `frozen`.
+
+  Raises:
+    ValueError naming the path: the trees differ in structure (a path in one only, a
+    leaf of another kind, rank or scale), a leaf is set in both, or a rebuilt leaf's
+    parts do not fit (factors of another rank or shape than its base).
+  """
   is_none = lambda x: x is None  # noqa: E731
-  sa = jax.tree.structure(adapter, is_leaf=is_none)
-  sf = jax.tree.structure(frozen, is_leaf=is_none)
-  if sa != sf:
-    pa = _paths.tree_paths(adapter, is_leaf=is_none)
-    pf = _paths.tree_paths(frozen, is_leaf=is_none)
-    only_a = sorted(set(pa) - set(pf))[:5]
-    only_f = sorted(set(pf) - set(pa))[:5]
-    raise ValueError(
-        "combine: adapter and frozen trees do not have the same structure; "
-        f"paths only in adapter: {only_a or '-'}; only in frozen: {only_f or '-'}"
-        + ("" if only_a or only_f else f"; structures: {sa} vs {sf}"))
+  _paths.check_same_structure([adapter, frozen], ["adapter", "frozen"], is_leaf=is_none,
+                              what="combine")
 
   def pick(path, a, f):
     if a is not None and f is not None:
       raise ValueError(f"combine: {path} is set in both adapter and frozen")
     return a if a is not None else f
 
-  return jax.tree_util.tree_map_with_path(
+  out = jax.tree_util.tree_map_with_path(
       lambda kp, a, f: pick(_paths.path_str(kp), a, f), adapter, frozen, is_leaf=is_none)
+  for path, x in _paths.leaves_with_paths(out, is_leaf=is_implicit):
+    if isinstance(x, ImplicitArray) and all(
+        c is not None for c in jax.tree.leaves(x, is_leaf=is_none)):
+      try:
+        x.validate()
+      except (ValueError, TypeError) as e:
+        raise type(e)(f"combine: {path}: {e} (are adapter and frozen from the same "
+                      "lj.split?)") from None
+  return out
 
 
 def merge(params: Any) -> Any:
@@ -286,27 +282,18 @@ def merge(params: Any) -> Any:
 
 
 def with_dropout_rng(params: Any, key: jax.Array) -> Any:
-  """Attach a distinct dropout key to each `LoraWeight` with `dropout > 0`.
+  """Attach a distinct dropout key to every implicit leaf that takes one (`with_rng`:
+  LoRA and DoRA leaves with `dropout > 0`).
 
   Keys of stacked (scanned) weights get the stacked batch shape, so each layer
   draws its own mask. Pass the result to the training forward; inference uses
   `params` without keys (no dropout).
   """
-  leaves = _paths.leaves_with_paths(params, is_leaf=_is_lora)
-  n = sum(isinstance(x, LoraWeight) for _, x in leaves)
+  leaves = _paths.leaves_with_paths(params, is_leaf=is_implicit)
+  n = sum(is_implicit(x) for _, x in leaves)
   keys = iter(jax.random.split(key, max(n, 1)))
-
-  def attach(x):
-    if not isinstance(x, LoraWeight):
-      return x
-    k = next(keys)
-    if x.dropout <= 0:
-      return x
-    batch = tuple(x.w.shape[:x.nbatch])
-    rng = jax.random.split(k, batch) if batch else k
-    return dataclasses.replace(x, rng=rng)
-
-  return jax.tree.map(attach, params, is_leaf=_is_lora)
+  return jax.tree.map(lambda x: x.with_rng(next(keys)) if is_implicit(x) else x, params,
+                      is_leaf=is_implicit)
 
 
 def _nbytes(x) -> int:
@@ -322,27 +309,15 @@ def summary(params: Any) -> str:
   rows = []
   total_n = total_b = train_n = train_b = 0
   for path, x in _paths.leaves_with_paths(params, is_leaf=is_implicit):
-    if isinstance(x, LoraWeight):
-      tn = sum(int(np.prod(getattr(x, f).shape)) for f in x.trainable_fields)
-      tb = sum(_nbytes(getattr(x, f)) for f in x.trainable_fields)
-      base_leaves = jax.tree.leaves(x.w)
-      bn = int(np.prod(x.shape))
-      bb = sum(_nbytes(l) for l in base_leaves)
-      rows.append((path, "x".join(map(str, x.shape)), str(x.rank), f"{tn:,}"))
-      total_n += bn + tn
-      total_b += bb + tb
-      train_n += tn
-      train_b += tb
-    elif isinstance(x, Trainable):
-      n, b = int(np.prod(x.shape)), _nbytes(x.value)
-      rows.append((path, "x".join(map(str, x.shape)), "full", f"{n:,}"))
-      total_n += n
-      total_b += b
-      train_n += n
-      train_b += b
-    elif isinstance(x, ImplicitArray):
-      total_n += x.size
-      total_b += sum(_nbytes(l) for l in jax.tree.leaves(x))
+    if isinstance(x, ImplicitArray):
+      c = x.count()
+      if c.trainable_params:
+        rows.append((path, "x".join(map(str, x.shape)), x.summary_label(),
+                     f"{c.trainable_params:,}"))
+      total_n += c.params
+      total_b += c.bytes
+      train_n += c.trainable_params
+      train_b += c.trainable_bytes
     elif hasattr(x, "shape") and hasattr(x, "dtype"):
       total_n += int(np.prod(x.shape))
       total_b += _nbytes(x)

@@ -25,7 +25,8 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.extend.core import primitives as P
 
-from lora_jax._implicit import ImplicitArray, bind, register_rule
+from lora_jax._implicit import (ImplicitArray, base, bind, data, register_dot_rule,
+                                register_rule, static, trainable)
 
 
 def _has_shape(x) -> bool:
@@ -43,9 +44,8 @@ def _delta_einsum(axes: str, nbatch: int) -> str:
   return f"...{''.join(ins)}R,...R{''.join(outs)}->...{''.join(kernel)}"
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraWeight(ImplicitArray):
-  """A kernel with a LoRA update. `materialize()` is `w + scale * A @ B` (in `w`'s layout).
+class LowRankWeight(ImplicitArray):
+  """What LoRA and DoRA leaves share: a kernel `w` and low-rank factors `a`, `b`.
 
   Attributes:
     w: base kernel, `(*batch, *kernel)`; a plain array or an `ImplicitArray`
@@ -57,22 +57,36 @@ class LoraWeight(ImplicitArray):
     scale: `alpha / r` (or `alpha / sqrt(r)` with rsLoRA). Static.
     axes: one letter ("i"/"o") per trailing kernel axis of `w`. Static.
     dropout: dropout rate on the input of the low-rank branch. Static.
+
+  Code that is about LoRA factors themselves (PEFT files, serving banks, adapter
+  merges) asks `isinstance(x, LowRankWeight)`; rules are registered per kind, so a
+  rule of `LoraWeight` never applies to `DoraWeight`.
   """
 
-  w: Any
-  a: Any
-  b: Any
-  rng: Any = None
-  scale: float = 1.0
-  axes: str = "io"
-  dropout: float = 0.0
+  w: Any = base()
+  a: Any = trainable()
+  b: Any = trainable()
+  rng: Any = data(None)
+  scale: float = static(1.0)
+  axes: str = static("io")
+  dropout: float = static(0.0)
 
-  def __post_init__(self):
-    # Tree utilities rebuild nodes with placeholder leaves (None, bools, object());
-    # validate only when the children are arrays.
-    if all(_has_shape(x) for x in (self.w, self.a, self.b)):
-      check_factors(self.w.shape, self.a.shape, self.b.shape, self.axes,
-                    where=type(self).__name__)
+  def __check_init__(self):
+    if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float, np.number)) \
+        or not np.isfinite(self.scale):
+      raise ValueError(f"{type(self).__name__}: scale must be a finite number, got "
+                       f"{self.scale!r}")
+    for name in ("w", "a", "b"):
+      if not _has_shape(getattr(self, name)):
+        raise TypeError(f"{type(self).__name__}: {name} must be an array, got "
+                        f"{type(getattr(self, name)).__name__}")
+    for name in ("a", "b"):
+      dt = getattr(self, name).dtype
+      if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{type(self).__name__}: factor {name} {tuple(getattr(self, name).shape)} "
+                        f"has dtype {np.dtype(dt).name}; LoRA factors must be floating")
+    check_factors(self.w.shape, self.a.shape, self.b.shape, self.axes,
+                  where=type(self).__name__)
 
   # --- logical array
   @property
@@ -97,29 +111,68 @@ class LoraWeight(ImplicitArray):
                    self.a.astype(jnp.float32), self.b.astype(jnp.float32))
     return (self.scale * d).astype(self.dtype)
 
-  def materialize(self) -> jax.Array:
+  def _in_axes(self) -> tuple[int, ...]:
+    nb = self.nbatch
+    return tuple(nb + k for k, ax in enumerate(self.axes) if ax == "i")
+
+  def column_norm(self) -> jax.Array:
+    """`||W + s * A @ B||` per output column, float32, `(*batch, *out)`, gradient stopped.
+
+    Uses the expansion over factors, so `A @ B` is not built. (In float32 the
+    expansion loses digits only when a column of `s * A @ B` nearly cancels the
+    same column of `W`; `materialize()` computes the norm densely.)
+    """
     w = self.w.materialize() if isinstance(self.w, ImplicitArray) else self.w
-    d = jnp.einsum(_delta_einsum(self.axes, self.nbatch),
-                   self.a.astype(jnp.float32), self.b.astype(jnp.float32))
-    return (w.astype(jnp.float32) + self.scale * d).astype(w.dtype)
+    w = lax.stop_gradient(w).astype(jnp.float32)
+    a = lax.stop_gradient(self.a).astype(jnp.float32)
+    b = lax.stop_gradient(self.b).astype(jnp.float32)
+    nb = self.nbatch
+    s = jnp.float32(self.scale)
+    letters = "abcdefghjklmnpqstuvwxyz"
+    ins = "".join(letters[k] for k, ax in enumerate(self.axes) if ax == "i")
+    outs = "".join(letters[k] for k, ax in enumerate(self.axes) if ax == "o")
+    kern = "".join(letters[k] for k in range(len(self.axes)))
+    w2 = jnp.sum(w * w, axis=self._in_axes())                                   # (*B, *out)
+    aw = jnp.einsum(f"...{kern},...{ins}R->...R{outs}", w, a)                   # (*B, r, *out)
+    cross = jnp.sum(aw * b, axis=nb)                                            # (*B, *out)
+    g = jnp.einsum(f"...{ins}R,...{ins}Q->...RQ", a, a)                         # (*B, r, r)
+    gb = jnp.einsum(f"...RQ,...Q{outs}->...R{outs}", g, b)
+    quad = jnp.sum(b * gb, axis=nb)
+    n2 = w2 + 2.0 * s * cross + s * s * quad
+    return lax.stop_gradient(jnp.sqrt(jnp.maximum(n2, 0.0)))
+
+  def summary_label(self) -> str:
+    return str(self.rank)
+
+  def with_rng(self, key):
+    """A dropout key of the stacked batch shape (one mask per layer) when dropout > 0."""
+    if self.dropout <= 0:
+      return self
+    batch = tuple(self.w.shape[:self.nbatch])
+    return dataclasses.replace(self, rng=jax.random.split(key, batch) if batch else key)
 
   def partition_specs(self, spec):
     """Children split like the kernel along shared axes; the rank axis replicated."""
     from jax.sharding import PartitionSpec as PS
     from lora_jax._sharding import child_spec, implicit_spec_parts
     batch, ins, outs = implicit_spec_parts(spec, self.nbatch, self.axes)
-    return dataclasses.replace(
-        self, w=child_spec(self.w, spec), a=PS(*batch, *ins, None),
+    return self.replace_children(
+        w=child_spec(self.w, spec), a=PS(*batch, *ins, None),
         b=PS(*batch, None, *outs), rng=None if self.rng is None else PS(*batch))
 
-  # --- fields a trainer updates (DoRA adds its magnitude)
-  trainable_fields = ("a", "b")
-  data_fields = ("w", "a", "b", "rng")
 
+class LoraWeight(LowRankWeight):
+  """A kernel with a LoRA update. `materialize()` is `w + scale * A @ B` (in `w`'s layout).
 
-jax.tree_util.register_dataclass(
-    LoraWeight, data_fields=["w", "a", "b", "rng"],
-    meta_fields=["scale", "axes", "dropout"])
+  Fields as `LowRankWeight`: `w` (base), `a: (*batch, *in, r)`, `b: (*batch, r, *out)`
+  (trainable), `rng` (dropout key), static `scale`, `axes`, `dropout`.
+  """
+
+  def materialize(self) -> jax.Array:
+    w = self.w.materialize() if isinstance(self.w, ImplicitArray) else self.w
+    d = jnp.einsum(_delta_einsum(self.axes, self.nbatch),
+                   self.a.astype(jnp.float32), self.b.astype(jnp.float32))
+    return (w.astype(jnp.float32) + self.scale * d).astype(w.dtype)
 
 
 def check_factors(w_shape, a_shape, b_shape, axes: str, where: str = "LoraWeight",
@@ -139,6 +192,9 @@ def check_factors(w_shape, a_shape, b_shape, axes: str, where: str = "LoraWeight
   if len(a_shape) < 1 or len(b_shape) < 1:
     raise ValueError(f"{at}{where} factors must have a rank axis; got a {a_shape}, b {b_shape}")
   r = a_shape[-1]
+  if r < 1:
+    raise ValueError(f"{at}{where} has rank {r} (a {a_shape}, b {b_shape}); a LoRA factor "
+                     "pair needs rank >= 1")
   want_a, want_b = (*batch, *ins, r), (*batch, r, *outs)
   if a_shape != want_a or b_shape != want_b:
     raise ValueError(
@@ -289,13 +345,13 @@ def _implicit_base_bwd(scale, res, dy):
 _lora_matmul_implicit_base.defvjp(_implicit_base_fwd, _implicit_base_bwd, symbolic_zeros=True)
 
 
-def _fusable(lw, x, dimension_numbers, on_rhs, params) -> bool:
+def _fusable(lw, x, dimension_numbers, params) -> bool:
   """The common case `x @ W`: x's trailing axes contract, in order, with the kernel's
   leading in axes (a 2-D kernel, or an N-D one such as a `DenseGeneral` kernel
   `(d, heads, head_dim)` "ioo" or `(heads, head_dim, d)` "iio", seen as 2-D)."""
   (lc, rc), (lb, rb) = dimension_numbers
   n_in = lw.axes.count("i")
-  if not (on_rhs and lw.nbatch == 0 and not lb and not rb and lw.rng is None
+  if not (lw.nbatch == 0 and not lb and not rb and lw.rng is None
           and x.dtype == lw.w.dtype and params.get("out_sharding") is None
           and lw.axes == "i" * n_in + "o" * (len(lw.axes) - n_in)
           and tuple(rc) == tuple(range(n_in))
@@ -319,21 +375,18 @@ def _fused_call(lw, x):
   return y.reshape(*lead, *outs)
 
 
-def _dot_general_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
+@register_dot_rule(LoraWeight)
+def _dot_general_rule(prim, x, lw, *, dimension_numbers, precision=None,
                       preferred_element_type=None, **params):
   """`x @ W` as `x @ w + scale * (x @ A) @ B`, never forming `A @ B`.
 
-  Handles the LoRA leaf on either side, contraction over its in axes (`(x@A)@B`)
-  or over its out axes (tied embeddings: `(x @ B^T) @ A^T`), and dot batch dims
-  that cover the leaf's stacked axes.
+  The leaf is on the right (`register_dot_rule` derives the other side). Handles
+  contraction over its in axes (`(x @ A) @ B`) or over its out axes (tied
+  embeddings: `(x @ B^T) @ A^T`), and dot batch dims that cover its stacked axes.
   """
-  (lc, rc), (lb, rb) = dimension_numbers
-  on_rhs = isinstance(rhs, LoraWeight)
-  lw, x = (rhs, lhs) if on_rhs else (lhs, rhs)
-  wc, wb = (rc, rb) if on_rhs else (lc, lb)
-  xc, xb = (lc, lb) if on_rhs else (rc, rb)
+  (xc, wc), (xb, wb) = dimension_numbers
   x = _other_dense(x)
-  if _FUSE[0] and _fusable(lw, x, dimension_numbers, on_rhs, params):
+  if _FUSE[0] and _fusable(lw, x, dimension_numbers, params):
     y = _fused_call(lw, x)
     want = preferred_element_type or x.dtype
     return y.astype(want)
@@ -344,37 +397,24 @@ def _dot_general_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
   out_pos = [k for k, ax in enumerate(lw.axes) if ax == "o"]
   kernel_c = sorted(c - nb for c in wc)
   if kernel_c == in_pos:       # contract the in axes: (x @ A) @ B
-    first, second, group, first_off, r_first, r_second = (
-        lw.a, lw.b, in_pos, nb, lw.a.ndim - 1, nb)
+    first, second, group, first_off, r_second = lw.a, lw.b, in_pos, nb, nb
   elif kernel_c == out_pos:    # contract the out axes: (x @ B^T) @ A^T
-    first, second, group, first_off, r_first, r_second = (
-        lw.b, lw.a, out_pos, nb + 1, nb, lw.a.ndim - 1)
+    first, second, group, first_off, r_second = lw.b, lw.a, out_pos, nb + 1, lw.a.ndim - 1
   else:
     return NotImplemented
   pos_in_first = {k: first_off + j for j, k in enumerate(group)}
   first_c = tuple(pos_in_first[c - nb] for c in wc)
   batch = tuple(range(nb))
   kw = dict(precision=precision, preferred_element_type=preferred_element_type)
-
-  base = (bind(prim, x, lw.w, dimension_numbers=dimension_numbers, **kw, **params)
-          if on_rhs else
-          bind(prim, lw.w, x, dimension_numbers=dimension_numbers, **kw, **params))
+  base_y = bind(prim, x, lw.w, dimension_numbers=dimension_numbers, **kw, **params)
   dt = x.dtype
   xd = _lora_dropout(lw, x, xb)
   first, second = first.astype(dt), second.astype(dt)
-  if on_rhs:   # t: (batch, x_free, r); y: (batch, x_free, second_free)
-    t = lax.dot_general(xd, first, ((tuple(xc), first_c), (tuple(xb), batch)), **kw)
-    t = (t * jnp.asarray(lw.scale, t.dtype)).astype(dt)
-    y = lax.dot_general(t, second, (((t.ndim - 1,), (r_second,)), (batch, batch)), **kw)
-  else:        # t: (batch, r, x_free); y: (batch, second_free, x_free)
-    t = lax.dot_general(first, xd, ((first_c, tuple(xc)), (batch, tuple(xb))), **kw)
-    t = (t * jnp.asarray(lw.scale, t.dtype)).astype(dt)
-    y = lax.dot_general(second, t, (((r_second,), (nb,)), (batch, batch)), **kw)
-  del r_first
-  return base + y.astype(base.dtype)
-
-
-register_rule(P.dot_general_p, LoraWeight)(_dot_general_rule)
+  # t: (batch, x_free, r); y: (batch, x_free, second_free)
+  t = lax.dot_general(xd, first, ((tuple(xc), first_c), (tuple(xb), batch)), **kw)
+  t = (t * jnp.asarray(lw.scale, t.dtype)).astype(dt)
+  y = lax.dot_general(t, second, (((t.ndim - 1,), (r_second,)), (batch, batch)), **kw)
+  return base_y + y.astype(base_y.dtype)
 
 
 @register_rule(P.convert_element_type_p, LoraWeight)
@@ -468,4 +508,4 @@ def _copy_rule(prim, lw, **params):
   return lw
 
 
-__all__ = ["LoraWeight", "check_factors"]
+__all__ = ["LowRankWeight", "LoraWeight", "check_factors"]

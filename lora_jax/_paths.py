@@ -90,6 +90,8 @@ def select_paths(paths: Sequence[str], patterns: str | Sequence[str],
   Raises:
     ValueError: a pattern matches no path; the message lists the closest paths.
   """
+  if not isinstance(patterns, str) and not list(patterns):
+    raise ValueError(f"{what} patterns are empty: give at least one regular expression")
   selected: set[str] = set()
   for rx in compile_patterns(patterns):
     hits = {p for p in paths if rx.fullmatch(p)}
@@ -106,7 +108,64 @@ def tree_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> list[
   return [p for p, _ in leaves_with_paths(tree, is_leaf=is_leaf)]
 
 
+def _describe_leaf(x: Any) -> str:
+  if x is None:
+    return "None"
+  shape = getattr(x, "shape", None)
+  if shape is None:
+    return type(x).__name__
+  dtype = getattr(x, "dtype", None)
+  return f"{type(x).__name__}{tuple(shape)}" + (f" {dtype}" if dtype is not None else "")
+
+
+def check_same_structure(trees: Sequence[Any], names: Sequence[str], *,
+                         is_leaf: Callable[[Any], bool] | None = None,
+                         what: str = "trees") -> None:
+  """Raise `ValueError` unless every tree has the structure of `trees[0]`.
+
+  The message names the paths found in one tree and not in the other and, when the
+  paths agree, the first path whose node differs (a leaf kind, a rank, a `None`
+  placeholder), with what each tree holds there, never two whole tree definitions.
+  """
+  defs = [jtu.tree_structure(t, is_leaf=is_leaf) for t in trees]
+  for k in range(1, len(trees)):
+    if defs[k] == defs[0]:
+      continue
+    a = dict(leaves_with_paths(trees[0], is_leaf=is_leaf))
+    b = dict(leaves_with_paths(trees[k], is_leaf=is_leaf))
+    only_a, only_b = sorted(set(a) - set(b))[:5], sorted(set(b) - set(a))[:5]
+    if only_a or only_b:
+      raise ValueError(f"{what}: {names[k]} does not have the structure of {names[0]}: "
+                       f"paths only in {names[0]}: {only_a or '-'}; only in {names[k]}: "
+                       f"{only_b or '-'}")
+    # same leaf paths: the difference is in a node (static metadata, a leaf kind)
+    for (pa, xa), (pb, xb) in zip(_nodes(trees[0], is_leaf), _nodes(trees[k], is_leaf)):
+      if pa != pb or xa != xb:
+        raise ValueError(f"{what}: {names[k]} differs from {names[0]} at {pa or pb}: "
+                         f"{xa} vs {xb}")
+    raise ValueError(f"{what}: {names[k]} does not have the structure of {names[0]}")
+
+
+def _nodes(tree: Any, is_leaf) -> list[tuple[str, str]]:
+  """(path, description) of every leaf, with implicit and dataclass nodes described by
+  their class and static fields, for finding where two structures differ."""
+  out = []
+  def stop(y):   # None placeholders and leaf kinds (which carry static fields) are nodes
+    return y is None or hasattr(type(y), "static_fields") or (
+        is_leaf is not None and is_leaf(y))
+
+  for kp, x in jtu.tree_flatten_with_path(tree, is_leaf=stop)[0]:
+    desc = _describe_leaf(x)
+    statics = getattr(type(x), "static_fields", ())
+    if statics:
+      desc += " " + ", ".join(f"{n}={getattr(x, n)!r}" for n in statics)
+      desc += " " + ", ".join(f"{n}: {_describe_leaf(getattr(x, n))}"
+                              for n in getattr(type(x), "data_fields", ()))
+    out.append((path_str(kp), desc))
+  return out
+
+
 __all__ = ["path_str", "leaves_with_paths", "map_with_path", "select_paths",
-           "closest_paths", "first_match", "tree_paths"]
+           "closest_paths", "first_match", "tree_paths", "check_same_structure"]
 
 del jax

@@ -43,7 +43,7 @@ from lora_jax import _paths
 from lora_jax._dora import DoraWeight
 from lora_jax._files import read_json, read_safetensors, write_json, write_safetensors
 from lora_jax._implicit import ImplicitArray, is_implicit
-from lora_jax._lora_weight import LoraWeight
+from lora_jax._lora_weight import LoraWeight, LowRankWeight
 from lora_jax._trainable import Trainable
 
 CONFIG_NAME = "adapter_config.json"
@@ -324,7 +324,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
                        + (f" (stacked: {spath!r})" if spath else "")
                        + f", which base_params does not have; closest paths: {near}")
     base = leaves[target]
-    if isinstance(base, LoraWeight):
+    if is_implicit(base) and base.trainable_fields:
       raise ValueError(f"{target}: base parameter is already a {type(base).__name__}; "
                        "load the adapter onto base weights (lj.merge first)")
     shape = tuple(base.shape)
@@ -556,7 +556,11 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
     if isinstance(leaf, Trainable):
       saved_modules += _write_full(tensors, lpath, leaf, name_map)
       continue
-    if not isinstance(leaf, LoraWeight):
+    if not isinstance(leaf, LowRankWeight):
+      if is_implicit(leaf) and leaf.trainable_fields:
+        raise ValueError(f"{lpath}: save_adapter writes LoRA / DoRA factors and fully "
+                         f"trained modules; a {type(leaf).__name__} (trainable "
+                         f"{leaf.trainable_fields}) has no PEFT layout")
       continue
     kinds.add(isinstance(leaf, DoraWeight))
     dropout = max(dropout, float(leaf.dropout))

@@ -28,23 +28,37 @@ from jax import lax
 from jax.extend.core import primitives as P
 
 from lora_jax import _paths
-from lora_jax._implicit import ImplicitArray, bind, register_rule
+from lora_jax._implicit import (ImplicitArray, base, bind, data, frozen, is_implicit,
+                                register_dot_rule, register_rule, static)
 from lora_jax._dora import DoraWeight
-from lora_jax._lora_weight import LoraWeight
+from lora_jax._fingerprint import base_fingerprint
+from lora_jax._lora_weight import LoraWeight, LowRankWeight
 from lora_jax._trainable import Trainable
 
 
-@dataclasses.dataclass(frozen=True)
 class MultiLoraWeight(ImplicitArray):
-  """A base kernel with a bank of LoRA adapters; `ids` picks one per batch row."""
+  """A base kernel with a bank of LoRA adapters; `ids` picks one per batch row.
 
-  w: Any
-  a: Any
-  b: Any
-  scales: Any
-  ids: Any = None
-  mags: Any = None   # DoRA: (*L, n_adapters, *out) factor m / ||W + s A B||; 1 for LoRA
-  axes: str = "io"
+  Attributes:
+    w: the shared base kernel `(*L, *kernel)` (plain or quantized).
+    a: `(*L, n_adapters, *in, r)`, b: `(*L, n_adapters, r, *out)`: the bank, ranks
+      zero-padded to the largest; frozen (served, not trained).
+    scales: `(*L, n_adapters)` float32 LoRA scales.
+    ids: `(*L, batch)` int32 adapter per batch row, -1 = base only (`with_adapter_ids`).
+    mags: DoRA banks: `(*L, n_adapters, *out)` factor `m / ||W + s A B||`; None for LoRA.
+    fingerprint: `(*L, 4)` float32 sums of the base adapters were trained on
+      (`stack_adapters` refuses adapters of another base; `set_adapter` checks it).
+    axes: the kernel layout. Static.
+  """
+
+  w: Any = base()
+  a: Any = frozen()
+  b: Any = frozen()
+  scales: Any = frozen()
+  ids: Any = data(None)
+  mags: Any = frozen(None)
+  fingerprint: Any = data(None)
+  axes: str = static("io")
 
   @property
   def shape(self):
@@ -84,11 +98,12 @@ class MultiLoraWeight(ImplicitArray):
     from jax.sharding import PartitionSpec as PS
     from lora_jax._sharding import child_spec, implicit_spec_parts
     batch, ins, outs = implicit_spec_parts(spec, self.nbatch, self.axes)
-    return dataclasses.replace(
-        self, w=child_spec(self.w, spec), a=PS(*batch, None, *ins, None),
+    return self.replace_children(
+        w=child_spec(self.w, spec), a=PS(*batch, None, *ins, None),
         b=PS(*batch, None, None, *outs), scales=PS(*batch, None),
         ids=None if self.ids is None else PS(*batch, None),
-        mags=None if self.mags is None else PS(*batch, None, *outs))
+        mags=None if self.mags is None else PS(*batch, None, *outs),
+        fingerprint=None if self.fingerprint is None else PS(*batch, None))
 
   def materialize(self):
     raise TypeError(
@@ -98,12 +113,7 @@ class MultiLoraWeight(ImplicitArray):
         "use .adapter(slot) for one adapter.")
 
 
-jax.tree_util.register_dataclass(MultiLoraWeight,
-                                 data_fields=["w", "a", "b", "scales", "ids", "mags"],
-                                 meta_fields=["axes"])
-
-
-def _magnitude_factor(lw: LoraWeight) -> jax.Array:
+def _magnitude_factor(lw: LowRankWeight) -> jax.Array:
   """DoRA's per-output-column factor `m / ||W + s A @ B||` (float32, `(*batch, *out)`),
   fixed for serving; 1 for a plain LoRA adapter."""
   if isinstance(lw, DoraWeight):
@@ -111,27 +121,65 @@ def _magnitude_factor(lw: LoraWeight) -> jax.Array:
   return jnp.ones(DoraWeight.m_shape(tuple(lw.shape), lw.axes), jnp.float32)
 
 
-def _is_lora(x):
-  return isinstance(x, LoraWeight)
+def _is_low_rank(x):
+  return isinstance(x, LowRankWeight)
+
+
+def _servable(path: str, x: Any, k: int) -> None:
+  """Refuse leaves a served batch cannot hold: anything trained other than LoRA / DoRA
+  factors, whose rows would all share adapter 0's copy."""
+  if isinstance(x, ImplicitArray) and x.trainable_fields and not _is_low_rank(x):
+    if isinstance(x, Trainable):
+      raise ValueError(
+          f"stack_adapters: {path} in adapter {k} is a fully trained module "
+          "(modules_to_save); the rows of a served batch share one base, so it cannot "
+          "differ per adapter. Serve that adapter on its own (lj.merge its module into "
+          "the base), or train it without modules_to_save")
+    raise ValueError(
+        f"stack_adapters: {path} in adapter {k} is a {type(x).__name__} with trainable "
+        f"fields {x.trainable_fields}; only LoRA and DoRA leaves can be served per row")
+
+
+def _fingerprints_match(fa, fb) -> bool:
+  fa, fb = np.asarray(fa, np.float64), np.asarray(fb, np.float64)
+  return bool(np.allclose(fa, fb, rtol=1e-5, atol=1e-6 * (1.0 + np.abs(fb).max())))
+
+
+def _check_same_base(path: str, k: int, lw: LowRankWeight, ref_w: Any, ref_fp: Any,
+                     what: str) -> None:
+  """Adapters of one bank must share their base: the same object, or the same values
+  (compared by fingerprint when concrete; under `jit` the check is skipped)."""
+  if lw.w is ref_w or ref_fp is None or _traced(lw.w):
+    return
+  fp = base_fingerprint(lw.w, lw.nbatch)
+  if not _fingerprints_match(fp, ref_fp):
+    raise ValueError(
+        f"{what}: {path}: adapter {k} was made on another base weight than {'the served bank' if k == 'new' else 'adapter 0'} (same "
+        f"shape {tuple(lw.shape)}, other values: fingerprint {np.asarray(fp).reshape(-1)[:4]} vs "
+        f"{np.asarray(ref_fp).reshape(-1)[:4]}); adapters served together must share one base")
+
+
+def _traced(x) -> bool:
+  return any(isinstance(c, jax.core.Tracer) for c in jax.tree.leaves(x))
 
 
 def stack_adapters(trees: Sequence[Any]) -> Any:
-  """Stack LoRA trees from `lj.init`/`lj.load_adapter` (same base) into one served tree.
+  """Stack LoRA/DoRA trees from `lj.init`/`lj.load_adapter` (one base) into one served tree.
+
+  Each adapted kernel becomes a `MultiLoraWeight` whose bank holds every adapter's
+  factors (ranks zero-padded to the largest); plain leaves are shared.
 
   Raises:
-    ValueError: the trees differ in structure, base shapes or layouts (names the path).
+    ValueError naming the path: the trees differ in structure, base shapes, layouts or
+    base values (adapters trained on another base: same shapes, other weights; checked
+    by fingerprint), or hold fully trained / other trainable leaf kinds.
   """
   if not trees:
     raise ValueError("stack_adapters needs at least one adapter tree")
   for k, t in enumerate(trees):
-    for path, x in _paths.leaves_with_paths(t, is_leaf=lambda x: isinstance(x, Trainable)):
-      if isinstance(x, Trainable):
-        raise ValueError(
-            f"stack_adapters: {path} in adapter {k} is a fully trained module "
-            "(modules_to_save); the rows of a served batch share one base, so it cannot "
-            "differ per adapter. Serve that adapter on its own (lj.merge its module into "
-            "the base), or train it without modules_to_save")
-  flat = [_paths.leaves_with_paths(t, is_leaf=_is_lora) for t in trees]
+    for path, x in _paths.leaves_with_paths(t, is_leaf=is_implicit):
+      _servable(path, x, k)
+  flat = [_paths.leaves_with_paths(t, is_leaf=_is_low_rank) for t in trees]
   paths0 = [p for p, _ in flat[0]]
   for k, f in enumerate(flat[1:], 1):
     if [p for p, _ in f] != paths0:
@@ -140,16 +188,23 @@ def stack_adapters(trees: Sequence[Any]) -> Any:
                        f"paths in one but not the other: {diff}")
 
   def stack(path, *leaves):
-    if not isinstance(leaves[0], LoraWeight):
+    if not _is_low_rank(leaves[0]):
+      for k, x in enumerate(leaves[1:], 1):
+        if _is_low_rank(x):
+          raise ValueError(f"stack_adapters: {path}: adapter {k} has a "
+                           f"{type(x).__name__} here, adapter 0 a plain leaf")
       return leaves[0]
     for k, lw in enumerate(leaves):
-      if not isinstance(lw, LoraWeight):
-        raise ValueError(f"{path}: adapter {k} has no LoRA weight here")
+      if not _is_low_rank(lw):
+        raise ValueError(f"stack_adapters: {path}: adapter {k} has no LoRA weight here")
       if lw.axes != leaves[0].axes or tuple(lw.shape) != tuple(leaves[0].shape):
-        raise ValueError(f"{path}: adapter {k} has kernel {tuple(lw.shape)} layout "
-                         f"{lw.axes!r}; adapter 0 has {tuple(leaves[0].shape)} "
+        raise ValueError(f"stack_adapters: {path}: adapter {k} has kernel {tuple(lw.shape)} "
+                         f"layout {lw.axes!r}; adapter 0 has {tuple(leaves[0].shape)} "
                          f"{leaves[0].axes!r}")
     nb = leaves[0].nbatch
+    fp = None if _traced(leaves[0].w) else base_fingerprint(leaves[0].w, nb)
+    for k, lw in enumerate(leaves[1:], 1):
+      _check_same_base(path, k, lw, leaves[0].w, fp, "stack_adapters")
     r = max(lw.rank for lw in leaves)
     a = jnp.stack([_pad_rank(lw.a, r, lw.a.ndim - 1) for lw in leaves], axis=nb)
     b = jnp.stack([_pad_rank(lw.b, r, nb) for lw in leaves], axis=nb)
@@ -160,9 +215,9 @@ def stack_adapters(trees: Sequence[Any]) -> Any:
     if any(isinstance(lw, DoraWeight) for lw in leaves):
       mags = jnp.stack([_magnitude_factor(lw) for lw in leaves], axis=nb)
     return MultiLoraWeight(w=leaves[0].w, a=a, b=b, scales=scales, mags=mags,
-                           axes=leaves[0].axes)
+                           fingerprint=fp, axes=leaves[0].axes)
 
-  structure = jax.tree.structure(trees[0], is_leaf=_is_lora)
+  structure = jax.tree.structure(trees[0], is_leaf=_is_low_rank)
   leaves = [[x for _, x in f] for f in flat]
   out = [stack(p, *ls) for p, ls in zip(paths0, zip(*leaves))]
   return jax.tree.unflatten(structure, out)
@@ -174,62 +229,118 @@ def _pad_rank(x, r, axis):
   return jnp.pad(x, pad)
 
 
+def _is_multi(x):
+  return isinstance(x, MultiLoraWeight)
+
+
 def with_adapter_ids(served: Any, ids: jax.Array) -> Any:
-  """Attach per-row adapter ids `(batch,)` int32 (`-1` = base only) to every leaf."""
+  """Attach per-row adapter ids `(batch,)` int (`-1` = base only) to every served leaf.
+
+  Concrete ids are checked: each must be -1 or a slot of the bank (`0 <= id < n`).
+  Under `jit` (traced ids) an id outside `[-1, n)` serves its row the base only, never
+  NaN or another adapter's output, and `jax.experimental.checkify` reports it
+  (`checkify.checkify(fn)(...)` returns the error).
+
+  Raises:
+    ValueError: ids not a 1-D integer array, or a concrete id outside `[-1, n)`.
+  """
   ids = jnp.asarray(ids)
   if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"adapter ids must be a 1-D integer array (batch,), got "
                      f"{ids.shape} {ids.dtype}")
+  multis = [x for _, x in _paths.leaves_with_paths(served, is_leaf=_is_multi) if _is_multi(x)]
+  if not multis:
+    raise ValueError("with_adapter_ids: the tree has no MultiLoraWeight leaves; build the "
+                     "served tree with lj.stack_adapters first")
+  n = multis[0].n_adapters
+  if not isinstance(ids, jax.core.Tracer):
+    bad = np.asarray(ids)[(np.asarray(ids) < -1) | (np.asarray(ids) >= n)]
+    if bad.size:
+      raise ValueError(f"with_adapter_ids: ids {bad[:8].tolist()} are outside [-1, {n}) for "
+                       f"a bank of {n} adapters (-1 = base only); ids: {np.asarray(ids)[:16].tolist()}")
 
   def attach(x):
-    if not isinstance(x, MultiLoraWeight):
+    if not _is_multi(x):
       return x
     batch = tuple(x.w.shape[:x.nbatch])
     return dataclasses.replace(x, ids=jnp.broadcast_to(ids.astype(jnp.int32),
                                                        (*batch, ids.shape[0])))
-  return jax.tree.map(attach, served, is_leaf=lambda x: isinstance(x, MultiLoraWeight))
+  return jax.tree.map(attach, served, is_leaf=_is_multi)
 
 
 def set_adapter(served: Any, slot: int | jax.Array, tree: Any) -> Any:
   """Replace adapter `slot` with the LoRA tree `tree` (same base). Shapes do not change
-  (a smaller rank is zero-padded), so a jitted server keeps its compiled program."""
-  new = dict(_paths.leaves_with_paths(tree, is_leaf=_is_lora))
+  (a smaller rank is zero-padded), so a jitted server keeps its compiled program.
+
+  A concrete `slot` must be in `[0, n)`; a traced one outside it leaves the bank
+  unchanged (and `checkify` reports it). The new adapter's base is checked against the
+  served one (same object, or equal fingerprint) when concrete.
+  """
+  new = dict(_paths.leaves_with_paths(tree, is_leaf=is_implicit))
+  for path, x in new.items():
+    _servable(path, x, "new")
+  multis = [x for _, x in _paths.leaves_with_paths(served, is_leaf=_is_multi) if _is_multi(x)]
+  if not multis:
+    raise ValueError("set_adapter: the served tree has no MultiLoraWeight leaves; build it "
+                     "with lj.stack_adapters first")
+  n = multis[0].n_adapters
+  if isinstance(slot, jax.core.Tracer):
+    from jax.experimental import checkify
+    checkify.debug_check((slot >= 0) & (slot < n), "set_adapter: slot {s} is outside the "
+                         "bank of " + str(n) + " adapters", s=slot)
+  else:
+    s = np.asarray(slot)
+    if s.ndim or not np.issubdtype(s.dtype, np.integer) or not 0 <= int(s) < n:
+      raise ValueError(f"set_adapter: slot {slot!r} must be an int in [0, {n}) for a bank "
+                       f"of {n} adapters")
 
   def put(path, x):
-    if not isinstance(x, MultiLoraWeight):
+    if not _is_multi(x):
       return x
     lw = new.get(path)
-    if not isinstance(lw, LoraWeight):
-      raise ValueError(f"set_adapter: {path} has no LoRA weight in the new adapter")
+    if not _is_low_rank(lw):
+      raise ValueError(f"set_adapter: {path} has no LoRA weight in the new adapter (got "
+                       f"{type(lw).__name__ if lw is not None else 'nothing'})")
     nb, r = x.nbatch, x.a.shape[-1]
     if lw.rank > r:
       raise ValueError(f"set_adapter: {path} has rank {lw.rank}; the served bank holds rank "
                        f"<= {r} (stack it with a larger-rank adapter first)")
-    if tuple(lw.shape) != tuple(x.shape):
-      raise ValueError(f"set_adapter: {path} kernel {tuple(lw.shape)} does not match the "
-                       f"served base {tuple(x.shape)}")
+    if tuple(lw.shape) != tuple(x.shape) or lw.axes != x.axes:
+      raise ValueError(f"set_adapter: {path} kernel {tuple(lw.shape)} ({lw.axes!r}) does not "
+                       f"match the served base {tuple(x.shape)} ({x.axes!r})")
+    _check_same_base(path, "new", lw, x.w, x.fingerprint, "set_adapter")
     idx = (slice(None),) * nb + (slot,)
-    a = x.a.at[idx].set(_pad_rank(lw.a, r, lw.a.ndim - 1).astype(x.a.dtype))
-    b = x.b.at[idx].set(_pad_rank(lw.b, r, nb).astype(x.b.dtype))
-    scales = x.scales.at[idx].set(lw.scale)
+    a = x.a.at[idx].set(_pad_rank(lw.a, r, lw.a.ndim - 1).astype(x.a.dtype), mode="drop")
+    b = x.b.at[idx].set(_pad_rank(lw.b, r, nb).astype(x.b.dtype), mode="drop")
+    scales = x.scales.at[idx].set(lw.scale, mode="drop")
     mags = x.mags
     if mags is None and isinstance(lw, DoraWeight):
       raise ValueError(f"set_adapter: {path} is a DoRA adapter but the served bank holds "
                        "plain LoRA only (stack_adapters with a DoRA adapter to serve DoRA)")
     if mags is not None:
-      mags = mags.at[idx].set(_magnitude_factor(lw))
+      mags = mags.at[idx].set(_magnitude_factor(lw), mode="drop")
     return dataclasses.replace(x, a=a, b=b, scales=scales, mags=mags)
 
-  return _paths.map_with_path(put, served, is_leaf=lambda x: isinstance(x, MultiLoraWeight))
+  return _paths.map_with_path(put, served, is_leaf=_is_multi)
+
+
+def _valid_ids(m: MultiLoraWeight):
+  """Rows with an adapter: `0 <= id < n`. -1 (base only) and, under `jit`, any id
+  outside the bank serve the base only; checkify reports the latter."""
+  from jax.experimental import checkify
+  ids, n = m.ids, m.n_adapters
+  checkify.debug_check(jnp.all((ids >= -1) & (ids < n)),
+                       "lora_jax: adapter ids outside [-1, " + str(n) + "): {ids}", ids=ids)
+  return (ids >= 0) & (ids < n)
 
 
 def _row_factors(m: MultiLoraWeight):
-  """Per-row (a, b) with the scale folded into b, zero for ids == -1."""
+  """Per-row (a, b) with the scale folded into b, zero for rows without an adapter."""
   ids = m.ids
   if ids is None:
     raise ValueError("MultiLoraWeight used without adapter ids: call "
                      "lj.with_adapter_ids(served, ids) first")
-  valid = ids >= 0
+  valid = _valid_ids(m)
   safe = jnp.where(valid, ids, 0)
   a = jnp.take(m.a, safe, axis=0)                                  # (batch, *in, r)
   b = jnp.take(m.b, safe, axis=0)                                  # (batch, r, *out)
@@ -238,18 +349,21 @@ def _row_factors(m: MultiLoraWeight):
   return a, b
 
 
-@register_rule(P.dot_general_p, MultiLoraWeight)
-def _multi_dot_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
+@register_dot_rule(MultiLoraWeight)
+def _multi_dot_rule(prim, x, m, *, dimension_numbers, precision=None,
                     preferred_element_type=None, **params):
   """Batch-major `x @ W`: x (batch, ..., *in) contracting the kernel's in axes."""
   (lc, rc), (lb, rb) = dimension_numbers
-  if not isinstance(rhs, MultiLoraWeight) or isinstance(lhs, ImplicitArray):
+  if isinstance(x, ImplicitArray):
     return NotImplemented
-  m, x = rhs, lhs
   if m.ids is None:
     raise ValueError("MultiLoraWeight used without adapter ids: call "
                      "lj.with_adapter_ids(served, ids) first")
-  if m.nbatch or lb or rb or 0 in lc or x.shape[0] != m.ids.shape[0]:
+  if not m.nbatch and not lb and not rb and 0 not in lc and x.shape[0] != m.ids.shape[0]:
+    raise ValueError(f"MultiLoraWeight {m.shape}: lj.with_adapter_ids got "
+                     f"{m.ids.shape[0]} ids but x {tuple(x.shape)} has {x.shape[0]} batch rows; "
+                     "give one adapter id per row")
+  if m.nbatch or lb or rb or 0 in lc:
     return NotImplemented
   in_pos = [k for k, ax in enumerate(m.axes) if ax == "i"]
   if sorted(rc) != in_pos:
@@ -267,7 +381,7 @@ def _multi_dot_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
   out = base + y.astype(base.dtype)
   if m.mags is not None:
     # DoRA rows: (x W + s x A B) * m / ||W + s A B|| per output column; 1 elsewhere
-    valid = m.ids >= 0
+    valid = _valid_ids(m)
     mag = jnp.take(m.mags, jnp.where(valid, m.ids, 0), axis=0)          # (batch, *out)
     mag = jnp.where(valid.reshape((-1,) + (1,) * (mag.ndim - 1)), mag, 1.0)
     nout = mag.ndim - 1
@@ -283,4 +397,4 @@ def _multi_convert_rule(prim, m, *, new_dtype, **params):
 
 
 __all__ = ["MultiLoraWeight", "stack_adapters", "with_adapter_ids", "set_adapter"]
-del np
+

@@ -10,23 +10,17 @@ PEFT does and `lj.merge` unwraps it. Under `lj.implicit` the leaf is just its va
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-import jax
-
-from lora_jax._implicit import ImplicitArray
+from lora_jax._implicit import ImplicitArray, trainable
 
 
-@dataclasses.dataclass(frozen=True)
 class Trainable(ImplicitArray):
   """A dense leaf trained in full. `value`: the array, any shape and float dtype."""
 
-  value: Any
+  value: Any = trainable()
 
   materialize_is_free = True          # `implicit` unwraps it up front, no warning
-  trainable_fields = ("value",)
-  data_fields = ("value",)
 
   @property
   def shape(self):
@@ -39,8 +33,8 @@ class Trainable(ImplicitArray):
   def materialize(self):
     return self.value
 
+  def summary_label(self) -> str:
+    return "full"
+
   def partition_specs(self, spec):
-    return dataclasses.replace(self, value=spec)
-
-
-jax.tree_util.register_dataclass(Trainable, data_fields=["value"], meta_fields=[])
+    return self.replace_children(value=spec)

@@ -41,8 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
-from lora_jax._lora_weight import LoraWeight
-from lora_jax._paths import leaves_with_paths
+from lora_jax import extend
+from lora_jax.extend import leaves_with_paths
 from merging import _sparsify as sp
 
 F32 = jnp.float32
@@ -50,8 +50,11 @@ METHODS = ("cat", "linear", "svd", "ties", "dare_ties", "dare_linear", "magnitud
 _SVD_METHODS = ("svd", "ties", "dare_ties", "dare_linear", "magnitude_prune")
 
 
+LoraWeight = lj.LoraWeight
+
+
 def _is_lora(x):
-  return isinstance(x, LoraWeight)
+  return type(x) is lj.LoraWeight
 
 
 def _mats(lw: LoraWeight):
@@ -167,8 +170,9 @@ def merge_adapters(adapters, method="svd", weights=None, *, rank=None, density=N
     raise ValueError(f"merge_adapters: rank must be a positive int, got {rank!r}")
 
   for i, ad in enumerate(adapters):
-    for path, x in leaves_with_paths(
-        ad, is_leaf=lambda x: isinstance(x, (lj.Trainable, lj.DoraWeight))):
+    for path, x in leaves_with_paths(ad, is_leaf=lj.is_implicit):
+      if not (lj.is_implicit(x) and x.trainable_fields) or _is_lora(x):
+        continue
       if isinstance(x, lj.DoraWeight):
         raise ValueError(
             f"merge_adapters: {path} in adapters[{i}] is a DoRA weight; the adapter "
@@ -181,6 +185,9 @@ def merge_adapters(adapters, method="svd", weights=None, *, rank=None, density=N
             "(modules_to_save); how copies trained in full should combine is not defined "
             "by the adapter methods. Merge those leaves yourself (e.g. mg.linear on their "
             "values) and pass trees without them")
+      raise ValueError(
+          f"merge_adapters: {path} in adapters[{i}] is a {type(x).__name__} (trainable "
+          f"{x.trainable_fields}); the adapter methods combine LoRA factors only")
   flat0, treedef = jax.tree_util.tree_flatten(adapters[0], is_leaf=_is_lora)
   paths = [p for p, _ in leaves_with_paths(adapters[0], is_leaf=_is_lora)]
   cols = [flat0]
@@ -206,11 +213,20 @@ def merge_adapters(adapters, method="svd", weights=None, *, rank=None, density=N
       bad = [i for i, k in enumerate(kinds) if not k]
       raise ValueError(f"{path}: a LoraWeight in some adapters but not in adapters {bad}")
     lw0 = leaves[0]
+    fp0 = None
     for i, lw in enumerate(leaves[1:], 1):
       if tuple(lw.shape) != tuple(lw0.shape) or lw.axes != lw0.axes:
         raise ValueError(f"{path}: adapters[{i}] adapts a weight of shape {tuple(lw.shape)} "
                          f"(axes {lw.axes!r}), adapters[0] one of {tuple(lw0.shape)} "
                          f"(axes {lw0.axes!r}): not the same base")
+      if lw.w is not lw0.w:   # same shapes: compare the values cheaply
+        fp0 = extend.base_fingerprint(lw0.w, lw0.nbatch) if fp0 is None else fp0
+        fp = extend.base_fingerprint(lw.w, lw.nbatch)
+        if not np.allclose(np.asarray(fp), np.asarray(fp0), rtol=1e-5,
+                           atol=1e-6 * (1.0 + float(np.abs(np.asarray(fp0)).max()))):
+          raise ValueError(f"merge_adapters: {path}: adapters[{i}] was made on another base "
+                           f"weight than adapters[0] (same shape {tuple(lw.shape)}, other "
+                           "values); merged factors would not fit either base")
     mats = [_mats(lw) for lw in leaves]
     batch, ins, outs = mats[0][2:]
     if method == "cat":

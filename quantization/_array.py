@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
-from lora_jax import _paths
+from lora_jax import extend
 from quantization import _formats as F
 
 
@@ -38,7 +38,6 @@ def _has_shape(x) -> bool:
   return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, bool)
 
 
-@dataclasses.dataclass(frozen=True)
 class QuantizedArray(lj.ImplicitArray):
   """A blockwise-quantized kernel `(*batch, in, out)`; `materialize()` dequantizes it.
 
@@ -58,27 +57,31 @@ class QuantizedArray(lj.ImplicitArray):
     pad: zeros appended to `in` to fill the last block. Static.
   """
 
-  codes: Any
-  absmax: Any
-  nested_absmax: Any = None
-  offset: Any = None
-  format: str = "nf4"
-  block_size: int = 64
-  kernel_shape: tuple = ()
-  dtype: Any = jnp.float32
-  pad: int = 0
+  codes: Any = extend.frozen()
+  absmax: Any = extend.frozen()
+  nested_absmax: Any = extend.frozen(None)
+  offset: Any = extend.frozen(None)
+  format: str = extend.static("nf4")
+  block_size: int = extend.static(64)
+  kernel_shape: tuple = extend.static(())
+  dtype: Any = extend.static(jnp.float32)
+  pad: int = extend.static(0)
 
-  def __post_init__(self):
+  def __check_init__(self):
+    where = "QuantizedArray"
     object.__setattr__(self, "kernel_shape", tuple(int(d) for d in self.kernel_shape))
     try:
       object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
     except TypeError:
-      pass
-    if _has_shape(self.codes) and _has_shape(self.absmax):
-      self._check()
-
-  def _check(self):
-    where = "QuantizedArray"
+      raise TypeError(f"{where}: dtype {self.dtype!r} is not a dtype") from None
+    for name in ("codes", "absmax"):
+      if not _has_shape(getattr(self, name)):
+        raise TypeError(f"{where}: {name} must be an array, got "
+                        f"{type(getattr(self, name)).__name__}")
+    want_dt = np.dtype(np.int8) if self.format == "int8" else np.dtype(np.uint8)
+    if np.dtype(self.codes.dtype) != want_dt:
+      raise TypeError(f"{where}: {self.format} codes {tuple(self.codes.shape)} have dtype "
+                      f"{np.dtype(self.codes.dtype).name}; expected {want_dt.name}")
     F.check_format(self.format, where)
     F.check_block_size(self.block_size, where)
     if len(self.kernel_shape) != 2:
@@ -140,8 +143,8 @@ class QuantizedArray(lj.ImplicitArray):
     s = tuple(spec)
     batch, (s_in, s_out) = s[:self.nbatch], s[self.nbatch:]
     dq = self.double_quant
-    return dataclasses.replace(
-        self, codes=PS(*batch, s_out, s_in), absmax=PS(*batch, s_out, s_in),
+    return self.replace_children(
+        codes=PS(*batch, s_out, s_in), absmax=PS(*batch, s_out, s_in),
         nested_absmax=PS(*batch, None) if dq else None, offset=PS(*batch) if dq else None)
 
   def nbytes(self) -> int:
@@ -168,11 +171,6 @@ def _dequantize_t(codes, scales, *, fmt, block, pad, dtype):
   if pad:
     w = w[..., :kp - pad]
   return w.astype(dtype)
-
-
-jax.tree_util.register_dataclass(
-    QuantizedArray, data_fields=["codes", "absmax", "nested_absmax", "offset"],
-    meta_fields=["format", "block_size", "kernel_shape", "dtype", "pad"])
 
 
 # ----------------------------------------------------------------------------
@@ -302,33 +300,41 @@ def quantize(tree: Any, cfg: QuantConfig = QuantConfig()) -> Any:
   Example:
     >>> qparams = qz.quantize(params, qz.QuantConfig("nf4", 64, double_quant=True))
   """
-  leaves = _paths.leaves_with_paths(tree, is_leaf=_is_leaf)
+  leaves = extend.leaves_with_paths(tree, is_leaf=_is_leaf)
   paths = [p for p, _ in leaves]
   if cfg.targets is None:
-    def selected(path, leaf):
-      w = leaf.w if isinstance(leaf, lj.LoraWeight) else leaf
-      return (not lj.is_implicit(w) and _has_shape(w)
-              and jnp.issubdtype(w.dtype, jnp.floating) and w.ndim >= 2)
-    targets = {p for p, x in leaves if selected(p, x)}
+    targets = {p for p, x in leaves if extend.is_float_kernel(_weight_of(x))}
   else:
-    targets = set(_paths.select_paths(paths, cfg.targets))
+    targets = set(extend.select_paths(paths, cfg.targets))
 
   def make(path, leaf):
     if path not in targets:
       return leaf
-    if isinstance(leaf, lj.LoraWeight):
-      if lj.is_implicit(leaf.w):
-        raise TypeError(f"{path}: base weight is already a {type(leaf.w).__name__}")
-      if len(leaf.axes) != 2 or leaf.axes != "io":
-        raise ValueError(f"{path}: LoRA layout {leaf.axes!r}; only 'io' kernels can be "
-                         "quantized")
-      return dataclasses.replace(leaf, w=quantize_array(
-          leaf.w, cfg.format, cfg.block_size, cfg.double_quant, path=path))
     if lj.is_implicit(leaf):
-      raise TypeError(f"{path}: cannot quantize a {type(leaf).__name__}")
+      w = leaf.frozen_base()
+      if w is None:
+        raise TypeError(f"{path}: cannot quantize a {type(leaf).__name__} (it has no base "
+                        "weight to quantize)")
+      if lj.is_implicit(w):
+        raise TypeError(f"{path}: base weight of the {type(leaf).__name__} is already a "
+                        f"{type(w).__name__}")
+      axes = getattr(leaf, "axes", "io")
+      if axes != "io":
+        raise ValueError(f"{path}: {type(leaf).__name__} layout {axes!r}; only 'io' kernels "
+                         "can be quantized")
+      return leaf.with_base(quantize_array(w, cfg.format, cfg.block_size, cfg.double_quant,
+                                           path=path))
     return quantize_array(leaf, cfg.format, cfg.block_size, cfg.double_quant, path=path)
 
-  return _paths.map_with_path(make, tree, is_leaf=_is_leaf)
+  return extend.map_with_path(make, tree, is_leaf=_is_leaf)
+
+
+def _weight_of(leaf):
+  """The array a leaf stands for as a weight: its base for an adapter leaf (a kind with
+  a base field), the leaf itself otherwise."""
+  if lj.is_implicit(leaf) and leaf.base_field is not None:
+    return leaf.frozen_base()
+  return leaf
 
 
 def dequantize(x: Any) -> Any:
@@ -339,8 +345,8 @@ def dequantize(x: Any) -> Any:
   def deq(leaf):
     if isinstance(leaf, QuantizedArray):
       return leaf.materialize()
-    if isinstance(leaf, lj.LoraWeight) and isinstance(leaf.w, QuantizedArray):
-      return dataclasses.replace(leaf, w=leaf.w.materialize())
+    if lj.is_implicit(leaf) and isinstance(leaf.frozen_base(), QuantizedArray):
+      return leaf.with_base(leaf.frozen_base().materialize())
     return leaf
   return jax.tree.map(deq, x, is_leaf=_is_leaf)
 
@@ -360,13 +366,15 @@ def summary(tree: Any) -> str:
   """
   rows = []
   qn = qb = tn = tb = 0
-  for path, leaf in _paths.leaves_with_paths(tree, is_leaf=_is_leaf):
-    q = leaf.w if isinstance(leaf, lj.LoraWeight) else leaf
-    if isinstance(leaf, lj.LoraWeight):
-      for f in leaf.trainable_fields:       # a, b (and DoRA's m)
-        arr = getattr(leaf, f)
-        tn += int(np.prod(arr.shape))
-        tb += 8 * int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
+  for path, leaf in extend.leaves_with_paths(tree, is_leaf=_is_leaf):
+    q = _weight_of(leaf)
+    if q is not leaf:
+      # an adapter leaf: everything but its base, counted by the protocol
+      c = leaf.count()
+      base_c = q.count() if lj.is_implicit(q) else extend.LeafCount(
+          int(np.prod(q.shape)), int(np.prod(q.shape)) * np.dtype(q.dtype).itemsize, 0, 0)
+      tn += c.params - base_c.params
+      tb += 8 * (c.bytes - base_c.bytes)
     if isinstance(q, QuantizedArray):
       n, b = _leaf_bits(q)
       rows.append((path, "x".join(map(str, q.shape)), q.format, str(q.block_size),
@@ -376,9 +384,9 @@ def summary(tree: Any) -> str:
       tn += n
       tb += b
     elif lj.is_implicit(q):                  # another leaf type: count what it stores
-      for arr in jax.tree.leaves(q):
-        tn += int(np.prod(arr.shape))
-        tb += 8 * int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
+      c = q.count()
+      tn += c.params
+      tb += 8 * c.bytes
     elif _has_shape(q):
       tn += int(np.prod(q.shape))
       tb += 8 * int(np.prod(q.shape)) * np.dtype(q.dtype).itemsize

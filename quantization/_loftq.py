@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import lora_jax as lj
-from lora_jax import _paths
-from lora_jax._inits import mutating_factors
+from lora_jax import extend
 from quantization._array import QuantConfig, quantize_array
 
 
@@ -61,11 +60,11 @@ def loftq(key: jax.Array, params: Any, lora_cfg: lj.LoraConfig,
     for i in range(int(iters)):
       q = quantize_array(target.astype(w.dtype), quant_cfg.format, quant_cfg.block_size,
                          quant_cfg.double_quant, path=path)
-      a, b = mutating_factors(path, wf - q.materialize().astype(jnp.float32), "io", r, s,
+      a, b = extend.mutating_factors(path, wf - q.materialize().astype(jnp.float32), "io", r, s,
                               "pissa")
       if i + 1 < iters:
         target = wf - s * (a @ b)
     return lj.LoraWeight(w=q, a=a.astype(lw.a.dtype), b=b.astype(lw.b.dtype), scale=s,
                          axes=lw.axes, dropout=lw.dropout)
 
-  return _paths.map_with_path(one, shaped, is_leaf=is_lw)
+  return extend.map_with_path(one, shaped, is_leaf=is_lw)

@@ -254,16 +254,14 @@ def matmul(x: jax.Array, q: QuantizedArray, backend: str = "auto", *,
 DEFAULT_BACKEND = "auto"
 
 
-def _dot_general_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
+@lj.register_dot_rule(QuantizedArray)
+def _dot_general_rule(prim, x, q, *, dimension_numbers, precision=None,
                       preferred_element_type=None, **params):
-  """x @ W (contracting W's in axis) or x @ W^T (its out axis), W on either side."""
-  if isinstance(lhs, QuantizedArray) and isinstance(rhs, QuantizedArray):
+  """x @ W (contracting W's in axis) or x @ W^T (its out axis); the leaf-on-the-left
+  case is derived by `register_dot_rule`."""
+  if isinstance(x, QuantizedArray):
     return NotImplemented
-  (lc, rc), (lb, rb) = dimension_numbers
-  on_rhs = isinstance(rhs, QuantizedArray)
-  q, x = (rhs, lhs) if on_rhs else (lhs, rhs)
-  wc, wb = (rc, rb) if on_rhs else (lc, lb)
-  xc, xb = (lc, lb) if on_rhs else (rc, rb)
+  (xc, wc), (xb, wb) = dimension_numbers
   x = lj.materialize(x)
   nb = q.nbatch
   if tuple(wb) != tuple(range(nb)) or len(wc) != 1 or x.dtype != q.dtype:
@@ -280,13 +278,7 @@ def _dot_general_rule(prim, lhs, rhs, *, dimension_numbers, precision=None,
     fn = lambda xx, qq: matmul_t_xla(xx, qq, **kw)
   for _ in range(nb):
     fn = jax.vmap(fn)
-  y = fn(xt, q)                                  # (batch, xfree, qfree)
-  if not on_rhs:                                 # dot_general order: (batch, qfree, xfree)
-    y = jnp.moveaxis(y, -1, nb)
-  return y
-
-
-lj.register_rule(P.dot_general_p, QuantizedArray)(_dot_general_rule)
+  return fn(xt, q)                               # (batch, xfree, qfree)
 
 
 @lj.register_rule(P.convert_element_type_p, QuantizedArray)
