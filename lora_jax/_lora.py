@@ -77,6 +77,11 @@ class LoraConfig:
     if self.init not in INITS and not is_mutating(self.init):
       raise ValueError(f"LoraConfig.init must be one of {INITS} or 'pissa_niter_<n>', got "
                        f"{self.init!r}")
+    for name in ("targets", "modules_to_save"):
+      v = getattr(self, name)
+      if v is not None and not isinstance(v, str) and not list(v):
+        raise ValueError(f"LoraConfig.{name}: {name} patterns are empty: give at least one "
+                         "regular expression" + (" or None" if name == "modules_to_save" else ""))
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
     for k, lay in self.layouts.items():
@@ -266,8 +271,7 @@ def combine(adapter: Any, frozen: Any) -> Any:
   out = jax.tree_util.tree_map_with_path(
       lambda kp, a, f: pick(_paths.path_str(kp), a, f), adapter, frozen, is_leaf=is_none)
   for path, x in _paths.leaves_with_paths(out, is_leaf=is_implicit):
-    if isinstance(x, ImplicitArray) and all(
-        c is not None for c in jax.tree.leaves(x, is_leaf=is_none)):
+    if isinstance(x, ImplicitArray):
       try:
         x.validate()
       except (ValueError, TypeError) as e:

@@ -139,29 +139,30 @@ def check_same_structure(trees: Sequence[Any], names: Sequence[str], *,
                        f"paths only in {names[0]}: {only_a or '-'}; only in {names[k]}: "
                        f"{only_b or '-'}")
     # same leaf paths: the difference is in a node (static metadata, a leaf kind)
-    for (pa, xa), (pb, xb) in zip(_nodes(trees[0], is_leaf), _nodes(trees[k], is_leaf)):
-      if pa != pb or xa != xb:
+    for (pa, ka, xa), (pb, kb, xb) in zip(_nodes(trees[0], is_leaf), _nodes(trees[k], is_leaf)):
+      if pa != pb or ka != kb:
         raise ValueError(f"{what}: {names[k]} differs from {names[0]} at {pa or pb}: "
                          f"{xa} vs {xb}")
     raise ValueError(f"{what}: {names[k]} does not have the structure of {names[0]}")
 
 
-def _nodes(tree: Any, is_leaf) -> list[tuple[str, str]]:
-  """(path, description) of every leaf, with implicit and dataclass nodes described by
-  their class and static fields, for finding where two structures differ."""
+def _nodes(tree: Any, is_leaf) -> list[tuple[str, str, str]]:
+  """(path, structure key, description) of every leaf or leaf-kind node: a kind is keyed
+  by its class and static fields (what makes two structures differ), and described
+  with its children's shapes."""
   out = []
   def stop(y):   # None placeholders and leaf kinds (which carry static fields) are nodes
     return y is None or hasattr(type(y), "static_fields") or (
         is_leaf is not None and is_leaf(y))
 
   for kp, x in jtu.tree_flatten_with_path(tree, is_leaf=stop)[0]:
-    desc = _describe_leaf(x)
-    statics = getattr(type(x), "static_fields", ())
-    if statics:
-      desc += " " + ", ".join(f"{n}={getattr(x, n)!r}" for n in statics)
-      desc += " " + ", ".join(f"{n}: {_describe_leaf(getattr(x, n))}"
-                              for n in getattr(type(x), "data_fields", ()))
-    out.append((path_str(kp), desc))
+    desc, key = _describe_leaf(x), "leaf"
+    statics = getattr(type(x), "static_fields", None)
+    if statics is not None:
+      key = type(x).__name__ + "(" + ", ".join(f"{n}={getattr(x, n)!r}" for n in statics) + ")"
+      desc = key + " with " + ", ".join(f"{n}: {_describe_leaf(getattr(x, n))}"
+                                        for n in getattr(type(x), "data_fields", ()))
+    out.append((path_str(kp), key, desc))
   return out
 
 

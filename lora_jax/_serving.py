@@ -149,7 +149,7 @@ def _check_same_base(path: str, k: int, lw: LowRankWeight, ref_w: Any, ref_fp: A
                      what: str) -> None:
   """Adapters of one bank must share their base: the same object, or the same values
   (compared by fingerprint when concrete; under `jit` the check is skipped)."""
-  if lw.w is ref_w or ref_fp is None or _traced(lw.w):
+  if lw.w is ref_w or ref_fp is None or _traced(lw.w) or _traced(ref_fp):
     return
   fp = base_fingerprint(lw.w, lw.nbatch)
   if not _fingerprints_match(fp, ref_fp):

@@ -34,6 +34,11 @@ from lora_jax import extend
 from quantization import _formats as F
 
 
+def _concrete(x) -> bool:
+  """A value whose contents can be read here (not a tracer, not split across processes)."""
+  return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+
+
 def _has_shape(x) -> bool:
   return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, bool)
 
@@ -78,6 +83,15 @@ class QuantizedArray(lj.ImplicitArray):
       if not _has_shape(getattr(self, name)):
         raise TypeError(f"{where}: {name} must be an array, got "
                         f"{type(getattr(self, name)).__name__}")
+    if (_concrete(self.absmax) and self.nested_absmax is None
+        and jnp.issubdtype(self.absmax.dtype, jnp.floating)
+        and not bool(np.all(np.isfinite(np.asarray(self.absmax))))):
+      raise ValueError(f"{where}: absmax {tuple(self.absmax.shape)} holds NaN/inf scales; "
+                       "the weight would dequantize to NaN/inf")
+    if (self.nested_absmax is not None and _concrete(self.nested_absmax)
+        and not bool(np.all(np.isfinite(np.asarray(self.nested_absmax))))):
+      raise ValueError(f"{where}: nested_absmax {tuple(self.nested_absmax.shape)} holds "
+                       "NaN/inf scales; the weight would dequantize to NaN/inf")
     want_dt = np.dtype(np.int8) if self.format == "int8" else np.dtype(np.uint8)
     if np.dtype(self.codes.dtype) != want_dt:
       raise TypeError(f"{where}: {self.format} codes {tuple(self.codes.shape)} have dtype "
@@ -207,7 +221,16 @@ def _quantize_leaf(w: jax.Array, *, fmt: str, block_size: int, double_quant: boo
   for _ in range(w.ndim - 2):
     fn = jax.vmap(fn)
   bad = jnp.sum(~jnp.isfinite(w))
-  return (*fn(wf), bad)
+  codes, absmax, nested, offset = fn(wf)
+  # A NaN/inf weight makes the whole leaf NaN (every scale), never a finite wrong value
+  # (XLA's max skips NaN, so its block would otherwise quantize it to a finite code).
+  # Outside jit, quantize_array raises before this result is used.
+  poison = lambda s: None if s is None else jnp.where(bad > 0, jnp.nan, s)  # noqa: E731
+  if double_quant:
+    nested, offset = poison(nested), poison(offset)
+  else:
+    absmax = poison(absmax)
+  return codes, absmax, nested, offset, bad
 
 
 def quantize_array(w: jax.Array, fmt: str = "nf4", block_size: int = 64,
@@ -223,7 +246,9 @@ def quantize_array(w: jax.Array, fmt: str = "nf4", block_size: int = 64,
 
   Raises:
     TypeError: non-floating `w`. ValueError: fewer than 2 axes, NaN or inf values
-    (checked when `w` is concrete, i.e. outside `jit`).
+    (checked when `w` is concrete, i.e. outside `jit`; under `jit` such a weight
+    quantizes to a leaf whose scales are all NaN, so it dequantizes to NaN everywhere,
+    and `jax.experimental.checkify` reports it).
   """
   F.check_format(fmt, path)
   block_size = F.check_block_size(block_size, path)
@@ -238,7 +263,14 @@ def quantize_array(w: jax.Array, fmt: str = "nf4", block_size: int = 64,
   *_, k, n = w.shape
   codes, absmax, nested, offset, bad = _quantize_leaf(
       jnp.asarray(w), fmt=fmt, block_size=block_size, double_quant=double_quant)
-  if not isinstance(bad, jax.core.Tracer) and int(bad):
+  if isinstance(bad, jax.core.Tracer):
+    # Under jit the values are unknown here: a NaN/inf weight makes every scale of the
+    # leaf NaN (so it dequantizes to NaN, never to a finite wrong value), and
+    # `checkify.checkify` reports it.
+    from jax.experimental import checkify
+    checkify.debug_check(bad == 0, f"{path}: {{n}} NaN/inf value(s) in a weight of shape "
+                         f"{tuple(w.shape)}; the quantized blocks holding them are NaN", n=bad)
+  elif int(bad):
     raise ValueError(f"{path}: {int(bad)} NaN/inf value(s) in a weight of shape "
                      f"{tuple(w.shape)}; refusing to quantize (absmax would be inf/NaN)")
   return QuantizedArray(codes=codes, absmax=absmax, nested_absmax=nested, offset=offset,

@@ -144,6 +144,13 @@ def from_bnb_state_dict(sd: Mapping[str, Any]) -> dict[str, Any]:
                  f"{base}.nested_quant_map", f"{base}{_QS}{fmt}"}
   for key, val in sd.items():
     if key not in consumed:
+      for suffix in (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map"):
+        if key.endswith(suffix) and key[:-len(suffix)] in sd:
+          base = key[:-len(suffix)]
+          raise ValueError(
+              f"{base}: has bitsandbytes companion {key!r} but no '{base}{_QS}nf4' / "
+              f"'...fp4' quant-state key, so its format, block size and shape are unknown; "
+              "the state dict is incomplete (a quantized weight would be read as raw bytes)")
       out[key] = val
   return out
 

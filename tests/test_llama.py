@@ -226,10 +226,10 @@ def _random_lora(params, cfg, seed=0):
   keys = iter(jax.random.split(jax.random.key(seed + 1), 64))
 
   def fill(x):
-    if isinstance(x, lj.LoraWeight):
+    if isinstance(x, lj.LowRankWeight):
       return dataclasses.replace(x, b=0.2 * jax.random.normal(next(keys), x.b.shape, x.b.dtype))
     return x
-  return jax.tree.map(fill, lp, is_leaf=lambda x: isinstance(x, lj.LoraWeight))
+  return jax.tree.map(fill, lp, is_leaf=lambda x: isinstance(x, lj.LowRankWeight))
 
 
 def _lora_model(stacked):

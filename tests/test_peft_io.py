@@ -83,7 +83,7 @@ def test_peft_adapter_gives_peft_logits(base_dir, peft_adapters, variant, stacke
   assert isinstance(q, DoraWeight) == ("dora" in variant)
   if variant == "dora_layer1" and not stacked:
     assert not lj.is_implicit(leaves["layers/0/self_attn/q_proj/kernel"])
-  assert isinstance(q, lj.LoraWeight)
+  assert isinstance(q, lj.LowRankWeight)   # DoRA is a low-rank weight, not a LoraWeight subclass
   if variant == "rslora":
     assert q.scale == pytest.approx(4 / np.sqrt(8))
   if variant == "rank_pattern":
@@ -142,7 +142,7 @@ def test_our_lora_on_embeddings_and_lm_head_in_peft(base_dir, tmp_path):
   keys = iter(jax.random.split(jax.random.key(1), 8))
   lp = jax.tree.map(
       lambda x: dataclasses.replace(x, b=0.3 * jax.random.normal(next(keys), x.b.shape))
-      if isinstance(x, lj.LoraWeight) else x, lp, is_leaf=lambda x: isinstance(x, lj.LoraWeight))
+      if isinstance(x, lj.LowRankWeight) else x, lp, is_leaf=lambda x: isinstance(x, lj.LowRankWeight))
   ours = np.asarray(_ifwd(lp, config, jnp.asarray(IDS)))
   save_adapter(tmp_path, lp, cfg)
   saved = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -169,8 +169,8 @@ def test_custom_name_map_roundtrip(tmp_path):
   cfg = lj.LoraConfig(rank=2, alpha=3, targets=r".*kernel")
   lp = lj.init(jax.random.key(1), params, cfg)
   lp = jax.tree.map(lambda x: dataclasses.replace(x, b=jnp.ones_like(x.b))
-                    if isinstance(x, lj.LoraWeight) else x, lp,
-                    is_leaf=lambda x: isinstance(x, lj.LoraWeight))
+                    if isinstance(x, lj.LowRankWeight) else x, lp,
+                    is_leaf=lambda x: isinstance(x, lj.LowRankWeight))
   save_adapter(tmp_path, lp, cfg, name_map=name_map)
   from lora_jax._files import read_safetensors
   keys = sorted(read_safetensors(tmp_path / "adapter_model.safetensors"))
