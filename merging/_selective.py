@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merging._methods import (F32, MethodInfo, _check_models, _f32, _map, register,
-                              resolve)
+from merging._methods import F32, _f32
+from merging._registry import METHODS, P, method
 
 
 @jax.jit
@@ -106,64 +106,50 @@ def ram_leaf(base, models, epsilon, r=0.1, alpha=0.2, *, plus: bool = False):
   return (b + merged.reshape(b.shape)).astype(base.dtype)
 
 
-def nearswap(base, model, t):
-  """NearSwap of two models leaf by leaf; `t` a value, `{regex: value}` or gradient."""
-
-  def leaf(j, path, tt, lv):
-    tv = float(resolve(t, path, tt, "t"))
-    if tv < 0:
-      raise ValueError(f"{path}: nearswap t={tv} must be >= 0")
-    return nearswap_leaf(lv[0], lv[1], np.float32(tv))
-
-  return _map([base, model], ["base", "model"], leaf)
+@method("nearswap", reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        base="required", models=1, inputs=("base", "model"))
+def _nearswap(base, models, *, t: float = P(lo=0, positional=True,
+                                            doc="distance under which the model's value is taken")):
+  """NearSwap: take the model's value where it is within about `t` of the base's."""
+  return nearswap_leaf(base, models[0], np.float32(t))
 
 
-def sce(models, base, *, select_topk=1.0):
-  """SCE merge of task vectors from `base`; `select_topk` (value, mapping or gradient)
-  is the fraction of elements kept by variance (1: no selection)."""
-  _check_models(models, "sce")
-  names = ["base"] + [f"models[{i}]" for i in range(len(models))]
-
-  def leaf(j, path, tt, lv):
-    k = float(resolve(select_topk, path, tt, "select_topk"))
-    return sce_leaf(lv[0], tuple(lv[1:]), np.float32(k), select=bool(0 < k < 1)) \
-        if k > 0 else lv[0]
-
-  return _map([base, *models], names, leaf)
+@method("sce", reference="https://arxiv.org/abs/2408.07990", base="required")
+def _sce(base, models, *,
+         select_topk: float = P(1.0, lo=0, hi=1, doc="fraction kept by variance (1: all)"),
+         int8_mask: bool = P(False, doc="accepted for mergekit; no effect")):
+  """SCE: select by variance, weight by task-vector energy, erase sign conflicts."""
+  if select_topk <= 0:
+    return base
+  return sce_leaf(base, models, np.float32(select_topk), select=bool(select_topk < 1))
 
 
-def arcee_fusion(base, model):
-  """Arcee Fusion of two models leaf by leaf (mergekit's `arcee_fusion`)."""
-  return _map([base, model], ["base", "model"], lambda j, p, t, lv: arcee_fusion_leaf(*lv))
+@method("arcee_fusion", reference="https://arcee.ai", base="required", models=1,
+        inputs=("base", "model"))
+def _arcee_fusion(base, models):
+  """Arcee Fusion: keep the model's change where its KL-weighted importance is an outlier."""
+  return arcee_fusion_leaf(base, models[0])
 
 
-def ram(models, base, *, epsilon=1e-5):
-  """RAM (reinforced agent merging): unique task-vector entries kept, shared ones
-  averaged; `epsilon` a value, `{regex: value}` or gradient."""
-  _check_models(models, "ram")
-  names = ["base"] + [f"models[{i}]" for i in range(len(models))]
-  return _map([base, *models], names, lambda j, p, t, lv: ram_leaf(
-      lv[0], tuple(lv[1:]), np.float32(resolve(epsilon, p, t, "epsilon"))))
+@method("ram", reference="https://arxiv.org/abs/2601.13572", base="required")
+def _ram(base, models, *, epsilon: float = P(1e-5, lo=0, doc="|delta| above which an entry "
+                                                             "counts as changed")):
+  """RAM: task-vector entries one model changes kept whole, shared ones averaged."""
+  return ram_leaf(base, models, np.float32(epsilon))
 
 
-def ramplus_tl(models, base, *, r=0.1, alpha=0.2, epsilon=1e-5):
-  """RAM+ (tensor-local): RAM with each model's unique entries scaled up by how much
-  it overlaps with the others in that tensor."""
-  _check_models(models, "ramplus_tl")
-  names = ["base"] + [f"models[{i}]" for i in range(len(models))]
-  return _map([base, *models], names, lambda j, p, t, lv: ram_leaf(
-      lv[0], tuple(lv[1:]), np.float32(resolve(epsilon, p, t, "epsilon")),
-      np.float32(resolve(r, p, t, "r")), np.float32(resolve(alpha, p, t, "alpha")),
-      plus=True))
+@method("ramplus_tl", reference="https://arxiv.org/abs/2601.13572", base="required")
+def _ramplus_tl(base, models, *,
+                r: float = P(0.1, lo=0, doc="strength of the overlap boost"),
+                alpha: float = P(0.2, lo=0, doc="cap of the shared/unique ratio"),
+                epsilon: float = P(1e-5, lo=0, doc="|delta| above which an entry counts")):
+  """RAM+ (tensor-local): RAM with each model's unique entries scaled up by its overlap."""
+  return ram_leaf(base, models, np.float32(epsilon), np.float32(r), np.float32(alpha),
+                  plus=True)
 
 
-register(MethodInfo("arcee_fusion", arcee_fusion, "https://arcee.ai", "required", 1, 1, ()))
-register(MethodInfo("ram", ram, "https://arxiv.org/abs/2601.13572", "required", 1, None,
-                    ("epsilon",)))
-register(MethodInfo("ramplus_tl", ramplus_tl, "https://arxiv.org/abs/2601.13572", "required",
-                    1, None, ("r", "alpha", "epsilon")))
-register(MethodInfo("nearswap", nearswap,
-                    "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", "required",
-                    1, 1, ("t",)))
-register(MethodInfo("sce", sce, "https://arxiv.org/abs/2408.07990", "required", 1, None,
-                    ("select_topk", "int8_mask")))
+nearswap = METHODS["nearswap"].fn
+sce = METHODS["sce"].fn
+arcee_fusion = METHODS["arcee_fusion"].fn
+ram = METHODS["ram"].fn
+ramplus_tl = METHODS["ramplus_tl"].fn
