@@ -423,7 +423,20 @@ def _check_linear(v, n, where):
     raise ValueError(f"{where}: linear weights {v['weight'].tolist()} sum to 0; cannot normalize")
 
 
-@method("linear", reference="https://arxiv.org/abs/2203.05482", base="none", check=_check_linear)
+def _linear_mergekit(base, models, *, weight, normalize):
+  """mergekit 0.1.5's `linear` (numpy): float32 accumulation by fused multiply-adds
+  (`addcmul_`, emulated exactly in float64), one division, one rounding to the dtype."""
+  acc = np.zeros(models[0].shape, np.float32)
+  w = np.asarray(weight, np.float32)
+  for i, x in enumerate(models):
+    acc = (acc.astype(np.float64) + x.astype(np.float64) * np.float64(w[i])).astype(np.float32)
+  if normalize:
+    acc = acc / np.float32(_mk_sum([w[i:i + 1] for i in range(len(models))], np.float32)[0])
+  return acc.astype(models[0].dtype)
+
+
+@method("linear", reference="https://arxiv.org/abs/2203.05482", base="none", check=_check_linear,
+        mergekit=_linear_mergekit)
 def _linear(base, models, *,
             weight: float = P(1.0, per_model=True, api="weights", yaml_required=True,
                               doc="the model's weight"),
@@ -433,7 +446,7 @@ def _linear(base, models, *,
 
 
 @method("slerp", reference="https://en.wikipedia.org/wiki/Slerp", base="required", models=1,
-        inputs=("a", "b"))
+        inputs=("a", "b"), mergekit="float32")
 def _slerp(base, models, *,
            t: float = P(lo=0, hi=1, positional=True, doc="0 gives the base (a), 1 the model (b)"),
            dot_threshold: float = P(0.9995, lo=0, hi=1,
@@ -468,7 +481,7 @@ def _model_stock(base, models, *, filter_wise: bool = P(False, doc="per row of a
 
 
 @method("passthrough", reference="https://arxiv.org/abs/2312.15166", base="none", models=1,
-        inputs=("model",))
+        inputs=("model",), mergekit="float32")
 def _passthrough(base, models, *,
                  scale: float = P(None, per_model=True, positional=True, none_ok=True,
                                   doc="multiply the tensor (none: copy)")):
@@ -492,6 +505,100 @@ def _task_vector(base, models, *, sparsify, key=None, weight, density=None, gamm
   return task_vector_leaf(base, models, weight, np.float32(lambda_), args, key,
                           sparsify=sparsify, consensus=consensus, normalize=normalize,
                           rescale=rescale)
+
+
+def _mk_sum(xs, dt):
+  """torch's `stack(xs).sum(0)` in dtype `dt`: accumulated in float32, rounded once."""
+  acc = np.zeros(np.shape(xs[0]), np.float32)
+  for x in xs:
+    acc = acc + np.asarray(x, np.float32)
+  return acc.astype(dt)
+
+
+def _mk_rescale(d, mask, rescale, dt):
+  masked = (d * mask.astype(dt)).astype(dt)
+  if not rescale:
+    return masked
+  before = np.float32(np.abs(d.astype(np.float32)).sum()).astype(dt)
+  after = np.float32(np.abs(masked.astype(np.float32)).sum()).astype(dt)
+  if float(before) < sp.RESCALE_EPS or float(after) < sp.RESCALE_EPS:
+    return masked
+  ratio = (np.float32(before) / np.float32(after)).astype(dt)
+  return (masked.astype(np.float32) * np.float32(ratio)).astype(dt)
+
+
+def _mk_magnitude(d, density, rescale, dt):
+  """mergekit 0.1.5 `sparsify.magnitude` on a tensor of dtype `dt` (numpy). Ties at
+  the k-th magnitude are kept lowest flat index first; torch's argsort picks among
+  them in an unspecified order (the one residual difference)."""
+  if density >= 1:
+    return d
+  if density <= 0 or d.size == 0:
+    return np.zeros_like(d)
+  k = max(1, int(density * d.size))
+  w = np.abs(d.astype(np.float32)).reshape(-1)
+  mask = np.zeros(d.size, bool)
+  mask[np.argsort(-w, kind="stable")[:k]] = True
+  return _mk_rescale(d, mask.reshape(d.shape), rescale, dt)
+
+
+def _mk_outliers(d, density, gamma, rescale, dt):
+  """mergekit 0.1.5 `sparsify.magnitude_outliers` (numpy, dtype `dt`; ties as above)."""
+  if density >= 1:
+    return d
+  n = d.size
+  target, n_top = int(density * n), int(gamma * n)
+  n_bot = max(0, n - target - n_top)
+  w = np.abs(d.astype(np.float32)).reshape(-1)
+  mask = np.zeros(n, bool)
+  mask[np.argsort(w, kind="stable")[n_bot:n_bot + target]] = True
+  return _mk_rescale(d, mask.reshape(d.shape), rescale, dt)
+
+
+def _task_vector_mergekit(base, models, *, sparsify, key=None, weight, density=None,
+                          gamma=None, epsilon=None, lambda_, normalize, rescale, consensus,
+                          int8_mask=False):
+  """mergekit 0.1.5's `GeneralizedTaskArithmeticMerge.merge_group` in the inputs' dtype:
+  numpy arrays in, each operation computed in float32 and rounded to the dtype as
+  torch does on CPU (sums accumulate in float32 and round once). bf16/fp16/f32."""
+  if sparsify not in (None, "magnitude", "magnitude_outliers"):
+    raise ValueError(f"arithmetic='mergekit' is not reproduced for random drops ({sparsify}): "
+                     "torch's random numbers are not ours")
+  dt = base.dtype
+  f32 = np.float32
+  rescale = rescale in (True, "l1")
+  b = base.astype(f32)
+  deltas = []
+  for i, m in enumerate(models):
+    d = (m.astype(f32) - b).astype(dt)
+    if sparsify == "magnitude":
+      d = _mk_magnitude(d, float(density[i]), rescale, dt)
+    elif sparsify == "magnitude_outliers":
+      d = _mk_outliers(d, float(density[i]), float(gamma[i]), rescale, dt)
+    deltas.append(d)
+  w = np.asarray(weight, f32).astype(dt)
+  deltas = [(d.astype(f32) * f32(w[i])).astype(dt) for i, d in enumerate(deltas)]
+  zero = np.zeros((), dt)
+  if consensus is not None:
+    if consensus == "sum":
+      score = _mk_sum(deltas, dt)
+    else:
+      score = _mk_sum([np.sign(d.astype(f32)).astype(dt) for d in deltas], dt)
+    majority = np.where(score.astype(f32) >= 0, f32(1), f32(-1))
+    masks = [np.sign(d.astype(f32)) == majority for d in deltas]
+    mixed = _mk_sum([np.where(g, d, zero) for g, d in zip(masks, deltas)], dt)
+    div = _mk_sum([np.where(g, w[i], zero) for i, g in enumerate(masks)], dt)
+    div = np.where(div.astype(f32) == 0, np.ones((), dt), div)
+  else:
+    mixed = _mk_sum(deltas, dt)
+    div = _mk_sum([w[i:i + 1] for i in range(len(deltas))], dt)[0]
+    if abs(float(div)) < 1e-8:
+      div = np.ones((), dt)
+  if normalize:
+    mixed = (mixed.astype(f32) / np.asarray(div, dt).astype(f32)).astype(dt)
+  if float(lambda_) != 1:
+    mixed = (mixed.astype(f32) * f32(lambda_)).astype(dt)
+  return (b + mixed.astype(f32)).astype(dt)
 
 
 def _tv_signature(*, weight: float = P(1.0, per_model=True, api="weights", yaml_required=True,
@@ -523,8 +630,10 @@ def _check_tv(random):
 
 
 def task_vector_method(name, sparsify, consensus, normalize, rescale, reference, random=False,
-                       notes=""):
-  """Register one setting of the general task-vector merge (mergekit's GTA)."""
+                       notes="", summary=""):
+  """Register one setting of the general task-vector merge (mergekit's GTA): which
+  sparsifier and sign consensus it uses and its defaults of `normalize`/`rescale`.
+  Returns the tree function (`mg.<name>`)."""
   ps = params_of(_tv_signature)
   if sparsify != "magnitude_outliers":
     del ps["gamma"]
@@ -533,42 +642,50 @@ def task_vector_method(name, sparsify, consensus, normalize, rescale, reference,
   for k, d in (("normalize", normalize), ("rescale", rescale), ("consensus", consensus)):
     ps[k] = dataclasses.replace(ps[k], default=d)
   tensor = functools.partial(_task_vector, sparsify=sparsify)
-  tensor.__doc__ = (f"{name}: base + lambda * merge of the task vectors (sparsify: {sparsify}, "
-                    f"consensus: {consensus}).")
+  tensor.__doc__ = summary
+  mk = (None if random else functools.partial(_task_vector_mergekit, sparsify=sparsify))
   m = register(Method(name, tensor, ps, reference, "required", 1, None, ("models", "base"),
-                      random, notes, tensor.__doc__, _check_tv(random)))
+                      random, notes, summary, _check_tv(random), mergekit=mk))
   return m.fn
 
 
 task_arithmetic = task_vector_method(
     "task_arithmetic", None, None, False, False, "https://arxiv.org/abs/2212.04089",
+    summary="base + λ Σ wᵢ (mᵢ - base)",
     notes="as the paper (Ilharco et al. 2023): base + lambda * sum_i w_i (m_i - base)")
 ties = task_vector_method(
     "ties", "magnitude", "sum", True, False, "https://arxiv.org/abs/2306.01708",
+    summary="trim deltas to `density` by magnitude, elect signs, disjoint mean",
     notes="mergekit: sign elected from the weighted deltas, divided by the summed weights of "
           "agreeing models, k = max(1, int(density * n)); unit weights give the paper's TIES")
 dare_linear = task_vector_method(
     "dare_linear", "random", None, False, True, "https://arxiv.org/abs/2311.03099", True,
+    summary="random drop at `1 - density`, rescale",
     notes="mergekit 0.1.5 rescales to the delta's L1 norm; rescale='inverse' is the "
           "paper's 1/density")
 dare_ties = task_vector_method(
     "dare_ties", "random", "sum", False, True, "https://arxiv.org/abs/2311.03099", True,
+    summary="random drop at `1 - density`, rescale, TIES sign consensus",
     notes="mergekit 0.1.5 rescales to the delta's L1 norm; rescale='inverse' is the "
           "paper's 1/density")
 breadcrumbs = task_vector_method(
     "breadcrumbs", "magnitude_outliers", None, False, False, "https://arxiv.org/abs/2312.06795",
+    summary="drop the largest `gamma` and the smallest deltas",
     notes="mergekit's parameters: density kept, gamma largest dropped, the smallest dropped "
           "to reach density")
 breadcrumbs_ties = task_vector_method(
     "breadcrumbs_ties", "magnitude_outliers", "sum", False, False,
     "https://arxiv.org/abs/2312.06795",
+    summary="breadcrumbs with TIES sign consensus",
     notes="breadcrumbs sparsification with TIES sign consensus (mergekit)")
 della = task_vector_method(
     "della", "della_magprune", "sum", True, True, "https://arxiv.org/abs/2406.11617", True,
+    summary="magnitude-ranked drop probabilities (`epsilon`), TIES sign consensus",
     notes="mergekit: keep probability density +/- epsilon by |delta| rank per row, L1 "
           "rescale; rescale='inverse' is the paper's 1/p")
 della_linear = task_vector_method(
     "della_linear", "della_magprune", None, False, True, "https://arxiv.org/abs/2406.11617", True,
+    summary="magnitude-ranked drop probabilities (`epsilon`)",
     notes="DELLA drop without sign consensus (mergekit)")
 
 linear = METHODS["linear"].fn

@@ -172,6 +172,11 @@ class Method:
   summary: str = ""
   check: Callable | None = None    # check(values: dict, n_models, where) on resolved values
   fn: Callable | None = None
+  # mergekit's arithmetic in the inputs' dtype (`arithmetic="mergekit"`): "float32" when
+  # mergekit computes this method in float32 too (our default path is its arithmetic),
+  # a numpy per-tensor function (same keywords as `tensor`) that rounds to the dtype
+  # after each operation as torch does, or None (not reproduced: an error)
+  mergekit: Any = None
 
   def __contains__(self, name):
     return name in self.params
@@ -212,20 +217,47 @@ class Method:
       extra = " besides the base" if self.base != "none" else ""
       raise ValueError(f"{where}: {self.name} takes {want} models{extra}, got {n}")
 
-  def run(self, base, models, values: dict, key=None, where: str = ""):
-    """Check resolved values (`check`) and merge one tensor."""
+  def check_arithmetic(self, arithmetic: str, where: str = ""):
+    if arithmetic not in ARITHMETIC:
+      raise ValueError(f"{where}: arithmetic must be one of {list(ARITHMETIC)}, got "
+                       f"{short(arithmetic)}")
+    if arithmetic == "mergekit" and self.mergekit is None:
+      ok = sorted(k for k, m in METHODS.items() if m.mergekit is not None)
+      raise ValueError(f"{where}: arithmetic 'mergekit' is not reproduced for {self.name!r} "
+                       f"(it is for: {', '.join(ok)})")
+
+  def run(self, base, models, values: dict, key=None, where: str = "",
+          arithmetic: str = "float32"):
+    """Check resolved values (`check`) and merge one tensor (`arithmetic`: "float32",
+    or "mergekit": numpy on the host, rounding as mergekit does in the dtype)."""
     if self.check is not None:
       self.check(values, len(models), where)
     kw = dict(values)
     if self.random:
       kw["key"] = key
+    fn = self.tensor
+    if arithmetic != "float32":
+      self.check_arithmetic(arithmetic, where)
+      if callable(self.mergekit):
+        fn = self.mergekit
+        base = None if base is None else _host(base, where)
+        models = [_host(x, where) for x in models]
     try:
-      return self.tensor(base, tuple(models), **kw)
+      return fn(base, tuple(models), **kw)
     except ValueError as e:
       raise ValueError(f"{where}: {e}" if where else str(e)) from None
 
 
 METHODS: dict[str, Method] = {}
+ARITHMETIC = ("float32", "mergekit")
+
+
+def _host(x, where):
+  import jax
+  if isinstance(x, jax.core.Tracer):
+    raise TypeError(f"{where}: arithmetic='mergekit' runs in numpy on the host; call it "
+                    "outside jax.jit")
+  return np.asarray(x)
 
 
 def register(m: Method) -> Method:
@@ -264,7 +296,7 @@ def params_of(fn: Callable) -> dict:
 
 def method(name: str, *, reference: str, base: str, models=(1, None), inputs=None,
            random: bool = False, notes: str = "", check: Callable | None = None,
-           params: dict | None = None):
+           params: dict | None = None, mergekit=None):
   """Register the decorated per-tensor function as merge method `name`.
 
   Args:
@@ -275,6 +307,7 @@ def method(name: str, *, reference: str, base: str, models=(1, None), inputs=Non
       `("a", "b")` (a pair: base first); default from `base`.
     random: the function takes `key` (one PRNG key per model).
     check: `check(values, n_models, where)`, a host check across parameters.
+    mergekit: how `arithmetic="mergekit"` runs (see `Method.mergekit`).
   Returns:
     The registered `Method`.
   """
@@ -288,7 +321,7 @@ def method(name: str, *, reference: str, base: str, models=(1, None), inputs=Non
     doc = inspect.getdoc(fn) or ""
     m = Method(name, fn, params if params is not None else params_of(fn), reference, base,
                models[0], models[1], tuple(inputs), random, notes,
-               doc.split("\n\n")[0].replace("\n", " "), check)
+               doc.split("\n\n")[0].replace("\n", " "), check, mergekit=mergekit)
     return register(m)
 
   return deco
@@ -373,10 +406,12 @@ def resolve_values(m: Method, settings: dict, path: str, t: float, n: int, where
   return out
 
 
-def merge_trees(m: Method, models, base, params: dict, key=None, *, where=None):
+def merge_trees(m: Method, models, base, params: dict, key=None, *, where=None,
+                arithmetic="float32"):
   """Merge pytrees with method `m`; `params` keyed by Python or YAML names."""
   from merging._methods import _leaf_keys, _map
   where = where or m.name
+  m.check_arithmetic(arithmetic, where)
   _check_models(models, where)
   models = list(models)
   n = len(models)
@@ -413,7 +448,7 @@ def merge_trees(m: Method, models, base, params: dict, key=None, *, where=None):
     values = resolve_values(m, settings, path, t, n, path)
     keys = _leaf_keys(key, j, n) if m.random else None
     b = leaves[0] if nb else None
-    return m.run(b, leaves[nb:], values, keys, path)
+    return m.run(b, leaves[nb:], values, keys, path, arithmetic)
 
   return _map(trees, tnames, leaf)
 
@@ -436,6 +471,7 @@ def tree_function(m: Method) -> Callable:
       sig_params.append(Prm(p.api, Prm.KEYWORD_ONLY, default=p.default))
   if m.random:
     sig_params.append(Prm("key", Prm.KEYWORD_ONLY, default=None))
+  sig_params.append(Prm("arithmetic", Prm.KEYWORD_ONLY, default="float32"))
   sig = inspect.Signature(sig_params)
   pair = m.inputs[0] not in ("models", "model")
   single = m.inputs[0] == "model"
@@ -449,7 +485,8 @@ def tree_function(m: Method) -> Callable:
           raise TypeError(f"{m.name}: parameter {y!r} given twice (as {y!r} and {a!r})")
         kwargs[a] = kwargs.pop(y)
     inputs = {nm.partition("=")[0] for nm in m.inputs}
-    extra = [k for k in kwargs if k not in api_names and k not in inputs and k != "key"]
+    extra = [k for k in kwargs if k not in api_names and k not in inputs
+             and k not in ("key", "arithmetic")]
     if extra:
       m.unknown(extra, m.name, TypeError)
     try:
@@ -459,6 +496,7 @@ def tree_function(m: Method) -> Callable:
     ba.apply_defaults()
     a = dict(ba.arguments)
     key = a.pop("key", None)
+    arithmetic = a.pop("arithmetic")
     if pair:
       b0, m0 = (a.pop(nm.partition("=")[0]) for nm in m.inputs)
       models, base = [m0], b0
@@ -467,7 +505,7 @@ def tree_function(m: Method) -> Callable:
     else:
       models, base = a.pop("models"), a.pop("base", None)
     given = {k: v for k, v in a.items()}
-    return merge_trees(m, models, base, given, key)
+    return merge_trees(m, models, base, given, key, arithmetic=arithmetic)
 
   fn.__name__ = fn.__qualname__ = m.name
   fn.__signature__ = sig
@@ -491,8 +529,12 @@ def _docstring(m: Method) -> str:
   return "\n".join(lines)
 
 
-def merge(method_name: str, models, base=None, *, key=None, **params):
+def merge(method_name: str, models, base=None, *, key=None, arithmetic="float32", **params):
   """Run a registered method by name: `merge("ties", [m1, m2], base, weights=...)`.
+
+  `arithmetic="mergekit"` reproduces mergekit's rounding in the leaves' dtype
+  (bf16/fp16) instead of computing in float32 and rounding once (host numpy; not
+  under `jit`; for the methods whose `Method.mergekit` is set).
 
   `models` are the non-base models (a list of pytrees sharing `base`'s structure);
   parameters by their Python or YAML names. Raises ValueError for an unknown
@@ -505,7 +547,7 @@ def merge(method_name: str, models, base=None, *, key=None, **params):
   m = METHODS[method_name]
   if key is not None and not m.random:
     raise TypeError(f"{method_name}: key= is only for random methods (it is deterministic)")
-  return merge_trees(m, models, base, params, key)
+  return merge_trees(m, models, base, params, key, arithmetic=arithmetic)
 
 
 def method_table() -> str:
@@ -523,4 +565,4 @@ def method_table() -> str:
 
 
 __all__ = ["P", "Param", "Method", "METHODS", "REQUIRED", "register", "method", "merge",
-           "merge_trees", "tree_function", "method_table", "params_of", "short"]
+           "merge_trees", "tree_function", "method_table", "params_of", "short", "ARITHMETIC"]

@@ -61,20 +61,40 @@ def sce_leaf(base, models, select_topk, *, select: bool):
   return (b + merged).astype(base.dtype)
 
 
+def fusion_kl(base, model):
+  """`KL(p || q)` per row (last axis, kept as size 1) with `p = softmax(model) + 1e-8`,
+  `q = softmax(base) + 1e-8` (mergekit's `arcee_fusion` score), computed without
+  cancellation when the rows are nearly equal.
+
+  With `d = model - base` (exact for close floats), the log-sum-exp difference is
+  `c = log1p(sum_j q0_j expm1(d_j))` (`q0 = softmax(base)`), so
+  `p - q = q0 * expm1(d - c)` and `log(p / q) = log1p((p - q) / q)`: every term
+  keeps its relative accuracy, where `p * (log p - log q)` in float32 loses all of
+  it (rows whose KL is below ~1e-7 get noise, even negative values).
+  """
+  b, m = _f32(base), _f32(model)
+  d = m - b
+  q0 = jax.nn.softmax(b, axis=-1)
+  c = jnp.log1p(jnp.sum(q0 * jnp.expm1(d), axis=-1, keepdims=True))
+  diff = q0 * jnp.expm1(d - c)                   # softmax(model) - softmax(base)
+  q = q0 + 1e-8
+  p = q + diff
+  return jnp.sum(p * jnp.log1p(diff / q), axis=-1, keepdims=True)
+
+
 @jax.jit
 def arcee_fusion_leaf(base, model):
   """mergekit's `arcee_fusion`: keep `model`'s change only where its importance
   `|model - base| * KL(softmax(model) || softmax(base))` (KL along the last axis) is
   an outlier, at or above `median + 1.5 * IQR` of the tensor's importances.
 
-  Quantiles are mergekit's: the sorted value at index `floor(q * (n - 1))`. mergekit
-  estimates them from 1M random samples when a tensor has more elements; we use
-  every element (the same result up to that sampling noise)."""
+  The KL is computed stably (`fusion_kl`): mergekit's float32 formula cancels on
+  nearly equal rows and flips keep/drop decisions there; this one agrees with the
+  same formula evaluated in float64. Quantiles are mergekit's: the sorted value at
+  index `floor(q * (n - 1))`. mergekit estimates them from 1M random samples when a
+  tensor has more elements; we use every element (the same up to that sampling)."""
   b, m = _f32(base), _f32(model)
-  p = jax.nn.softmax(m, axis=-1) + 1e-8
-  q = jax.nn.softmax(b, axis=-1) + 1e-8
-  kl = jnp.sum(p * jnp.log(p / q), axis=-1, keepdims=True)
-  imp = jnp.abs(m - b) * kl
+  imp = jnp.abs(m - b) * fusion_kl(b, m)
   srt = jnp.sort(imp.reshape(-1))
   n = srt.shape[0]
   q1, med, q3 = (srt[int(f * (n - 1))] for f in (0.25, 0.5, 0.75))

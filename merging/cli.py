@@ -189,6 +189,7 @@ class Task:
   out_code: str
   in_code: str | None       # `dtype` of the config: inputs are cast to it first
   index: int = 0
+  arithmetic: str = "float32"   # or "mergekit": computed in the config's dtype
 
 
 @dataclasses.dataclass
@@ -264,7 +265,7 @@ _TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dt
 _MODEL_KEYS = {"model", "parameters"}
 _SLICE_KEYS = {"sources", "base_model", "parameters"}
 _SOURCE_KEYS = {"model", "layer_range", "parameters"}
-ARITHMETIC = ("float32", "mergekit")
+from merging._registry import ARITHMETIC  # noqa: E402  ("float32", "mergekit")
 
 
 def _parse_config(cfg):
@@ -509,7 +510,7 @@ def run_task(task: Task, method: str, key=None) -> np.ndarray:
   oper = [d for k, d in enumerate(task.per_model) if k != bi]
   keys = _leaf_keys(key, task.index, len(others)) if m.random else None
   r = m.run(None if bi is None else arrs[bi], others, _values(m, task.shared, oper), keys,
-            f"tensor {task.name}")
+            f"tensor {task.name}", task.arithmetic)
   del arrs, others
   out = np.asarray(r)
   if out.dtype != out_dt:
@@ -555,20 +556,57 @@ def describe(p: Plan, shards) -> str:
   return "\n".join(lines)
 
 
-def run(config_path: str, out_dir: str, *, dry_run=False, seed=0, max_shard_size="5GB",
-        overwrite=False, quiet=False, stream=None) -> Plan:
+def run(config_path, out_dir: str, *, dry_run=False, seed=0, max_shard_size="5GB",
+        overwrite=False, quiet=False, stream=None, copy_tokenizer=True, intermediate_dir=None,
+        lazy=True, arithmetic=None) -> Plan:
   """Plan, validate and (unless `dry_run`) execute a merge. Raises ValueError /
-  FileNotFoundError before anything is written when the inputs are wrong."""
-  import yaml
+  FileNotFoundError before anything is written when the inputs are wrong.
+
+  `config_path`: a YAML file (one document, or several as mergekit-multi: named
+  documents are written to `intermediate_dir/NAME` in dependency order, the unnamed
+  one to `out_dir`) or an already parsed config mapping. `arithmetic`: "float32"
+  (default: compute in float32, round once) or "mergekit" (mergekit's arithmetic
+  in the config's `dtype`); overrides the config's `arithmetic:` key.
+  `copy_tokenizer`: copy the tokenizer files of the config's base model.
+  """
   stream = stream or sys.stdout
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"config file {config_path!r} does not exist")
-  with open(config_path) as f:
-    try:
-      cfg = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-      raise ValueError(f"{config_path}: invalid YAML: {e}") from None
+  if arithmetic is not None and arithmetic not in ARITHMETIC:
+    raise ValueError(f"arithmetic must be one of {list(ARITHMETIC)}, got {short(arithmetic)}")
+  if isinstance(config_path, dict):
+    cfg = config_path
+  else:
+    from merging import _yaml
+    docs = _yaml.load(config_path)
+    if not docs:
+      raise ValueError(f"{config_path}: the config file has no YAML document")
+    if len(docs) > 1 or (isinstance(docs[0], dict) and "name" in docs[0]):
+      steps = _yaml.order(docs, out_dir, intermediate_dir)
+      kw = dict(dry_run=dry_run, seed=seed, max_shard_size=max_shard_size, quiet=quiet,
+                stream=stream, copy_tokenizer=copy_tokenizer, arithmetic=arithmetic)
+      last = None
+      for name, cfg, dest in steps:
+        if dest != out_dir and lazy and _complete(dest):
+          if not quiet:
+            print(f"{name}: {dest} exists, skipped (--no-lazy to redo it)", file=stream)
+          continue
+        if dest != out_dir and not dry_run:
+          os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        try:
+          last = run(cfg, dest, overwrite=overwrite or dest != out_dir, **kw)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+          raise type(e)(f"merge {name or 'final'!r}: {e}") from None
+        if dry_run and dest != out_dir:
+          print(f"(dry run: later merges that read {dest} cannot be planned)", file=stream)
+          break
+      return last
+    cfg = docs[0]
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ValueError(f"output path {out_dir!r} exists and is not a directory")
   p = plan(cfg)
+  mode = arithmetic or cfg.get("arithmetic") or "float32"
+  method_spec(p.method).check_arithmetic(mode, "arithmetic")
+  for t in p.tasks:
+    t.arithmetic = mode
   shards = shard_layout(p.tasks, _parse_size(max_shard_size))
   if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite and not dry_run:
     raise ValueError(f"output directory {out_dir!r} exists and is not empty; pass --overwrite")
@@ -612,7 +650,7 @@ def run(config_path: str, out_dir: str, *, dry_run=False, seed=0, max_shard_size
       config["torch_dtype"] = HF_DTYPE[p.out_code]
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(config, f, indent=2)
-    for fn in TOKENIZER_FILES:
+    for fn in (TOKENIZER_FILES if copy_tokenizer else ()):
       s = os.path.join(src.path, fn)
       if os.path.exists(s):
         shutil.copy(s, os.path.join(tmp, fn))
@@ -631,28 +669,172 @@ def run(config_path: str, out_dir: str, *, dry_run=False, seed=0, max_shard_size
   return p
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="lora-jax", description="lora-jax command line")
-  sub = ap.add_subparsers(dest="command", required=True)
-  m = sub.add_parser("merge", help="merge checkpoints from a mergekit-style YAML config")
-  m.add_argument("config", help="mergekit-style YAML file")
+def _complete(d) -> bool:
+  """A finished checkpoint directory (mergekit-multi's `--lazy` test)."""
+  return os.path.exists(os.path.join(d, "config.json")) and any(
+      os.path.exists(os.path.join(d, f))
+      for f in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def _size_arg(flag, kmb=False):
+  """argparse type for a shard size: ours (`5GB`, `500MB`, bytes) or mergekit's
+  `--out-shard-size` (`5B` = 5e9 bytes, `500M`, `1000k`; 0 = one shard)."""
+  def parse(s):
+    s0 = s
+    if kmb:
+      m = re.fullmatch(r"\s*(\d+)\s*([kKmMbB]?)\s*", s)
+      if not m:
+        raise argparse.ArgumentTypeError(
+            f"{flag} {short(s0)}: expected an integer with an optional k/M/B suffix (mergekit)")
+      n = int(m.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[m.group(2).lower()]
+      return n if n > 0 else 2 ** 62
+    try:
+      n = _parse_size(s)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"{flag} {short(s0)}: expected a size like 5GB, 500MB or 1000000") from None
+    if n <= 0:
+      raise argparse.ArgumentTypeError(f"{flag} {short(s0)}: must be at least 1 byte")
+    return n
+  return parse
+
+
+def _int_arg(flag, lo, hi=None):
+  def parse(s):
+    try:
+      v = int(s)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{flag} {short(s)}: expected an integer") from None
+    if v < lo or (hi is not None and v > hi):
+      rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+      raise argparse.ArgumentTypeError(f"{flag} {v}: must be {rng}")
+    return v
+  return parse
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse that raises (so `main` exits 2 with one line) instead of printing usage."""
+
+  def error(self, message):
+    raise _UsageError(message)
+
+
+class _UsageError(Exception):
+  pass
+
+
+# mergekit-yaml's options that change nothing here, each with why (help text)
+_NOOPS = {
+    "--lazy-unpickle": "accepted (mergekit); nothing is unpickled: only safetensors are read",
+    "--allow-crimes": "accepted (mergekit); tensors are checked by shape, not architecture",
+    "--cuda": "accepted (mergekit); JAX runs on its default backend (set JAX_PLATFORMS)",
+    "--low-cpu-memory": "accepted (mergekit); one tensor per model is in memory at a time",
+    "--read-to-gpu": "accepted (mergekit); JAX places arrays on its default device",
+    "--multi-gpu": "accepted (mergekit); no effect",
+    "--gpu-rich": "accepted (mergekit); no effect",
+    "--clone-tensors": "accepted (mergekit); every output tensor is written as its own copy",
+    "--async-write": "accepted (mergekit); shards are written as tensors are merged",
+    "--unsafe-truncate-embeddings": "accepted (mergekit); no effect: embeddings of different "
+                                    "sizes are an error",
+    "--trust-remote-code": "accepted (mergekit); never executes code: no model code is loaded",
+}
+_NOOP_VALUES = {
+    "--device": ("DEVICE", "accepted (mergekit: cpu, cuda, auto, ...); JAX uses its default "
+                           "backend (set JAX_PLATFORMS)"),
+    "--lora-merge-cache": ("DIR", "accepted (mergekit); adapters are applied as tensors are "
+                                  "read, nothing is cached"),
+    "--transformers-cache": ("DIR", "accepted (mergekit); nothing is downloaded"),
+    "--lora-merge-dtype": ("DTYPE", "accepted (mergekit); adapters are applied in float32"),
+}
+
+
+def _merge_parser(sub):
+  m = sub.add_parser("merge", help="merge checkpoints from a mergekit-style YAML config",
+                     description="Merge checkpoints from a mergekit-style YAML config. Accepts "
+                     "mergekit-yaml's options (and mergekit-multi's --intermediate-dir/--lazy "
+                     "for multi-document configs).")
+  m.add_argument("config", help="mergekit-style YAML file (several documents: mergekit-multi)")
   m.add_argument("out_dir", help="output directory (written atomically)")
   m.add_argument("--dry-run", action="store_true", help="validate and list the plan only")
-  m.add_argument("--seed", type=int, default=0, help="seed for DARE/DELLA random drops")
-  m.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
+  m.add_argument("--seed", "--random-seed", dest="seed", type=_int_arg("--seed", 0, 2 ** 63 - 1),
+                 default=0, help="seed for DARE/DELLA random drops (mergekit: --random-seed)")
+  m.add_argument("--max-shard-size", type=_size_arg("--max-shard-size"), default=None,
+                 help="bytes per output shard, e.g. 5GB, 500MB (default 5GB)")
+  m.add_argument("--out-shard-size", type=_size_arg("--out-shard-size", kmb=True), default=None,
+                 help="mergekit's spelling of --max-shard-size: bytes with k/M/B "
+                      "(thousand/million/billion) suffixes, e.g. 5B; 0: one shard")
   m.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
   m.add_argument("--quiet", action="store_true", help="no progress bar")
+  m.add_argument("-v", "--verbose", action="count", default=0,
+                 help="accepted (mergekit's verbosity); no effect")
+  m.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                 help="copy the base model's tokenizer files to OUT_DIR (default: yes)")
+  m.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                 help="accepted (mergekit); no model card (README.md) is written")
+  m.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True,
+                 help="output is always safetensors; --no-safe-serialization is an error")
+  m.add_argument("-j", "--num-threads", type=_int_arg("--num-threads", 1), default=None,
+                 help="accepted (mergekit); XLA chooses its threads")
+  m.add_argument("--write-threads", type=_int_arg("--write-threads", 1), default=1,
+                 help="accepted (mergekit); shards are written by one thread")
+  m.add_argument("--intermediate-dir", "-I", default=None,
+                 help="directory for the named merges of a multi-document config "
+                      "(mergekit-multi)")
+  m.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=True,
+                 help="multi-document configs: skip named merges whose output exists "
+                      "(mergekit-multi; default: yes)")
+  m.add_argument("--mergekit-arithmetic", dest="arithmetic", action="store_const",
+                 const="mergekit", default=None,
+                 help="compute as mergekit does, in the config's dtype (bf16/fp16 give "
+                      "mergekit's bits); default: float32, rounded once (config key "
+                      "`arithmetic: mergekit` does the same)")
+  for flag, hlp in _NOOPS.items():
+    m.add_argument(flag, action="store_true", help=hlp)
+  for flag, (metavar, hlp) in _NOOP_VALUES.items():
+    m.add_argument(flag, metavar=metavar, default=None, help=hlp)
+  return m
+
+
+def main(argv=None) -> int:
+  """`lora-jax merge|extract-lora ...`: 0 on success, 2 (one line on stderr) on bad
+  input, an unwritable output path, a full disk or exhausted memory."""
+  ap = _Parser(prog="lora-jax", description="lora-jax command line")
+  sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  _merge_parser(sub)
   from merging import extract_cli
   extract_cli.add_parser(sub)
-  args = ap.parse_args(argv)
+  try:
+    args = ap.parse_args(argv)
+  except _UsageError as e:
+    print(f"lora-jax: error: {e} (see lora-jax --help)", file=sys.stderr)
+    return 2
+  out = getattr(args, "out_dir", None) or getattr(args, "out_path", None)
   try:
     if args.command == "extract-lora":
       extract_cli.run_args(args)
     else:
+      if not args.safe_serialization:
+        raise ValueError("--no-safe-serialization: lora-jax writes only safetensors (never "
+                         "pickle)")
+      if args.max_shard_size is not None and args.out_shard_size is not None:
+        raise ValueError("give one of --max-shard-size and --out-shard-size")
+      size = args.max_shard_size or args.out_shard_size or "5GB"
       run(args.config, args.out_dir, dry_run=args.dry_run, seed=args.seed,
-          max_shard_size=args.max_shard_size, overwrite=args.overwrite, quiet=args.quiet)
+          max_shard_size=size, overwrite=args.overwrite, quiet=args.quiet,
+          copy_tokenizer=args.copy_tokenizer, intermediate_dir=args.intermediate_dir,
+          lazy=args.lazy, arithmetic=args.arithmetic)
   except (ValueError, TypeError, FileNotFoundError) as e:
-    print(f"lora-jax {args.command}: error: {e}", file=sys.stderr)
+    print(f"lora-jax {args.command}: error: {short(str(e), 2000)}", file=sys.stderr)
+    return 2
+  except MemoryError:
+    print(f"lora-jax {args.command}: error: out of memory while writing {out!r}",
+          file=sys.stderr)
+    return 2
+  except OSError as e:
+    path = e.filename if e.filename is not None else out
+    why = e.strerror or type(e).__name__
+    print(f"lora-jax {args.command}: error: {why}: {short(str(path), 300)} "
+          f"(output {short(str(out), 300)})", file=sys.stderr)
     return 2
   return 0
 
