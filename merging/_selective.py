@@ -68,18 +68,23 @@ def fusion_kl(base, model):
 
   With `d = model - base` (exact for close floats), the log-sum-exp difference is
   `c = log1p(sum_j q0_j expm1(d_j))` (`q0 = softmax(base)`), so
-  `p - q = q0 * expm1(d - c)` and `log(p / q) = log1p((p - q) / q)`: every term
-  keeps its relative accuracy, where `p * (log p - log q)` in float32 loses all of
-  it (rows whose KL is below ~1e-7 get noise, even negative values).
+  `p - q = q0 * expm1(d - c)`. As `sum(p - q) = 0`, `KL = sum_j q_j h(x_j)` with
+  `x = (p - q) / q` and `h(x) = (1 + x) log1p(x) - x >= 0` (a series for small x):
+  a sum of non-negative terms, where `sum p * (log p - log q)` in float32 loses
+  all accuracy (rows whose KL is below ~1e-7 get noise, even negative values).
   """
   b, m = _f32(base), _f32(model)
   d = m - b
   q0 = jax.nn.softmax(b, axis=-1)
   c = jnp.log1p(jnp.sum(q0 * jnp.expm1(d), axis=-1, keepdims=True))
-  diff = q0 * jnp.expm1(d - c)                   # softmax(model) - softmax(base)
   q = q0 + 1e-8
-  p = q + diff
-  return jnp.sum(p * jnp.log1p(diff / q), axis=-1, keepdims=True)
+  x = q0 * jnp.expm1(d - c) / q                  # (p - q) / q
+  small = jnp.abs(x) < 1e-2
+  xs = jnp.where(small, x, 0.0)
+  series = xs * xs * (0.5 + xs * (-1.0 / 6 + xs * (1.0 / 12 + xs * (-1.0 / 20))))
+  xl = jnp.where(small, 1.0, x)
+  direct = (1 + xl) * jnp.log1p(xl) - xl
+  return jnp.sum(q * jnp.where(small, series, direct), axis=-1, keepdims=True)
 
 
 @jax.jit
