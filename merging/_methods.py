@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any, Callable, Sequence
 
 import jax
@@ -53,7 +54,7 @@ from lora_jax._implicit import ImplicitArray
 from lora_jax._paths import leaves_with_paths
 from merging import _sparsify as sp
 from merging._params import layer_t
-from merging._registry import METHODS, Method, P, merge, method, params_of, register
+from merging._registry import METHODS, Method, P, merge, method, params_of, register, short
 
 F32 = jnp.float32
 
@@ -341,6 +342,10 @@ def _dense(x):
   return x.materialize() if isinstance(x, ImplicitArray) else x
 
 
+def _dtype_of(x):
+  return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
+
+
 def _flatten_all(trees: Sequence[Any], names: Sequence[str]):
   """Leaves with paths of every tree; checks one structure and matching shapes."""
   flat0, treedef = jax.tree_util.tree_flatten(trees[0], is_leaf=_is_leaf)
@@ -359,11 +364,19 @@ def _flatten_all(trees: Sequence[Any], names: Sequence[str]):
           f"({td} vs {treedef})")
     cols.append([_dense(x) for x in flat])
   for j, path in enumerate(paths):
-    s0 = tuple(np.shape(cols[0][j]))
+    for c, name in zip(cols, names):
+      if not (hasattr(c[j], "dtype") and hasattr(c[j], "shape")) and not (
+          isinstance(c[j], numbers.Number)):
+        raise TypeError(f"{path}: leaf of {name} is {type(c[j]).__name__} {short(c[j])}; "
+                        "expected an array")
+    s0, d0 = tuple(np.shape(cols[0][j])), _dtype_of(cols[0][j])
     for c, name in zip(cols[1:], names[1:]):
-      s = tuple(np.shape(c[j]))
+      s, d = tuple(np.shape(c[j])), _dtype_of(c[j])
       if s != s0:
         raise ValueError(f"{path}: shape {s} in {name} does not match {s0} in {names[0]}")
+      if d != d0:
+        raise ValueError(f"{path}: dtype {d} in {name} does not match {d0} in {names[0]}; "
+                         "cast the trees to one dtype first")
   return treedef, paths, cols
 
 

@@ -338,6 +338,9 @@ def _check_models(models, what: str):
 def _per_model(p: Param, setting, n: int, where: str):
   """Split a per-model setting into `n` settings."""
   if isinstance(setting, PerModel):
+    if not isinstance(setting.values, (list, tuple)):
+      raise TypeError(f"{where}: parameter {p.yaml!r}: PerModel takes a list with one setting "
+                      f"per model, got {short(setting.values)}")
     vals = list(setting.values)
     if len(vals) != n:
       raise ValueError(f"{where}: parameter {p.yaml!r}: PerModel has {len(vals)} values for "
@@ -353,18 +356,35 @@ def _per_model(p: Param, setting, n: int, where: str):
   return [setting] * n
 
 
-def _eager_check(p: Param, setting, where: str):
-  """Check plain values (not mappings/gradients, which are checked per tensor) now."""
-  if isinstance(setting, (Mapping, Conditions, PerModel)):
-    vals = (setting.values if isinstance(setting, PerModel) else ())
+def _eager_check(p: Param, setting, where: str, depth: int = 0):
+  """Check every plain value inside a setting (lists, mappings, conditions) now, on
+  the host; which value a tensor gets is checked again per tensor, named by path."""
+  if setting is None or setting is _ABSENT:
+    return
+  if depth > 8:
+    raise ValueError(f"{where}: parameter {p.yaml!r} nests deeper than 8 levels")
+  if isinstance(setting, PerModel):
+    if not isinstance(setting.values, (list, tuple)):
+      raise TypeError(f"{where}: parameter {p.yaml!r}: PerModel takes a list with one setting "
+                      f"per model, got {short(setting.values)}")
+    vals = setting.values
+  elif isinstance(setting, Conditions):
+    vals = [v for _, v in setting.items]
+  elif isinstance(setting, Mapping):
+    for k in setting:
+      if not isinstance(k, str):
+        raise TypeError(f"{where}: parameter {p.yaml!r}: mapping keys must be path regexes "
+                        f"(strings), got {short(k)}")
+    for k, v in setting.items():
+      _eager_check(p, v, f"{where}: {p.yaml}[{short(k, 40)}]", depth + 1)
+    return
   elif isinstance(setting, (list, tuple)):
     vals = setting
   else:
-    vals = (setting,)
+    p.check(_concrete(setting), where)
+    return
   for v in vals:
-    if not isinstance(v, (Mapping, Conditions, list, tuple)) and v is not None \
-        and v is not _ABSENT:
-      p.check(_concrete(v), where)
+    _eager_check(p, v, where, depth + 1)
 
 
 def _concrete(v):
@@ -384,6 +404,19 @@ def _value(p: Param, setting, path: str, t: float):
   if p.required:
     return resolve(setting, path, t, p.yaml)     # "no value for this tensor" if unmatched
   return resolve(setting, path, t, p.yaml, p.default)
+
+
+def _check_key(key, where):
+  """One PRNG key: a typed `jax.random.key(seed)` or a raw `(2,)` uint32 key."""
+  import jax
+  dt, shape = getattr(key, "dtype", None), tuple(getattr(key, "shape", (None,)))
+  if dt is not None and jax.dtypes.issubdtype(dt, jax.dtypes.prng_key):
+    ok = shape == ()
+  else:
+    ok = dt is not None and np.dtype(dt) == np.uint32 and shape == (2,)
+  if not ok:
+    raise TypeError(f"{where}: key must be one PRNG key (jax.random.key(seed)), got "
+                    f"{type(key).__name__} {short(key)}")
 
 
 def resolve_values(m: Method, settings: dict, path: str, t: float, n: int, where: str):
@@ -423,6 +456,8 @@ def merge_trees(m: Method, models, base, params: dict, key=None, *, where=None,
   if m.random and key is None:
     raise ValueError(f"{where}: {m.name} drops entries at random: pass "
                      "key=jax.random.key(seed)")
+  if m.random:
+    _check_key(key, where)
   names = {}
   for k, p in m.params.items():
     for alias in {k, p.yaml, p.api}:

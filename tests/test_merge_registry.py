@@ -128,8 +128,11 @@ def test_python_checks_the_cli_ranges():
       fn([a, b], base, [1, 1], **kw)
   with pytest.raises(ValueError, match=r"'t' must be in \[0, 1\], got 1.5"):
     mg.slerp(a, b, t=1.5)
-  with pytest.raises(ValueError, match=r"layers/1/k: parameter 't' must be in \[0, 1\], got 1.2"):
-    mg.slerp(a, b, t={"layers/1/.*": 1.2, ".*": 0.5})    # checked per leaf, named by path
+  with pytest.raises(ValueError, match=r"t\['layers/1/\.\*'\]: parameter 't' must be in "
+                                       r"\[0, 1\], got 1.2"):
+    mg.slerp(a, b, t={"layers/1/.*": 1.2, ".*": 0.5})    # every value, before any work
+  with pytest.raises(ValueError, match=r"embed: parameter 't' has no value for this"):
+    mg.slerp(a, b, t={"layers/1/.*": 0.5})   # resolved per leaf, named by path
   with pytest.raises(ValueError, match=r"'t' must be >= 0"):
     mg.nearswap(a, b, t=-1.0)
   with pytest.raises(ValueError, match=r"'max_iter' must be in \[1, 10000\]"):
