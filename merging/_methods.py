@@ -1,10 +1,15 @@
-"""Merge methods: pure per-leaf functions lifted over pytrees, and their registry.
+"""Merge methods: pure per-leaf functions, each registered once with its parameters.
 
-Every method has a *leaf* function (arrays in, one array out, float32 inside, cast
-back to the input dtype, jit-able) and a *tree* function that resolves the
-parameters per leaf on the host (value, `{path regex: value}` or a gradient over
-the layer index, see `merging._params`) and maps the leaf function over trees that
-share one structure.
+Every method is one per-tensor function declared with `@method(...)` (see
+`merging._registry`): its keyword signature gives the parameters with their
+defaults, ranges and scope (shared or per model), the decorator its base policy,
+number of models and reference. The registry generates the public tree function
+(`mg.ties`, `mg.slerp`, ...: it resolves each parameter per leaf on the host (value,
+`{path regex: value}` or a gradient over the layer index, see `merging._params`),
+checks it, and maps the function over trees that share one structure), the
+entries of `mg.METHODS`, `mg.merge`, and what `lora-jax merge` accepts. The leaf
+kernels (`*_leaf`) take arrays, compute in float32 inside and cast back to the
+input dtype; they are jit-able.
 
 The task-vector methods (task_arithmetic, ties, dare_linear, dare_ties,
 breadcrumbs, breadcrumbs_ties, della, della_linear) are settings of one general
@@ -37,6 +42,14 @@ registry entry's `notes`):
 
 Random methods take an explicit `key`; leaf `j` (flattening order; output tensor
 index in the command line) uses `split(fold_in(key, j), N)`, one key per model.
+
+`arithmetic="mergekit"` (every tree function, `mg.merge`, `lora-jax merge
+--mergekit-arithmetic`) reproduces mergekit 0.1.5's arithmetic in the inputs' dtype
+for `linear` (float32 fused multiply-adds), `slerp`/`passthrough` (float32 in
+mergekit too) and the deterministic task-vector settings (numpy, rounding to
+bf16/fp16 after every operation as torch does). The one residual difference: where
+several task-vector entries have equal magnitude at the top-k cut, torch's argsort
+keeps an unspecified subset, we keep the lowest flat indices.
 """
 
 from __future__ import annotations

@@ -10,10 +10,28 @@ each input model is in memory at a time. Output: sharded safetensors with an ind
 (with `num_hidden_layers` updated) and its tokenizer files, written into a
 temporary directory that is renamed to OUT_DIR.
 
+Everything about a method comes from the registry (`merging._registry`): its
+parameters (names, defaults, ranges, per-model or shared), base policy and number
+of models; `run_task` calls the registered per-tensor function. Unknown keys at any
+level of the config and unknown parameters are errors listing the accepted ones.
+The YAML is read with a bounded loader (`merging._yaml`: alias bombs, deep
+nesting and huge files are refused). Several YAML documents are run as
+mergekit-multi runs them: named documents go to `--intermediate-dir/NAME`, later
+documents refer to them by name, the unnamed one goes to OUT_DIR.
+
+mergekit-yaml's options are accepted (`--out-shard-size`, `--random-seed`,
+`--copy-tokenizer/--no-copy-tokenizer`, ...; those that change nothing here say so
+in `--help`; `--trust-remote-code` never executes code). `--mergekit-arithmetic`
+(or `arithmetic: mergekit`) computes in the config's dtype as mergekit does,
+instead of float32 with one rounding.
+
 Layer tensors are those named `...layers.{i}.rest`; other tensors whose name
 contains "embed" come from the first slice's models, the rest (final norm, head)
 from the last slice's, as in mergekit. Gradients over layers use mergekit's `t`:
 `i / (n - 1)` within each output slice, 0 for non-layer tensors.
+
+Exit status: 0, or 2 with one line on stderr for bad input, an output path that
+cannot be written (naming it), a full disk or exhausted memory.
 """
 
 from __future__ import annotations
