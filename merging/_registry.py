@@ -131,13 +131,20 @@ class Param:
       if isinstance(v, (bool, np.bool_)):
         return bool(v)
       raise TypeError(f"{where}: {name} must be true or false, got {short(v)}")
+    if self.kind is str:
+      if isinstance(v, str):
+        return v
+      raise TypeError(f"{where}: {name} must be a string, got {short(v)}")
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
       if isinstance(v, np.ndarray) and v.ndim == 0 and np.issubdtype(v.dtype, np.number):
         v = v.item()
       else:
         raise TypeError(f"{where}: {name} must be a finite number, got "
                         f"{type(v).__name__} {short(v)}")
-    v = float(v)
+    try:
+      v = float(v)
+    except OverflowError:
+      raise ValueError(f"{where}: {name} must be a finite number, got {short(v, 40)}") from None
     if not math.isfinite(v):
       raise ValueError(f"{where}: {name} must be a finite number, got {v}")
     if self.kind is int:

@@ -762,7 +762,6 @@ _NOOP_VALUES = {
     "--lora-merge-cache": ("DIR", "accepted (mergekit); adapters are applied as tensors are "
                                   "read, nothing is cached"),
     "--transformers-cache": ("DIR", "accepted (mergekit); nothing is downloaded"),
-    "--lora-merge-dtype": ("DTYPE", "accepted (mergekit); adapters are applied in float32"),
 }
 
 
@@ -810,6 +809,8 @@ def _merge_parser(sub):
     m.add_argument(flag, action="store_true", help=hlp)
   for flag, (metavar, hlp) in _NOOP_VALUES.items():
     m.add_argument(flag, metavar=metavar, default=None, help=hlp)
+  m.add_argument("--lora-merge-dtype", choices=sorted(DTYPE_NAMES), default=None,
+                 help="accepted (mergekit); adapters are applied in float32")
   return m
 
 
@@ -847,6 +848,9 @@ def main(argv=None) -> int:
   except MemoryError:
     print(f"lora-jax {args.command}: error: out of memory while writing {out!r}",
           file=sys.stderr)
+    return 2
+  except RecursionError:
+    print(f"lora-jax {args.command}: error: the config nests too deeply", file=sys.stderr)
     return 2
   except OSError as e:
     path = e.filename if e.filename is not None else out

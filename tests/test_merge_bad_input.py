@@ -286,6 +286,8 @@ def ties(ck, **over):
      r"tensor .* \(model .*m1\): parameter 'density' must be in \[0, 1\], got 1.5"),
     ("density-neg", lambda c: c["models"][0]["parameters"].update(density=-0.5),
      r"parameter 'density' must be in \[0, 1\], got -0.5"),
+    ("huge-int", lambda c: c["models"][0]["parameters"].update(weight=10 ** 400),
+     r"parameter 'weight' must be a finite number, got 1000000000"),
     ("nan", lambda c: c["models"][0]["parameters"].update(weight=float("nan")),
      r"parameter 'weight' must be a finite number, got nan"),
     ("string", lambda c: c["models"][0]["parameters"].update(weight="heavy"),
@@ -377,6 +379,8 @@ def test_model_counts_and_base(ck, tmp_path, capsys):
     (["--no-safe-serialization"], "lora-jax writes only safetensors"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
     (["--device"], "expected one argument"),
+    (["--lora-merge-dtype", "int3"], "argument --lora-merge-dtype: invalid choice: 'int3'"),
+    (["--intermediate-dir"], "expected one argument"),
 ])
 def test_bad_flags(ck, tmp_path, capsys, flags, want):
   path = write_yaml(tmp_path / "c.yml", ties(ck))

@@ -115,3 +115,17 @@ def test_config_is_a_directory_or_unreadable(tmp_path, capsys):
   assert "is a directory" in capsys.readouterr().err
   rc, _, err = run_cli("merge", tmp_path / "none.yml", tmp_path / "out")
   assert rc == 2 and "does not exist" in err and err.count("\n") == 1
+
+
+def test_intermediate_dir_is_a_file(cfg_path, tmp_path, capsys):
+  import yaml
+  with open(cfg_path) as f:
+    doc = yaml.safe_load(f)
+  multi = write_yaml(tmp_path / "multi.yml", yaml.safe_dump({**doc, "name": "a"}) + "---\n"
+                     + yaml.safe_dump({**doc, "models": [doc["models"][0], {
+                         "model": "a", "parameters": {"weight": 0.5}}]}))
+  f = tmp_path / "inter"
+  f.write_text("keep")
+  for err in both(multi, tmp_path / "out", capsys, "-I", str(f)):
+    assert str(f) in err and ("exists" in err or "Not a directory" in err)
+  assert f.read_text() == "keep"
