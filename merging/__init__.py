@@ -16,7 +16,8 @@ parameters, defaults, ranges, base policy and number of models declared once);
 from merging import _sparsify as sparsify
 from merging._adapters import merge_adapters
 from merging._methods import (METHODS, Method, MethodInfo, P, breadcrumbs, breadcrumbs_ties,
-                              dare_linear, dare_ties, della, della_linear, linear, linear_leaf, merge,
+                              dare_linear, dare_ties, della, della_linear, linear, linear_leaf,
+                              merge,
                               model_stock, model_stock_leaf, nuslerp, nuslerp_leaf, passthrough,
                               method, register, slerp, slerp_leaf, stack_layers,
                               task_arithmetic, task_vector_leaf, task_vector_method, ties)

@@ -32,7 +32,7 @@ import inspect
 import math
 import numbers
 import typing
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -353,7 +353,7 @@ def _per_model(p: Param, setting, n: int, where: str):
       raise ValueError(f"{where}: parameter {p.yaml!r}: PerModel has {len(vals)} values for "
                        f"{n} models")
     return vals
-  if p.api == "weights" and setting is not None and setting is not _ABSENT:      # weights=[w1, w2]: one per model
+  if p.api == "weights" and setting is not None and setting is not _ABSENT:   # one per model
     if not isinstance(setting, (list, tuple)):
       raise TypeError(f"{where}: weights must be a sequence with one setting per model, got "
                       f"{short(setting)}")

@@ -128,7 +128,8 @@ multislerp = METHODS["multislerp"].fn
 def check_multislerp(r, where: str, n: int) -> None:
   """Raise where `multislerp_leaf` flagged cancelling directions (NaN), outside `jit`."""
   if n > 2 and not isinstance(r, jax.core.Tracer) and bool(jnp.isnan(r.reshape(-1)[0])):
-    raise ValueError(f"{where + ': ' if where else ''}multislerp: the weighted sum of the {n} unit vectors is zero "
+    pre = f"{where}: " if where else ""
+    raise ValueError(f"{pre}multislerp: the weighted sum of the {n} unit vectors is zero "
                      "(antipodal inputs whose weights cancel); use other weights")
 
 

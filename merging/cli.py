@@ -296,7 +296,8 @@ def _parse_config(cfg):
     if cfg.get(k) is not None and not isinstance(cfg[k], str):
       raise ValueError(f"{k} must be a string, got {short(cfg[k])}")
   if cfg.get("arithmetic") is not None and cfg["arithmetic"] not in ARITHMETIC:
-    raise ValueError(f"arithmetic must be one of {list(ARITHMETIC)}, got {short(cfg['arithmetic'])}")
+    raise ValueError(f"arithmetic must be one of {list(ARITHMETIC)}, got "
+                     f"{short(cfg['arithmetic'])}")
   for k in ("tokenizer_source", "tokenizer", "chat_template"):
     if cfg.get(k) is not None:
       warnings.warn(f"lora-jax merge: {k!r} is ignored (the base model's tokenizer files are "
