@@ -224,3 +224,39 @@ def test_arcee_fusion_is_stable_on_near_identical_rows():
   kl64 = torch.sum(p * torch.log(p / q), -1, keepdim=True).numpy()
   ours = np.asarray(fusion_kl(jnp.asarray(base), jnp.asarray(model)))
   np.testing.assert_allclose(ours, kl64, rtol=1e-2)
+
+
+DETERMINISTIC = [n for n in sorted(mg.METHODS) if not mg.METHODS[n].random]
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_cli_and_python_api_agree(name, tmp_path):
+  """One declaration, two front ends: `lora-jax merge` on checkpoints and `mg.merge` on
+  the same tensors as a pytree give the same result with the same parameters."""
+  from safetensors.numpy import load_file
+  m = mg.METHODS[name]
+  n = 1 if m.max_models == 1 else 2
+  paths = [tiny_ckpt(tmp_path / f"m{i}", i) for i in range(n + 1)]
+  trees = [load_file(os.path.join(p, "model.safetensors")) for p in paths]
+  params = {}
+  if "weight" in m.params:
+    params["weight"] = [0.6, 0.4][:n]
+  if "t" in m.params:
+    params["t"] = 0.3
+  models_yaml = [{"model": p, "parameters": {"weight": w}} if "weight" in params else
+                 {"model": p} for p, w in zip(paths[1:], params.get("weight", [None] * n))]
+  cfg = {"merge_method": name, "models": models_yaml}
+  if "t" in params:
+    cfg["parameters"] = {"t": params["t"]}
+  base = None
+  if m.base == "required":
+    cfg["base_model"] = paths[0]
+    base = trees[0]
+  assert cli.main(["merge", write_yaml(tmp_path / "c.yml", cfg), str(tmp_path / "o"),
+                   "--quiet"]) == 0
+  got = load_file(str(tmp_path / "o" / "model.safetensors"))
+  kw = {"weights" if k == "weight" else k: v for k, v in params.items()}
+  want = mg.merge(name, trees[1:], base, **kw)
+  assert sorted(got) == sorted(want)
+  for k in got:
+    np.testing.assert_allclose(got[k], np.asarray(want[k]), atol=1e-6, rtol=1e-6, err_msg=k)
