@@ -565,7 +565,8 @@ def describe(p: Plan, shards) -> str:
   lines = [f"merge_method: {p.method}",
            f"inputs: {', '.join(p.models)}",
            f"config.json from: {p.config_from} (num_hidden_layers -> {p.num_layers})",
-           f"output tensors: {len(p.tasks)} in {len(shards)} shard(s)"]
+           f"output tensors: {len(p.tasks)} in {len(shards)} shard(s)",
+           f"arithmetic: {p.tasks[0].arithmetic if p.tasks else 'float32'}"]
   for t in p.tasks:
     src = ", ".join(f"{ref}:{info.name}" for ref, info in t.inputs)
     params = {k: v for k, v in t.shared.items()}

@@ -260,3 +260,14 @@ def test_cli_and_python_api_agree(name, tmp_path):
   assert sorted(got) == sorted(want)
   for k in got:
     np.testing.assert_allclose(got[k], np.asarray(want[k]), atol=1e-6, rtol=1e-6, err_msg=k)
+
+
+def test_dry_run_names_the_arithmetic(tmp_path, capsys):
+  m0, m1 = tiny_ckpt(tmp_path / "m0", 0), tiny_ckpt(tmp_path / "m1", 1)
+  path = write_yaml(tmp_path / "c.yml", {"merge_method": "ties", "base_model": m0, "models": [
+      {"model": m1, "parameters": {"weight": 1.0, "density": 0.5}}]})
+  assert cli.main(["merge", path, str(tmp_path / "o"), "--dry-run"]) == 0
+  assert "arithmetic: float32" in capsys.readouterr().out
+  assert cli.main(["merge", path, str(tmp_path / "o"), "--dry-run", "--mergekit-arithmetic"]) == 0
+  assert "arithmetic: mergekit" in capsys.readouterr().out
+  assert not (tmp_path / "o").exists()
