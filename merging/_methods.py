@@ -1,10 +1,15 @@
-"""Merge methods: pure per-leaf functions lifted over pytrees, and their registry.
+"""Merge methods: pure per-leaf functions, each registered once with its parameters.
 
-Every method has a *leaf* function (arrays in, one array out, float32 inside, cast
-back to the input dtype, jit-able) and a *tree* function that resolves the
-parameters per leaf on the host (value, `{path regex: value}` or a gradient over
-the layer index, see `merging._params`) and maps the leaf function over trees that
-share one structure.
+Every method is one per-tensor function declared with `@method(...)` (see
+`merging._registry`): its keyword signature gives the parameters with their
+defaults, ranges and scope (shared or per model), the decorator its base policy,
+number of models and reference. The registry generates the public tree function
+(`mg.ties`, `mg.slerp`, ...: it resolves each parameter per leaf on the host (value,
+`{path regex: value}` or a gradient over the layer index, see `merging._params`),
+checks it, and maps the function over trees that share one structure), the
+entries of `mg.METHODS`, `mg.merge`, and what `lora-jax merge` accepts. The leaf
+kernels (`*_leaf`) take arrays, compute in float32 inside and cast back to the
+input dtype; they are jit-able.
 
 The task-vector methods (task_arithmetic, ties, dare_linear, dare_ties,
 breadcrumbs, breadcrumbs_ties, della, della_linear) are settings of one general
@@ -37,13 +42,22 @@ registry entry's `notes`):
 
 Random methods take an explicit `key`; leaf `j` (flattening order; output tensor
 index in the command line) uses `split(fold_in(key, j), N)`, one key per model.
+
+`arithmetic="mergekit"` (every tree function, `mg.merge`, `lora-jax merge
+--mergekit-arithmetic`) reproduces mergekit 0.1.5's arithmetic in the inputs' dtype
+for `linear` (float32 fused multiply-adds), `slerp`/`passthrough` (float32 in
+mergekit too) and the deterministic task-vector settings (numpy, rounding to
+bf16/fp16 after every operation as torch does). The one residual difference: where
+several task-vector entries have equal magnitude at the top-k cut, torch's argsort
+keeps an unspecified subset, we keep the lowest flat indices.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+import numbers
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +66,8 @@ import numpy as np
 from lora_jax._implicit import ImplicitArray
 from lora_jax._paths import leaves_with_paths
 from merging import _sparsify as sp
-from merging._params import PerModel, layer_t, per_model, resolve_num as resolve
+from merging._params import layer_t
+from merging._registry import METHODS, Method, P, merge, method, params_of, register, short
 
 F32 = jnp.float32
 
@@ -340,6 +355,10 @@ def _dense(x):
   return x.materialize() if isinstance(x, ImplicitArray) else x
 
 
+def _dtype_of(x):
+  return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
+
+
 def _flatten_all(trees: Sequence[Any], names: Sequence[str]):
   """Leaves with paths of every tree; checks one structure and matching shapes."""
   flat0, treedef = jax.tree_util.tree_flatten(trees[0], is_leaf=_is_leaf)
@@ -358,40 +377,25 @@ def _flatten_all(trees: Sequence[Any], names: Sequence[str]):
           f"({td} vs {treedef})")
     cols.append([_dense(x) for x in flat])
   for j, path in enumerate(paths):
-    s0 = tuple(np.shape(cols[0][j]))
+    for c, name in zip(cols, names):
+      if not (hasattr(c[j], "dtype") and hasattr(c[j], "shape")) and not (
+          isinstance(c[j], numbers.Number)):
+        raise TypeError(f"{path}: leaf of {name} is {type(c[j]).__name__} {short(c[j])}; "
+                        "expected an array")
+    s0, d0 = tuple(np.shape(cols[0][j])), _dtype_of(cols[0][j])
     for c, name in zip(cols[1:], names[1:]):
-      s = tuple(np.shape(c[j]))
+      s, d = tuple(np.shape(c[j])), _dtype_of(c[j])
       if s != s0:
         raise ValueError(f"{path}: shape {s} in {name} does not match {s0} in {names[0]}")
+      if d != d0:
+        raise ValueError(f"{path}: dtype {d} in {name} does not match {d0} in {names[0]}; "
+                         "cast the trees to one dtype first")
   return treedef, paths, cols
 
 
 def _is_float(x) -> bool:
   return jnp.issubdtype(jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype,
                         jnp.floating)
-
-
-def _check_models(models, what="models", min_n=1, max_n=None):
-  if isinstance(models, (str, bytes)) or not isinstance(models, (list, tuple)):
-    raise TypeError(f"{what} must be a list of pytrees, got {type(models).__name__}")
-  if len(models) < min_n or (max_n is not None and len(models) > max_n):
-    want = f"exactly {min_n}" if min_n == max_n else (
-        f"at least {min_n}" if max_n is None else f"{min_n} to {max_n}")
-    raise ValueError(f"{what}: expected {want} models, got {len(models)}")
-
-
-def _check_weights(weights, n, default=None):
-  if weights is None:
-    if default is None:
-      raise ValueError("weights are required: one per model")
-    return [default] * n
-  if isinstance(weights, PerModel):
-    weights = list(weights.values)
-  if not isinstance(weights, (list, tuple)):
-    raise TypeError(f"weights must be a sequence with one setting per model, got {weights!r}")
-  if len(weights) != n:
-    raise ValueError(f"weights: {len(weights)} values for {n} models")
-  return list(weights)
 
 
 def _leaf_keys(key, j, n):
@@ -436,162 +440,286 @@ def sparse_args_for(sparsify, numel, densities, gammas=None, epsilons=None, wher
   return None
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskVectorMethod:
-  """One setting of the general task-vector merge (mergekit's GTA)."""
-  name: str
-  sparsify: str | None
-  consensus: str | None
-  normalize: bool
-  rescale: bool
-  reference: str
-  random: bool = False
-  notes: str = ""
-
-  def __call__(self, models, base, weights=None, *, density=1.0, gamma=0.01, epsilon=0.15,
-               lambda_=1.0, normalize=None, rescale=None, consensus="default", key=None,
-               **kw):
-    """Merge `models` into `base` with this method's task-vector settings.
-
-    Args:
-      models: N pytrees with the structure and shapes of `base`.
-      base: the pytree the task vectors `model_i - base` are taken from.
-      weights: one setting per model (value, `{path regex: value}`, or a gradient
-        list over layers); default 1.0.
-      density: kept fraction (sparsifying methods); a setting or `PerModel([...])`.
-      gamma: breadcrumbs' fraction of the largest entries dropped.
-      epsilon: DELLA's spread of keep probabilities (`density +/- epsilon`).
-      lambda_: final scale of the merged task vector (also accepted as `lambda=`).
-      normalize: divide by the (agreeing) weights; default per method (mergekit).
-      rescale: True/"l1" (mergekit), False, or "inverse" (the DARE/DELLA papers).
-      consensus: "sum" (TIES election), "count", or None; default per method.
-      key: `jax.random` key, required by the random methods.
-    Returns:
-      A pytree like `base`, each leaf in its input dtype (computed in float32).
-    """
-    lam = kw.pop("lambda", lambda_)
-    if kw:
-      raise TypeError(f"{self.name}: unexpected parameters {sorted(kw)}")
-    _check_models(models, self.name)
-    n = len(models)
-    weights = _check_weights(weights, n, default=1.0)
-    normalize = self.normalize if normalize is None else normalize
-    rescale = self.rescale if rescale is None else rescale
-    rescale = {True: "l1", False: None}.get(rescale, rescale)
-    if rescale not in (None, "l1", "inverse"):
-      raise ValueError(f"{self.name}: rescale must be True/'l1', False or 'inverse', got {rescale!r}")
-    if rescale == "inverse" and not self.random:
-      raise ValueError(f"{self.name}: rescale='inverse' applies only to random drops (DARE, DELLA)")
-    cons = self.consensus if consensus == "default" else consensus
-    if self.random and key is None:
-      raise ValueError(f"{self.name} drops entries at random: pass key=jax.random.key(seed)")
-    dens, gams, epss = (per_model(density, n, "density"), per_model(gamma, n, "gamma"),
-                        per_model(epsilon, n, "epsilon"))
-    names = ["base"] + [f"models[{i}]" for i in range(n)]
-
-    def leaf(j, path, t, leaves):
-      b, ms = leaves[0], tuple(leaves[1:])
-      w = np.array([resolve(wi, path, t, "weight") for wi in weights], np.float32)
-      d = [float(resolve(x, path, t, "density", 1.0)) for x in dens]
-      g = [float(resolve(x, path, t, "gamma", 0.01)) for x in gams]
-      e = [float(resolve(x, path, t, "epsilon", 0.15)) for x in epss]
-      la = np.float32(resolve(lam, path, t, "lambda", 1.0))
-      args = sparse_args_for(self.sparsify, int(np.size(b)), d, g, e, where=f"{path}: ")
-      keys = _leaf_keys(key, j, n) if self.random else None
-      return task_vector_leaf(b, ms, w, la, args, keys, sparsify=self.sparsify,
-                              consensus=cons, normalize=bool(normalize), rescale=rescale)
-
-    return _map([base, *models], names, leaf)
-
 
 # ----------------------------------------------------------------------------
-# public tree functions
+# the methods: one per-tensor function each, registered with its parameters
 
-def linear(models, weights=None, *, normalize=True):
-  """Weighted average of models (model soups, Wortsman et al. 2022).
+def _check_linear(v, n, where):
+  if v["normalize"] and abs(float(np.sum(v["weight"]))) < 1e-12:
+    raise ValueError(f"{where}: linear weights {v['weight'].tolist()} sum to 0; cannot normalize")
 
-  Args:
-    models: N pytrees of one structure.
-    weights: one setting per model (value, `{regex: value}` or gradient); default 1.
-    normalize: divide by the summed weights (mergekit's default: True).
-  Returns:
-    A pytree like `models[0]`, each leaf in its input dtype.
 
-  >>> import jax.numpy as jnp, merging as mg
-  >>> mg.linear([{"w": jnp.ones(2)}, {"w": jnp.zeros(2)}], weights=[3, 1])["w"]
-  Array([0.75, 0.75], dtype=float32)
-  """
-  _check_models(models, "linear")
+def _linear_mergekit(base, models, *, weight, normalize):
+  """mergekit 0.1.5's `linear` (numpy): float32 accumulation by fused multiply-adds
+  (`addcmul_`, emulated exactly in float64), one division, one rounding to the dtype."""
+  acc = np.zeros(models[0].shape, np.float32)
+  w = np.asarray(weight, np.float32)
+  for i, x in enumerate(models):
+    acc = (acc.astype(np.float64) + x.astype(np.float64) * np.float64(w[i])).astype(np.float32)
+  if normalize:
+    acc = acc / np.float32(_mk_sum([w[i:i + 1] for i in range(len(models))], np.float32)[0])
+  return acc.astype(models[0].dtype)
+
+
+@method("linear", reference="https://arxiv.org/abs/2203.05482", base="none", check=_check_linear,
+        mergekit=_linear_mergekit)
+def _linear(base, models, *,
+            weight: float = P(1.0, per_model=True, api="weights", yaml_required=True,
+                              doc="the model's weight"),
+            normalize: bool = P(True, doc="divide by the summed weights")):
+  """Weighted average of models (model soups, Wortsman et al. 2022)."""
+  return linear_leaf(models, weight, normalize=normalize)
+
+
+@method("slerp", reference="https://en.wikipedia.org/wiki/Slerp", base="required", models=1,
+        inputs=("a", "b"), mergekit="float32")
+def _slerp(base, models, *,
+           t: float = P(lo=0, hi=1, positional=True, doc="0 gives the base (a), 1 the model (b)"),
+           dot_threshold: float = P(0.9995, lo=0, hi=1,
+                                    doc="|cos| above which it interpolates linearly")):
+  """Spherical linear interpolation of the base and one model, each tensor one vector."""
+  return slerp_leaf(base, models[0], np.float32(t), dot_threshold=dot_threshold)
+
+
+def nuslerp_t(w) -> float:
+  """mergekit's NuSLERP fraction `w1 / (w0 + w1)` (0.5 when the weights sum to ~0)."""
+  w0, w1 = float(w[0]), float(w[1])
+  return 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+
+
+@method("nuslerp", reference="https://github.com/arcee-ai/mergekit", base="optional", models=2)
+def _nuslerp(base, models, *,
+             weight: float = P(1.0, per_model=True, api="weights", yaml_required=True),
+             row_wise: bool = P(False, yaml="nuslerp_row_wise", doc="vectors along axis 0"),
+             flatten: bool = P(True, yaml="nuslerp_flatten", doc="each tensor one vector")):
+  """NuSLERP: slerp of two models (or of their task vectors from a base) at
+  `t = w1 / (w0 + w1)`."""
+  return nuslerp_leaf(models[0], models[1], np.float32(nuslerp_t(weight)), base,
+                      row_wise=row_wise, flatten=flatten)
+
+
+@method("model_stock", reference="https://arxiv.org/abs/2403.19522", base="required",
+        models=(2, None))
+def _model_stock(base, models, *, filter_wise: bool = P(False, doc="per row of axis 0")):
+  """Model Stock (Jang et al. 2024): the models' average moved toward the base by the
+  angle between their task vectors."""
+  return model_stock_leaf(base, models, filter_wise=filter_wise)
+
+
+@method("passthrough", reference="https://arxiv.org/abs/2312.15166", base="none", models=1,
+        inputs=("model",), mergekit="float32")
+def _passthrough(base, models, *,
+                 scale: float = P(None, per_model=True, positional=True, none_ok=True,
+                                  doc="multiply the tensor (none: copy)")):
+  """The model unchanged, or each tensor times `scale`."""
+  x = models[0]
+  if scale is None:
+    return x
+  return (_f32(x) * np.float32(scale[0])).astype(x.dtype)
+
+
+# The task-vector family: one general method; each name is a setting of it.
+
+def _task_vector(base, models, *, sparsify, key=None, weight, density=None, gamma=None,
+                 epsilon=None, lambda_, normalize, rescale, consensus, int8_mask=False):
   n = len(models)
-  weights = _check_weights(weights, n, default=1.0)
-
-  def leaf(j, path, t, leaves):
-    w = np.array([resolve(wi, path, t, "weight") for wi in weights], np.float32)
-    if normalize and abs(float(w.sum())) < 1e-12:
-      raise ValueError(f"{path}: linear weights {w.tolist()} sum to 0; cannot normalize")
-    return linear_leaf(tuple(leaves), w, normalize=bool(normalize))
-
-  return _map(list(models), [f"models[{i}]" for i in range(n)], leaf)
-
-
-def slerp(a, b, t, *, dot_threshold=0.9995):
-  """Spherical linear interpolation, leaf by leaf (mergekit's `slerp`).
-
-  `t` may be a value, `{regex: value}` or a gradient over layers; `t=0` gives `a`
-  (mergekit's `base_model`), `t=1` gives `b`. Nearly (anti)parallel leaves
-  (`|cos| > dot_threshold`) are interpolated linearly.
-  """
-
-  def leaf(j, path, tt, leaves):
-    tv = resolve(t, path, tt, "t")
-    return slerp_leaf(leaves[0], leaves[1], np.float32(tv), dot_threshold=dot_threshold)
-
-  return _map([a, b], ["a", "b"], leaf)
+  rescale = {True: "l1", False: None}.get(rescale, rescale)
+  dens = [1.0] * n if density is None else [float(d) for d in density]
+  args = sparse_args_for(sparsify, int(np.size(base)), dens,
+                         None if gamma is None else [float(g) for g in gamma],
+                         None if epsilon is None else [float(e) for e in epsilon])
+  return task_vector_leaf(base, models, weight, np.float32(lambda_), args, key,
+                          sparsify=sparsify, consensus=consensus, normalize=normalize,
+                          rescale=rescale)
 
 
-def nuslerp(models, base=None, weights=None, *, row_wise=False, flatten=True):
-  """mergekit's NuSLERP: slerp of two models at `t = w1 / (w0 + w1)` (0.5 when the
-  weights sum to ~0); with a `base`, slerp of the task vectors added back to it.
-  `flatten` (default) treats each leaf as one vector; otherwise per vector along the
-  last axis, or along axis 0 with `row_wise`."""
-  _check_models(models, "nuslerp", 2, 2)
-  weights = _check_weights(weights, 2, default=1.0)
-  trees = ([base] if base is not None else []) + list(models)
-  names = (["base"] if base is not None else []) + ["models[0]", "models[1]"]
-
-  def leaf(j, path, tt, leaves):
-    w0, w1 = (float(resolve(w, path, tt, "weight")) for w in weights)
-    tv = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
-    if base is not None:
-      return nuslerp_leaf(leaves[1], leaves[2], np.float32(tv), leaves[0],
-                          row_wise=row_wise, flatten=flatten)
-    return nuslerp_leaf(leaves[0], leaves[1], np.float32(tv), row_wise=row_wise,
-                        flatten=flatten)
-
-  return _map(trees, names, leaf)
+def _mk_sum(xs, dt):
+  """torch's `stack(xs).sum(0)` in dtype `dt`: accumulated in float32, rounded once."""
+  acc = np.zeros(np.shape(xs[0]), np.float32)
+  for x in xs:
+    acc = acc + np.asarray(x, np.float32)
+  return acc.astype(dt)
 
 
-def model_stock(models, base, *, filter_wise=False):
-  """Model Stock (Jang et al. 2024, arXiv:2403.19522), as mergekit 0.1.5: needs a
-  base and at least two models."""
-  _check_models(models, "model_stock", 2)
-  names = ["base"] + [f"models[{i}]" for i in range(len(models))]
-  return _map([base, *models], names,
-              lambda j, p, t, lv: model_stock_leaf(lv[0], tuple(lv[1:]), filter_wise=filter_wise))
+def _mk_rescale(d, mask, rescale, dt):
+  masked = (d * mask.astype(dt)).astype(dt)
+  if not rescale:
+    return masked
+  before = np.float32(np.abs(d.astype(np.float32)).sum()).astype(dt)
+  after = np.float32(np.abs(masked.astype(np.float32)).sum()).astype(dt)
+  if float(before) < sp.RESCALE_EPS or float(after) < sp.RESCALE_EPS:
+    return masked
+  ratio = (np.float32(before) / np.float32(after)).astype(dt)
+  return (masked.astype(np.float32) * np.float32(ratio)).astype(dt)
 
 
-def passthrough(model, scale=None):
-  """The model unchanged, or each leaf times `scale` (value, mapping or gradient)."""
+def _mk_magnitude(d, density, rescale, dt):
+  """mergekit 0.1.5 `sparsify.magnitude` on a tensor of dtype `dt` (numpy). Ties at
+  the k-th magnitude are kept lowest flat index first; torch's argsort picks among
+  them in an unspecified order (the one residual difference)."""
+  if density >= 1:
+    return d
+  if density <= 0 or d.size == 0:
+    return np.zeros_like(d)
+  k = max(1, int(density * d.size))
+  w = np.abs(d.astype(np.float32)).reshape(-1)
+  mask = np.zeros(d.size, bool)
+  mask[np.argsort(-w, kind="stable")[:k]] = True
+  return _mk_rescale(d, mask.reshape(d.shape), rescale, dt)
 
-  def leaf(j, path, t, leaves):
-    s = None if scale is None else resolve(scale, path, t, "scale", None)
-    x = leaves[0]
-    if s is None:
-      return x
-    return (_f32(x) * np.float32(s)).astype(x.dtype)
 
-  return _map([model], ["model"], leaf)
+def _mk_outliers(d, density, gamma, rescale, dt):
+  """mergekit 0.1.5 `sparsify.magnitude_outliers` (numpy, dtype `dt`; ties as above)."""
+  if density >= 1:
+    return d
+  n = d.size
+  target, n_top = int(density * n), int(gamma * n)
+  n_bot = max(0, n - target - n_top)
+  w = np.abs(d.astype(np.float32)).reshape(-1)
+  mask = np.zeros(n, bool)
+  mask[np.argsort(w, kind="stable")[n_bot:n_bot + target]] = True
+  return _mk_rescale(d, mask.reshape(d.shape), rescale, dt)
 
+
+def _task_vector_mergekit(base, models, *, sparsify, key=None, weight, density=None,
+                          gamma=None, epsilon=None, lambda_, normalize, rescale, consensus,
+                          int8_mask=False):
+  """mergekit 0.1.5's `GeneralizedTaskArithmeticMerge.merge_group` in the inputs' dtype:
+  numpy arrays in, each operation computed in float32 and rounded to the dtype as
+  torch does on CPU (sums accumulate in float32 and round once). bf16/fp16/f32."""
+  if sparsify not in (None, "magnitude", "magnitude_outliers"):
+    raise ValueError(f"arithmetic='mergekit' is not reproduced for random drops ({sparsify}): "
+                     "torch's random numbers are not ours")
+  dt = base.dtype
+  f32 = np.float32
+  rescale = rescale in (True, "l1")
+  b = base.astype(f32)
+  deltas = []
+  for i, m in enumerate(models):
+    d = (m.astype(f32) - b).astype(dt)
+    if sparsify == "magnitude":
+      d = _mk_magnitude(d, float(density[i]), rescale, dt)
+    elif sparsify == "magnitude_outliers":
+      d = _mk_outliers(d, float(density[i]), float(gamma[i]), rescale, dt)
+    deltas.append(d)
+  w = np.asarray(weight, f32).astype(dt)
+  deltas = [(d.astype(f32) * f32(w[i])).astype(dt) for i, d in enumerate(deltas)]
+  zero = np.zeros((), dt)
+  if consensus is not None:
+    if consensus == "sum":
+      score = _mk_sum(deltas, dt)
+    else:
+      score = _mk_sum([np.sign(d.astype(f32)).astype(dt) for d in deltas], dt)
+    majority = np.where(score.astype(f32) >= 0, f32(1), f32(-1))
+    masks = [np.sign(d.astype(f32)) == majority for d in deltas]
+    mixed = _mk_sum([np.where(g, d, zero) for g, d in zip(masks, deltas)], dt)
+    div = _mk_sum([np.where(g, w[i], zero) for i, g in enumerate(masks)], dt)
+    div = np.where(div.astype(f32) == 0, np.ones((), dt), div)
+  else:
+    mixed = _mk_sum(deltas, dt)
+    div = _mk_sum([w[i:i + 1] for i in range(len(deltas))], dt)[0]
+    if abs(float(div)) < 1e-8:
+      div = np.ones((), dt)
+  if normalize:
+    mixed = (mixed.astype(f32) / np.asarray(div, dt).astype(f32)).astype(dt)
+  if float(lambda_) != 1:
+    mixed = (mixed.astype(f32) * f32(lambda_)).astype(dt)
+  return (b + mixed.astype(f32)).astype(dt)
+
+
+def _tv_signature(*, weight: float = P(1.0, per_model=True, api="weights", yaml_required=True,
+                                       doc="the task vector's weight"),
+                  density: float = P(1.0, lo=0, hi=1, per_model=True,
+                                     doc="fraction of the task vector kept"),
+                  gamma: float = P(0.01, lo=0, hi=1, per_model=True,
+                                   doc="fraction of the largest entries dropped"),
+                  epsilon: float = P(0.15, lo=0, hi=1, per_model=True,
+                                     doc="keep probabilities span density +/- epsilon"),
+                  lambda_: float = P(1.0, yaml="lambda", doc="scale of the merged task vector"),
+                  normalize: bool = P(False, doc="divide by the (agreeing) weights"),
+                  rescale: object = P(False, choices=(True, False, "l1", "inverse"),
+                                      doc="restore the L1 norm (true), or 1/p ('inverse')"),
+                  consensus: object = P(None, choices=(None, "sum", "count"), none_ok=True,
+                                        doc="sign election ('sum': TIES)"),
+                  int8_mask: bool = P(False, doc="accepted for mergekit; no effect")):
+  """The parameters of the task-vector family (mergekit 0.1.5's defaults)."""
+
+
+def _check_tv(random):
+  def check(v, n, where):
+    if v.get("rescale") == "inverse" and not random:
+      raise ValueError(f"{where}: rescale='inverse' applies only to random drops (DARE, DELLA)")
+    if "epsilon" in v:
+      for d, e in zip(v["density"], v["epsilon"]):
+        sp.della_bounds(float(d), float(e), f"{where}: ")
+  return check
+
+
+def task_vector_method(name, sparsify, consensus, normalize, rescale, reference, random=False,
+                       notes="", summary=""):
+  """Register one setting of the general task-vector merge (mergekit's GTA): which
+  sparsifier and sign consensus it uses and its defaults of `normalize`/`rescale`.
+  Returns the tree function (`mg.<name>`)."""
+  ps = params_of(_tv_signature)
+  if sparsify != "magnitude_outliers":
+    del ps["gamma"]
+  if sparsify != "della_magprune":
+    del ps["epsilon"]
+  for k, d in (("normalize", normalize), ("rescale", rescale), ("consensus", consensus)):
+    ps[k] = dataclasses.replace(ps[k], default=d)
+  tensor = functools.partial(_task_vector, sparsify=sparsify)
+  tensor.__doc__ = summary
+  mk = (None if random else functools.partial(_task_vector_mergekit, sparsify=sparsify))
+  m = register(Method(name, tensor, ps, reference, "required", 1, None, ("models", "base"),
+                      random, notes, summary, _check_tv(random), mergekit=mk))
+  return m.fn
+
+
+task_arithmetic = task_vector_method(
+    "task_arithmetic", None, None, False, False, "https://arxiv.org/abs/2212.04089",
+    summary="base + λ Σ wᵢ (mᵢ - base)",
+    notes="as the paper (Ilharco et al. 2023): base + lambda * sum_i w_i (m_i - base)")
+ties = task_vector_method(
+    "ties", "magnitude", "sum", True, False, "https://arxiv.org/abs/2306.01708",
+    summary="trim deltas to `density` by magnitude, elect signs, disjoint mean",
+    notes="mergekit: sign elected from the weighted deltas, divided by the summed weights of "
+          "agreeing models, k = max(1, int(density * n)); unit weights give the paper's TIES")
+dare_linear = task_vector_method(
+    "dare_linear", "random", None, False, True, "https://arxiv.org/abs/2311.03099", True,
+    summary="random drop at `1 - density`, rescale",
+    notes="mergekit 0.1.5 rescales to the delta's L1 norm; rescale='inverse' is the "
+          "paper's 1/density")
+dare_ties = task_vector_method(
+    "dare_ties", "random", "sum", False, True, "https://arxiv.org/abs/2311.03099", True,
+    summary="random drop at `1 - density`, rescale, TIES sign consensus",
+    notes="mergekit 0.1.5 rescales to the delta's L1 norm; rescale='inverse' is the "
+          "paper's 1/density")
+breadcrumbs = task_vector_method(
+    "breadcrumbs", "magnitude_outliers", None, False, False, "https://arxiv.org/abs/2312.06795",
+    summary="drop the largest `gamma` and the smallest deltas",
+    notes="mergekit's parameters: density kept, gamma largest dropped, the smallest dropped "
+          "to reach density")
+breadcrumbs_ties = task_vector_method(
+    "breadcrumbs_ties", "magnitude_outliers", "sum", False, False,
+    "https://arxiv.org/abs/2312.06795",
+    summary="breadcrumbs with TIES sign consensus",
+    notes="breadcrumbs sparsification with TIES sign consensus (mergekit)")
+della = task_vector_method(
+    "della", "della_magprune", "sum", True, True, "https://arxiv.org/abs/2406.11617", True,
+    summary="magnitude-ranked drop probabilities (`epsilon`), TIES sign consensus",
+    notes="mergekit: keep probability density +/- epsilon by |delta| rank per row, L1 "
+          "rescale; rescale='inverse' is the paper's 1/p")
+della_linear = task_vector_method(
+    "della_linear", "della_magprune", None, False, True, "https://arxiv.org/abs/2406.11617", True,
+    summary="magnitude-ranked drop probabilities (`epsilon`)",
+    notes="DELLA drop without sign consensus (mergekit)")
+
+linear = METHODS["linear"].fn
+slerp = METHODS["slerp"].fn
+nuslerp = METHODS["nuslerp"].fn
+model_stock = METHODS["model_stock"].fn
+passthrough = METHODS["passthrough"].fn
+MethodInfo = Method      # the registry entry type, under its earlier public name
 
 def _find_layers(tree, key):
   """The path (tuple of keys) of the first container stored under `key`."""
@@ -679,107 +807,11 @@ def stack_layers(slices, *, layers_key="layers"):
   return jax.tree_util.tree_map_with_path(pick, out, is_leaf=_is_leaf)
 
 
-# ----------------------------------------------------------------------------
-# the task-vector family and the registry
-
-task_arithmetic = TaskVectorMethod(
-    "task_arithmetic", None, None, False, False, "https://arxiv.org/abs/2212.04089",
-    notes="as the paper (Ilharco et al. 2023): base + lambda * sum_i w_i (m_i - base)")
-ties = TaskVectorMethod(
-    "ties", "magnitude", "sum", True, False, "https://arxiv.org/abs/2306.01708",
-    notes="mergekit: sign elected from the weighted deltas, divided by the summed weights of "
-          "agreeing models, k = max(1, int(density * n)); unit weights give the paper's TIES")
-dare_linear = TaskVectorMethod(
-    "dare_linear", "random", None, False, True, "https://arxiv.org/abs/2311.03099", True,
-    notes="mergekit 0.1.5 rescales to the delta's L1 norm; rescale='inverse' is the "
-          "paper's 1/density")
-dare_ties = TaskVectorMethod(
-    "dare_ties", "random", "sum", False, True, "https://arxiv.org/abs/2311.03099", True,
-    notes="mergekit 0.1.5 rescales to the delta's L1 norm; rescale='inverse' is the "
-          "paper's 1/density")
-breadcrumbs = TaskVectorMethod(
-    "breadcrumbs", "magnitude_outliers", None, False, False, "https://arxiv.org/abs/2312.06795",
-    notes="mergekit's parameters: density kept, gamma largest dropped, the smallest dropped "
-          "to reach density")
-breadcrumbs_ties = TaskVectorMethod(
-    "breadcrumbs_ties", "magnitude_outliers", "sum", False, False,
-    "https://arxiv.org/abs/2312.06795",
-    notes="breadcrumbs sparsification with TIES sign consensus (mergekit)")
-della = TaskVectorMethod(
-    "della", "della_magprune", "sum", True, True, "https://arxiv.org/abs/2406.11617", True,
-    notes="mergekit: keep probability density +/- epsilon by |delta| rank per row, L1 "
-          "rescale; rescale='inverse' is the paper's 1/p")
-della_linear = TaskVectorMethod(
-    "della_linear", "della_magprune", None, False, True, "https://arxiv.org/abs/2406.11617", True,
-    notes="DELLA drop without sign consensus (mergekit)")
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodInfo:
-  """A registry entry: the tree function, how it takes inputs, and its reference."""
-  name: str
-  fn: Callable
-  reference: str
-  base: str            # "required" | "optional" | "none"
-  min_models: int = 1
-  max_models: int | None = None
-  params: tuple = ()   # parameter names understood (YAML)
-  random: bool = False
-  notes: str = ""      # where the default (mergekit 0.1.5) differs from the paper
-
-
-_TV_PARAMS = ("weight", "density", "lambda", "normalize", "rescale", "int8_mask")
-
-METHODS: dict[str, MethodInfo] = {}
-
-
-def register(info: MethodInfo) -> MethodInfo:
-  if info.name in METHODS:
-    raise ValueError(f"merge method {info.name!r} is already registered")
-  METHODS[info.name] = info
-  return info
-
-
-for _m in (task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties,
-           della, della_linear):
-  extra = (("gamma",) if _m.sparsify == "magnitude_outliers" else ()) + (
-      ("epsilon",) if _m.sparsify == "della_magprune" else ())
-  register(MethodInfo(_m.name, _m, _m.reference, "required", 1, None, _TV_PARAMS + extra,
-                      _m.random, _m.notes))
-register(MethodInfo("linear", linear, "https://arxiv.org/abs/2203.05482", "none", 1, None,
-                    ("weight", "normalize")))
-register(MethodInfo("slerp", slerp, "https://en.wikipedia.org/wiki/Slerp", "required", 1, 1,
-                    ("t",)))
-register(MethodInfo("nuslerp", nuslerp, "https://github.com/arcee-ai/mergekit", "optional", 2, 2,
-                    ("weight", "nuslerp_row_wise", "nuslerp_flatten")))
-register(MethodInfo("model_stock", model_stock, "https://arxiv.org/abs/2403.19522", "required",
-                    2, None, ("filter_wise",)))
-register(MethodInfo("passthrough", passthrough, "https://arxiv.org/abs/2312.15166", "none", 1, 1,
-                    ("scale",)))
-del _m, extra
-
-
-def merge(method: str, models, base=None, **params):
-  """Run a registered method by name: `merge("ties", [m1, m2], base, weights=..., density=...)`."""
-  if method not in METHODS:
-    raise ValueError(f"unknown merge method {method!r}; known methods: {', '.join(sorted(METHODS))}")
-  info = METHODS[method]
-  if info.base == "required" and base is None:
-    raise ValueError(f"{method} needs a base model: pass base=")
-  if info.max_models == 1:     # one model (and the base): fn(model) / fn(base, model)
-    return info.fn(models[0], **params) if info.base == "none" else info.fn(
-        base, models[0], **params)
-  if info.base == "none":
-    return info.fn(models, **params)
-  if info.base == "optional":
-    return info.fn(models, base=base, **params)
-  return info.fn(models, base, **params)
-
 
 __all__ = [
-    "METHODS", "MethodInfo", "merge", "linear", "task_arithmetic", "ties", "dare_linear",
-    "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "slerp",
-    "nuslerp", "model_stock", "passthrough", "stack_layers", "task_vector_leaf",
-    "task_vector_leaf_dense",
-    "linear_leaf", "slerp_leaf", "nuslerp_leaf", "model_stock_leaf", "register",
+    "METHODS", "Method", "MethodInfo", "merge", "linear", "task_arithmetic", "ties",
+    "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+    "slerp", "nuslerp", "model_stock", "passthrough", "stack_layers", "task_vector_leaf",
+    "task_vector_leaf_dense", "task_vector_method", "linear_leaf", "slerp_leaf",
+    "nuslerp_leaf", "nuslerp_t", "model_stock_leaf", "register", "method", "P",
 ]

@@ -49,10 +49,21 @@ class Conditions:
     out = []
     for it in items:
       if not isinstance(it, Mapping) or "value" not in it:
-        raise ValueError(f"conditional parameter entry {it!r} must be a mapping with 'value' "
-                         "(and optionally 'filter')")
+        raise ValueError(f"conditional parameter entry {_short(it)} must be a mapping with "
+                         "'value' (and optionally 'filter')")
+      bad = sorted(str(k) for k in it if k not in ("filter", "value"))
+      if bad:
+        raise ValueError(f"conditional parameter entry {_short(it)}: unknown key(s) {bad}; "
+                         "accepted keys: ['filter', 'value']")
+      if it.get("filter") is not None and not isinstance(it["filter"], str):
+        raise ValueError(f"conditional parameter entry {_short(it)}: filter must be a string")
       out.append((it.get("filter"), from_yaml(it["value"])))
     return cls(tuple(out))
+
+
+def _short(v, n=80):
+  r = repr(v)
+  return r if len(r) <= n else r[:n - 20] + f"...<{len(r) - n + 20} more chars>"
 
 
 def from_yaml(setting):

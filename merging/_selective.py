@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from merging._methods import (F32, MethodInfo, _check_models, _f32, _map, register,
-                              resolve)
+from merging._methods import F32, _f32
+from merging._registry import METHODS, P, method
 
 
 @jax.jit
@@ -61,20 +61,45 @@ def sce_leaf(base, models, select_topk, *, select: bool):
   return (b + merged).astype(base.dtype)
 
 
+def fusion_kl(base, model):
+  """`KL(p || q)` per row (last axis, kept as size 1) with `p = softmax(model) + 1e-8`,
+  `q = softmax(base) + 1e-8` (mergekit's `arcee_fusion` score), computed without
+  cancellation when the rows are nearly equal.
+
+  With `d = model - base` (exact for close floats), the log-sum-exp difference is
+  `c = log1p(sum_j q0_j expm1(d_j))` (`q0 = softmax(base)`), so
+  `p - q = q0 * expm1(d - c)`. As `sum(p - q) = 0`, `KL = sum_j q_j h(x_j)` with
+  `x = (p - q) / q` and `h(x) = (1 + x) log1p(x) - x >= 0` (a series for small x):
+  a sum of non-negative terms, where `sum p * (log p - log q)` in float32 loses
+  all accuracy (rows whose KL is below ~1e-7 get noise, even negative values).
+  """
+  b, m = _f32(base), _f32(model)
+  d = m - b
+  q0 = jax.nn.softmax(b, axis=-1)
+  c = jnp.log1p(jnp.sum(q0 * jnp.expm1(d), axis=-1, keepdims=True))
+  q = q0 + 1e-8
+  x = q0 * jnp.expm1(d - c) / q                  # (p - q) / q
+  small = jnp.abs(x) < 1e-2
+  xs = jnp.where(small, x, 0.0)
+  series = xs * xs * (0.5 + xs * (-1.0 / 6 + xs * (1.0 / 12 + xs * (-1.0 / 20))))
+  xl = jnp.where(small, 1.0, x)
+  direct = (1 + xl) * jnp.log1p(xl) - xl
+  return jnp.sum(q * jnp.where(small, series, direct), axis=-1, keepdims=True)
+
+
 @jax.jit
 def arcee_fusion_leaf(base, model):
   """mergekit's `arcee_fusion`: keep `model`'s change only where its importance
   `|model - base| * KL(softmax(model) || softmax(base))` (KL along the last axis) is
   an outlier, at or above `median + 1.5 * IQR` of the tensor's importances.
 
-  Quantiles are mergekit's: the sorted value at index `floor(q * (n - 1))`. mergekit
-  estimates them from 1M random samples when a tensor has more elements; we use
-  every element (the same result up to that sampling noise)."""
+  The KL is computed stably (`fusion_kl`): mergekit's float32 formula cancels on
+  nearly equal rows and flips keep/drop decisions there; this one agrees with the
+  same formula evaluated in float64. Quantiles are mergekit's: the sorted value at
+  index `floor(q * (n - 1))`. mergekit estimates them from 1M random samples when a
+  tensor has more elements; we use every element (the same up to that sampling)."""
   b, m = _f32(base), _f32(model)
-  p = jax.nn.softmax(m, axis=-1) + 1e-8
-  q = jax.nn.softmax(b, axis=-1) + 1e-8
-  kl = jnp.sum(p * jnp.log(p / q), axis=-1, keepdims=True)
-  imp = jnp.abs(m - b) * kl
+  imp = jnp.abs(m - b) * fusion_kl(b, m)
   srt = jnp.sort(imp.reshape(-1))
   n = srt.shape[0]
   q1, med, q3 = (srt[int(f * (n - 1))] for f in (0.25, 0.5, 0.75))
@@ -106,64 +131,50 @@ def ram_leaf(base, models, epsilon, r=0.1, alpha=0.2, *, plus: bool = False):
   return (b + merged.reshape(b.shape)).astype(base.dtype)
 
 
-def nearswap(base, model, t):
-  """NearSwap of two models leaf by leaf; `t` a value, `{regex: value}` or gradient."""
-
-  def leaf(j, path, tt, lv):
-    tv = float(resolve(t, path, tt, "t"))
-    if tv < 0:
-      raise ValueError(f"{path}: nearswap t={tv} must be >= 0")
-    return nearswap_leaf(lv[0], lv[1], np.float32(tv))
-
-  return _map([base, model], ["base", "model"], leaf)
+@method("nearswap", reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        base="required", models=1, inputs=("base", "model"))
+def _nearswap(base, models, *, t: float = P(lo=0, positional=True,
+                                            doc="distance under which the model's value is taken")):
+  """NearSwap: take the model's value where it is within about `t` of the base's."""
+  return nearswap_leaf(base, models[0], np.float32(t))
 
 
-def sce(models, base, *, select_topk=1.0):
-  """SCE merge of task vectors from `base`; `select_topk` (value, mapping or gradient)
-  is the fraction of elements kept by variance (1: no selection)."""
-  _check_models(models, "sce")
-  names = ["base"] + [f"models[{i}]" for i in range(len(models))]
-
-  def leaf(j, path, tt, lv):
-    k = float(resolve(select_topk, path, tt, "select_topk"))
-    return sce_leaf(lv[0], tuple(lv[1:]), np.float32(k), select=bool(0 < k < 1)) \
-        if k > 0 else lv[0]
-
-  return _map([base, *models], names, leaf)
+@method("sce", reference="https://arxiv.org/abs/2408.07990", base="required")
+def _sce(base, models, *,
+         select_topk: float = P(1.0, lo=0, hi=1, doc="fraction kept by variance (1: all)"),
+         int8_mask: bool = P(False, doc="accepted for mergekit; no effect")):
+  """SCE: select by variance, weight by task-vector energy, erase sign conflicts."""
+  if select_topk <= 0:
+    return base
+  return sce_leaf(base, models, np.float32(select_topk), select=bool(select_topk < 1))
 
 
-def arcee_fusion(base, model):
-  """Arcee Fusion of two models leaf by leaf (mergekit's `arcee_fusion`)."""
-  return _map([base, model], ["base", "model"], lambda j, p, t, lv: arcee_fusion_leaf(*lv))
+@method("arcee_fusion", reference="https://arcee.ai", base="required", models=1,
+        inputs=("base", "model"))
+def _arcee_fusion(base, models):
+  """Arcee Fusion: keep the model's change where its KL-weighted importance is an outlier."""
+  return arcee_fusion_leaf(base, models[0])
 
 
-def ram(models, base, *, epsilon=1e-5):
-  """RAM (reinforced agent merging): unique task-vector entries kept, shared ones
-  averaged; `epsilon` a value, `{regex: value}` or gradient."""
-  _check_models(models, "ram")
-  names = ["base"] + [f"models[{i}]" for i in range(len(models))]
-  return _map([base, *models], names, lambda j, p, t, lv: ram_leaf(
-      lv[0], tuple(lv[1:]), np.float32(resolve(epsilon, p, t, "epsilon"))))
+@method("ram", reference="https://arxiv.org/abs/2601.13572", base="required")
+def _ram(base, models, *, epsilon: float = P(1e-5, lo=0, doc="|delta| above which an entry "
+                                                             "counts as changed")):
+  """RAM: task-vector entries one model changes kept whole, shared ones averaged."""
+  return ram_leaf(base, models, np.float32(epsilon))
 
 
-def ramplus_tl(models, base, *, r=0.1, alpha=0.2, epsilon=1e-5):
-  """RAM+ (tensor-local): RAM with each model's unique entries scaled up by how much
-  it overlaps with the others in that tensor."""
-  _check_models(models, "ramplus_tl")
-  names = ["base"] + [f"models[{i}]" for i in range(len(models))]
-  return _map([base, *models], names, lambda j, p, t, lv: ram_leaf(
-      lv[0], tuple(lv[1:]), np.float32(resolve(epsilon, p, t, "epsilon")),
-      np.float32(resolve(r, p, t, "r")), np.float32(resolve(alpha, p, t, "alpha")),
-      plus=True))
+@method("ramplus_tl", reference="https://arxiv.org/abs/2601.13572", base="required")
+def _ramplus_tl(base, models, *,
+                r: float = P(0.1, lo=0, doc="strength of the overlap boost"),
+                alpha: float = P(0.2, lo=0, doc="cap of the shared/unique ratio"),
+                epsilon: float = P(1e-5, lo=0, doc="|delta| above which an entry counts")):
+  """RAM+ (tensor-local): RAM with each model's unique entries scaled up by its overlap."""
+  return ram_leaf(base, models, np.float32(epsilon), np.float32(r), np.float32(alpha),
+                  plus=True)
 
 
-register(MethodInfo("arcee_fusion", arcee_fusion, "https://arcee.ai", "required", 1, 1, ()))
-register(MethodInfo("ram", ram, "https://arxiv.org/abs/2601.13572", "required", 1, None,
-                    ("epsilon",)))
-register(MethodInfo("ramplus_tl", ramplus_tl, "https://arxiv.org/abs/2601.13572", "required",
-                    1, None, ("r", "alpha", "epsilon")))
-register(MethodInfo("nearswap", nearswap,
-                    "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", "required",
-                    1, 1, ("t",)))
-register(MethodInfo("sce", sce, "https://arxiv.org/abs/2408.07990", "required", 1, None,
-                    ("select_topk", "int8_mask")))
+nearswap = METHODS["nearswap"].fn
+sce = METHODS["sce"].fn
+arcee_fusion = METHODS["arcee_fusion"].fn
+ram = METHODS["ram"].fn
+ramplus_tl = METHODS["ramplus_tl"].fn

@@ -171,8 +171,8 @@ def della_bounds(density: float, epsilon: float, where: str = "") -> tuple[float
   if density <= 0:
     return 0.0, 0.0
   if density + epsilon >= 1 or density - epsilon <= 0:
-    raise ValueError(f"{where}della: epsilon {epsilon} must keep density +/- epsilon in (0, 1); "
-                     f"density is {density}")
+    raise ValueError(f"{where}della: epsilon {epsilon:g} must keep density +/- epsilon in (0, 1); "
+                     f"density is {density:g}")
   return density - epsilon, 2 * epsilon
 
 

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from merging._methods import (MethodInfo, _check_models, _check_weights, _f32, _map, register,
-                              resolve)
+from merging._methods import _f32
+from merging._registry import METHODS, P, method
 
 
 @functools.partial(jax.jit, static_argnames=("max_iter", "tol"))
@@ -99,49 +99,37 @@ def multislerp_leaf(models, weights, base=None, *, normalize: bool = True, eps: 
   return res.reshape(shape).astype(dtype)
 
 
-def karcher(models, *, max_iter: int = 10, tol: float = 1e-5):
-  """Karcher mean of models on the hypersphere, leaf by leaf (mergekit's `karcher`,
-  arXiv:2603.04972): the direction that minimises the summed squared geodesic
-  distance, scaled by the mean norm. Equal weights, as mergekit."""
-  _check_models(models, "karcher")
-  n = len(models)
-  return _map(list(models), [f"models[{i}]" for i in range(n)],
-              lambda j, p, t, lv: karcher_leaf(tuple(lv), max_iter=int(max_iter),
-                                               tol=float(tol)))
+@method("karcher", reference="https://arxiv.org/abs/2603.04972", base="none")
+def _karcher(base, models, *,
+             max_iter: int = P(10, lo=1, hi=10_000, doc="iterations of the mean"),
+             tol: float = P(1e-5, lo=0, doc="convergence tolerance")):
+  """Karcher mean on the hypersphere: the direction minimising the summed squared
+  geodesic distance, times the mean norm (equal weights, as mergekit)."""
+  return karcher_leaf(tuple(models), max_iter=int(max_iter), tol=float(tol))
 
 
-def multislerp(models, base=None, weights=None, *, normalize_weights: bool = True,
-               eps: float = 1e-8):
-  """Multi-model SLERP (mergekit's `multislerp`): weights per model (value, mapping or
-  gradient; default 1), optional `base` whose deltas are interpolated."""
-  _check_models(models, "multislerp")
-  n = len(models)
-  weights = _check_weights(weights, n, default=1.0)
-  trees = ([base] if base is not None else []) + list(models)
-  names = (["base"] if base is not None else []) + [f"models[{i}]" for i in range(n)]
+@method("multislerp", reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        base="optional")
+def _multislerp(base, models, *,
+                weight: float = P(1.0, per_model=True, api="weights", yaml_required=True),
+                normalize_weights: bool = P(True, doc="divide the weights by their sum"),
+                eps: float = P(1e-8, lo=0, doc="norm floor")):
+  """Multi-SLERP: barycentric interpolation on the sphere of N models (or of their
+  task vectors from a base)."""
+  r = multislerp_leaf(tuple(models), weight, base, normalize=normalize_weights, eps=float(eps))
+  check_multislerp(r, "", len(models))
+  return r
 
-  def leaf(j, path, t, lv):
-    w = np.array([resolve(wi, path, t, "weight") for wi in weights], np.float32)
-    if base is not None:
-      b, ms = lv[0], tuple(lv[1:])
-    else:
-      b, ms = None, tuple(lv)
-    r = multislerp_leaf(ms, w, b, normalize=bool(normalize_weights), eps=float(eps))
-    check_multislerp(r, path, n)
-    return r
 
-  return _map(trees, names, leaf)
+karcher = METHODS["karcher"].fn
+multislerp = METHODS["multislerp"].fn
 
 
 def check_multislerp(r, where: str, n: int) -> None:
   """Raise where `multislerp_leaf` flagged cancelling directions (NaN), outside `jit`."""
   if n > 2 and not isinstance(r, jax.core.Tracer) and bool(jnp.isnan(r.reshape(-1)[0])):
-    raise ValueError(f"{where}: multislerp: the weighted sum of the {n} unit vectors is zero "
+    pre = f"{where}: " if where else ""
+    raise ValueError(f"{pre}multislerp: the weighted sum of the {n} unit vectors is zero "
                      "(antipodal inputs whose weights cancel); use other weights")
 
 
-register(MethodInfo("karcher", karcher, "https://arxiv.org/abs/2603.04972", "none", 1, None,
-                    ("max_iter", "tol")))
-register(MethodInfo("multislerp", multislerp,
-                    "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea", "optional",
-                    1, None, ("weight", "normalize_weights", "eps")))

@@ -10,10 +10,28 @@ each input model is in memory at a time. Output: sharded safetensors with an ind
 (with `num_hidden_layers` updated) and its tokenizer files, written into a
 temporary directory that is renamed to OUT_DIR.
 
+Everything about a method comes from the registry (`merging._registry`): its
+parameters (names, defaults, ranges, per-model or shared), base policy and number
+of models; `run_task` calls the registered per-tensor function. Unknown keys at any
+level of the config and unknown parameters are errors listing the accepted ones.
+The YAML is read with a bounded loader (`merging._yaml`: alias bombs, deep
+nesting and huge files are refused). Several YAML documents are run as
+mergekit-multi runs them: named documents go to `--intermediate-dir/NAME`, later
+documents refer to them by name, the unnamed one goes to OUT_DIR.
+
+mergekit-yaml's options are accepted (`--out-shard-size`, `--random-seed`,
+`--copy-tokenizer/--no-copy-tokenizer`, ...; those that change nothing here say so
+in `--help`; `--trust-remote-code` never executes code). `--mergekit-arithmetic`
+(or `arithmetic: mergekit`) computes in the config's dtype as mergekit does,
+instead of float32 with one rounding.
+
 Layer tensors are those named `...layers.{i}.rest`; other tensors whose name
 contains "embed" come from the first slice's models, the rest (final norm, head)
 from the last slice's, as in mergekit. Gradients over layers use mergekit's `t`:
 `i / (n - 1)` within each output slice, 0 for non-layer tensors.
+
+Exit status: 0, or 2 with one line on stderr for bad input, an output path that
+cannot be written (naming it), a full disk or exhausted memory.
 """
 
 from __future__ import annotations
@@ -33,6 +51,7 @@ import numpy as np
 
 from merging import _st
 from merging._params import from_yaml, resolve
+from merging._registry import short
 
 LAYER_RX = re.compile(r"^(.*?layers\.)(\d+)\.(.+)$")
 
@@ -44,47 +63,16 @@ HF_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "floa
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
-# method -> (base policy, shared params with defaults, per-model params with defaults,
-#            (min inputs, max inputs), (min non-base, max non-base))
 _REQ = object()
-_TV_SHARED = {"int8_mask": False, "lambda": 1.0}
-_SPEC = {
-    "linear": ("ignored", {"normalize": True}, {"weight": _REQ}, (1, None), None),
-    "slerp": ("required", {"t": _REQ}, {}, (2, 2), None),
-    "nuslerp": ("optional", {"nuslerp_row_wise": False, "nuslerp_flatten": True},
-                {"weight": _REQ}, (1, None), (2, 2)),
-    "model_stock": ("required", {"filter_wise": False}, {}, (3, None), None),
-    "passthrough": ("ignored", {}, {"scale": None}, (1, 1), None),
-    "karcher": ("ignored", {"max_iter": 10, "tol": 1e-5}, {}, (1, None), None),
-    "multislerp": ("optional", {"normalize_weights": True, "eps": 1e-8}, {"weight": _REQ},
-                   (1, None), (1, 10 ** 9)),
-    "nearswap": ("required", {"t": _REQ}, {}, (2, 2), None),
-    "sce": ("required", {"select_topk": 1.0, "int8_mask": False}, {}, (1, None), None),
-    "arcee_fusion": ("required", {}, {}, (2, 2), None),
-    "ram": ("required", {"epsilon": 1e-5}, {}, (1, None), None),
-    "ramplus_tl": ("required", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {}, (1, None), None),
-}
-
-
-def _tv_spec(name):
-  from merging._methods import METHODS
-  m = METHODS[name].fn
-  shared = dict(_TV_SHARED, normalize=m.normalize, rescale=m.rescale)
-  per = {"weight": _REQ, "density": 1.0}
-  if m.sparsify == "magnitude_outliers":
-    per["gamma"] = 0.01
-  if m.sparsify == "della_magprune":
-    per["epsilon"] = 0.15
-  return ("required", shared, per, (1, None), None)
 
 
 def method_spec(name):
-  from merging._methods import METHODS
-  if name not in METHODS:
-    raise ValueError(f"unknown merge_method {name!r}; known methods: {', '.join(sorted(METHODS))}")
-  if name in _SPEC:
-    return _SPEC[name]
-  return _tv_spec(name)
+  """The registry entry (`merging._registry.Method`) of a YAML `merge_method`."""
+  from merging._registry import METHODS, short
+  if not isinstance(name, str) or name not in METHODS:
+    raise ValueError(f"unknown merge_method {short(name)}; known methods: "
+                     f"{', '.join(sorted(METHODS))}")
+  return METHODS[name]
 
 
 # ----------------------------------------------------------------------------
@@ -219,6 +207,7 @@ class Task:
   out_code: str
   in_code: str | None       # `dtype` of the config: inputs are cast to it first
   index: int = 0
+  arithmetic: str = "float32"   # or "mergekit": computed in the config's dtype
 
 
 @dataclasses.dataclass
@@ -231,12 +220,21 @@ class Plan:
   out_code: str | None
 
 
-def _params_of(d, where):
+def _params_of(d, where, method=None):
+  """A YAML `parameters` mapping as our settings; unknown names are errors."""
   if d is None:
     return None
   if not isinstance(d, dict):
-    raise ValueError(f"{where}: parameters must be a mapping, got {d!r}")
-  return {k: from_yaml(v) for k, v in d.items()}
+    raise ValueError(f"{where}: parameters must be a mapping, got {short(d)}")
+  if method is not None:
+    method.unknown(d, where, ValueError)
+  out = {}
+  for k, v in d.items():
+    try:
+      out[k] = from_yaml(v)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{where}.{k}: {e}") from None
+  return out
 
 
 def _resolve_param(name, scopes, tensor_name, t, default, where):
@@ -253,44 +251,53 @@ def _resolve_param(name, scopes, tensor_name, t, default, where):
   return default
 
 
-def _check_value(name, v, where, method=None):
-  bools = ("normalize", "rescale", "int8_mask", "nuslerp_row_wise", "nuslerp_flatten",
-           "filter_wise", "normalize_weights")
-  if name in bools:
-    if not isinstance(v, bool):
-      raise ValueError(f"{where}: parameter {name!r} must be true or false, got {v!r}")
-    return v
-  if v is None and name == "scale":
-    return v
-  if isinstance(v, str):
+def _check_value(p, v, where):
+  """A resolved YAML value checked by the registry's `Param.check` (one place for the
+  ranges of the Python API and the command line). Numbers written as strings
+  (`"1e-5"`, as mergekit's pydantic reads them) are numbers."""
+  if isinstance(v, str) and p.kind in (float, int) and not p.choices:
     try:
       v = float(v)
     except ValueError:
-      raise ValueError(f"{where}: parameter {name!r} must be a number, got {v!r}") from None
-  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-    raise ValueError(f"{where}: parameter {name!r} must be a finite number, got {v!r}")
-  if (name in ("density", "gamma", "select_topk") or (name == "t" and method != "nearswap")) \
-      and not 0 <= v <= 1:
-    raise ValueError(f"{where}: parameter {name!r} must be in [0, 1], got {v}")
-  if name in ("epsilon", "tol", "eps", "t", "r", "alpha") and v < 0:
-    raise ValueError(f"{where}: parameter {name!r} must be >= 0, got {v}")
-  if name == "max_iter":
-    if v != int(v) or v < 1:
-      raise ValueError(f"{where}: parameter 'max_iter' must be an integer >= 1, got {v}")
-    return int(v)
-  return float(v)
+      raise ValueError(f"{where}: parameter {p.yaml!r} must be a number, got {short(v)}") from None
+  try:
+    return p.check(v, where)
+  except TypeError as e:
+    raise ValueError(str(e)) from None
+
+
+def _keys(d, where, allowed, required=()):
+  if not isinstance(d, dict):
+    raise ValueError(f"{where} must be a mapping with {sorted(required) or sorted(allowed)}, "
+                     f"got {short(d)}")
+  bad = sorted(str(k) for k in d if k not in allowed)
+  if bad:
+    raise ValueError(f"{where}: unknown key(s) {short(bad)}; accepted keys: {sorted(allowed)}")
+  missing = [k for k in required if k not in d]
+  if missing:
+    raise ValueError(f"{where}: missing key(s) {missing}")
+
+
+_TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
+             "tokenizer_source", "tokenizer", "chat_template", "modules", "name", "arithmetic"}
+_MODEL_KEYS = {"model", "parameters"}
+_SLICE_KEYS = {"sources", "base_model", "parameters"}
+_SOURCE_KEYS = {"model", "layer_range", "parameters"}
+from merging._registry import ARITHMETIC  # noqa: E402  ("float32", "mergekit")
 
 
 def _parse_config(cfg):
+  """Check the config's shape: every key known, every value of the expected kind."""
   if not isinstance(cfg, dict):
-    raise ValueError("the config must be a YAML mapping")
-  known = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype",
-           "tokenizer_source", "tokenizer", "chat_template", "modules"}
-  unknown = sorted(set(cfg) - known)
-  if unknown:
-    raise ValueError(f"unknown config keys {unknown}; known: {sorted(known)}")
-  if "merge_method" not in cfg:
-    raise ValueError("the config has no merge_method")
+    raise ValueError(f"the config must be a YAML mapping, got {type(cfg).__name__}")
+  _keys(cfg, "config", _TOP_KEYS, ("merge_method",))
+  method_spec(cfg["merge_method"])
+  for k in ("base_model", "dtype", "out_dtype", "chat_template"):
+    if cfg.get(k) is not None and not isinstance(cfg[k], str):
+      raise ValueError(f"{k} must be a string, got {short(cfg[k])}")
+  if cfg.get("arithmetic") is not None and cfg["arithmetic"] not in ARITHMETIC:
+    raise ValueError(f"arithmetic must be one of {list(ARITHMETIC)}, got "
+                     f"{short(cfg['arithmetic'])}")
   for k in ("tokenizer_source", "tokenizer", "chat_template"):
     if cfg.get(k) is not None:
       warnings.warn(f"lora-jax merge: {k!r} is ignored (the base model's tokenizer files are "
@@ -299,18 +306,47 @@ def _parse_config(cfg):
     raise ValueError("'modules' configs are not supported; use 'models' or 'slices'")
   if bool(cfg.get("models")) == bool(cfg.get("slices")):
     raise ValueError("the config needs exactly one of 'models' or 'slices'")
+  for k in ("models", "slices"):
+    if cfg.get(k) is not None and not isinstance(cfg[k], list):
+      raise ValueError(f"{k} must be a list, got {short(cfg[k])}")
+  for i, m in enumerate(cfg.get("models") or []):
+    _keys(m, f"models[{i}]", _MODEL_KEYS, ("model",))
+  for i, sl in enumerate(cfg.get("slices") or []):
+    if isinstance(sl, dict) and "residual_weight" in sl:
+      raise ValueError(f"slices[{i}]: residual_weight is not supported")
+    _keys(sl, f"slices[{i}]", _SLICE_KEYS, ("sources",))
+    if not isinstance(sl["sources"], list) or not sl["sources"]:
+      raise ValueError(f"slices[{i}].sources must be a non-empty list, got {short(sl['sources'])}")
+    for j, src in enumerate(sl["sources"]):
+      _keys(src, f"slices[{i}].sources[{j}]", _SOURCE_KEYS, ("model", "layer_range"))
+
+
+def _count_error(m, n, nb, refs, base_index):
+  """The model-count error in mergekit's terms (inputs with the base, when required)."""
+  if m.base == "required":
+    lo, hi = m.min_models + 1, (None if m.max_models is None else m.max_models + 1)
+    want = f"{lo}" + ("" if hi == lo else (f" to {hi}" if hi else " or more"))
+    return f"{m.name} takes {want} input models (base included), got {n}: {short(refs, 300)}"
+  lo, hi = m.min_models, m.max_models
+  want = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+  extra = " besides the base" if base_index is not None or m.base == "optional" else ""
+  return f"{m.name} takes {want} models{extra}, got {nb}: {short(refs, 300)}"
 
 
 def plan(cfg: dict, models: dict | None = None) -> Plan:
   """Validate a parsed YAML config against the checkpoints; build the tensor plan."""
   _parse_config(cfg)
   method = cfg["merge_method"]
-  base_policy, shared_spec, per_spec, (min_in, max_in), non_base = method_spec(method)
-  top = _params_of(cfg.get("parameters"), "parameters")
+  m = method_spec(method)
+  shared_spec = {p.yaml: p for p in m.shared.values()}
+  per_spec = {p.yaml: p for p in m.per_model.values()}
+  top = _params_of(cfg.get("parameters"), "parameters", m)
   base_ref = cfg.get("base_model")
   models = {} if models is None else models
 
-  def get(ref):
+  def get(ref, where):
+    if not isinstance(ref, str) or not ref:
+      raise ValueError(f"{where}: a model reference must be a path string, got {short(ref)}")
     if ref not in models:
       models[ref] = open_model(ref)
     return models[ref]
@@ -318,48 +354,44 @@ def plan(cfg: dict, models: dict | None = None) -> Plan:
   slices: list[OutSlice] = []
   if cfg.get("models"):
     srcs = []
-    for i, m in enumerate(cfg["models"]):
-      if not isinstance(m, dict) or "model" not in m:
-        raise ValueError(f"models[{i}] must be a mapping with 'model', got {m!r}")
-      mod = get(m["model"])
-      srcs.append(Source(m["model"], (0, mod.num_layers),
-                         _params_of(m.get("parameters"), f"models[{i}].parameters")))
+    for i, md in enumerate(cfg["models"]):
+      mod = get(md["model"], f"models[{i}].model")
+      srcs.append(Source(md["model"], (0, mod.num_layers),
+                         _params_of(md.get("parameters"), f"models[{i}].parameters", m)))
     if base_ref and base_ref not in [s.model for s in srcs]:
-      srcs.append(Source(base_ref, (0, get(base_ref).num_layers), None))
+      srcs.append(Source(base_ref, (0, get(base_ref, "base_model").num_layers), None))
     slices.append(OutSlice(srcs, None, None))
   else:
     for i, s in enumerate(cfg["slices"]):
-      if not isinstance(s, dict) or not s.get("sources"):
-        raise ValueError(f"slices[{i}] must be a mapping with 'sources'")
       srcs = []
       for j, src in enumerate(s["sources"]):
         where = f"slices[{i}].sources[{j}]"
-        if not isinstance(src, dict) or "model" not in src or "layer_range" not in src:
-          raise ValueError(f"{where} needs 'model' and 'layer_range'")
         lr = src["layer_range"]
         if (not isinstance(lr, (list, tuple)) or len(lr) != 2
-            or not all(isinstance(x, int) for x in lr)):
-          raise ValueError(f"{where}: layer_range must be [start, end], got {lr!r}")
-        mod = get(src["model"])
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
+          raise ValueError(f"{where}: layer_range must be [start, end], got {short(lr)}")
+        mod = get(src["model"], f"{where}.model")
         if not 0 <= lr[0] < lr[1] <= mod.num_layers:
           raise ValueError(f"{where}: layer_range {list(lr)} is outside the {mod.num_layers} "
                            f"layers of {src['model']}")
         srcs.append(Source(src["model"], tuple(lr),
-                           _params_of(src.get("parameters"), f"{where}.parameters")))
+                           _params_of(src.get("parameters"), f"{where}.parameters", m)))
       lens = {s2.layer_range[1] - s2.layer_range[0] for s2 in srcs}
       if len(lens) != 1:
         raise ValueError(f"slices[{i}]: all sources must span the same number of layers, got "
                          f"{[list(s2.layer_range) for s2 in srcs]}")
+      if s.get("base_model") is not None:
+        get(s["base_model"], f"slices[{i}].base_model")
       slices.append(OutSlice(srcs, s.get("base_model"),
-                             _params_of(s.get("parameters"), f"slices[{i}].parameters")))
+                             _params_of(s.get("parameters"), f"slices[{i}].parameters", m)))
   if base_ref:
-    get(base_ref)
+    get(base_ref, "base_model")
 
   dtype_name = cfg.get("dtype")
   out_name = cfg.get("out_dtype")
   for k, v in (("dtype", dtype_name), ("out_dtype", out_name)):
     if v is not None and v not in DTYPE_NAMES:
-      raise ValueError(f"{k}: unknown dtype {v!r}; expected one of {sorted(DTYPE_NAMES)}")
+      raise ValueError(f"{k}: unknown dtype {short(v)}; expected one of {sorted(DTYPE_NAMES)}")
   in_code = DTYPE_NAMES.get(dtype_name) if dtype_name else None
   out_code = DTYPE_NAMES.get(out_name) if out_name else in_code
 
@@ -372,21 +404,14 @@ def plan(cfg: dict, models: dict | None = None) -> Plan:
     seen.add(out_tensor)
     refs = [s.model for s in sl.sources]
     base = sl.base_model or base_ref
-    base_index = refs.index(base) if (base and base in refs and base_policy != "ignored") else None
-    if base_policy == "required" and base_index is None:
+    base_index = refs.index(base) if (base and base in refs and m.base != "none") else None
+    if m.base == "required" and base_index is None:
       raise ValueError(f"{method} needs a base_model among the inputs of {out_tensor}; "
-                       f"inputs: {refs}")
+                       f"inputs: {short(refs, 300)}")
     n = len(refs)
-    if n < min_in or (max_in is not None and n > max_in):
-      want = f"{min_in}" + ("" if max_in == min_in else
-                            (f" to {max_in}" if max_in else " or more"))
-      raise ValueError(f"{method} takes {want} input models (base included), got {n}: {refs}")
-    if non_base is not None:
-      nb = n - (base_index is not None)
-      if not non_base[0] <= nb <= non_base[1]:
-        want = (f"exactly {non_base[0]}" if non_base[0] == non_base[1]
-                else f"at least {non_base[0]}")
-        raise ValueError(f"{method} takes {want} models besides the base, got {nb}")
+    nb = n - (base_index is not None)
+    if nb < m.min_models or (m.max_models is not None and nb > m.max_models):
+      raise ValueError(_count_error(m, n, nb, refs, base_index))
     inputs = []
     for ref, name in zip(refs, names):
       mod = models[ref]
@@ -400,26 +425,22 @@ def plan(cfg: dict, models: dict | None = None) -> Plan:
       raise ValueError(f"tensor {out_tensor}: shapes differ between models ({desc})")
     where = f"tensor {out_tensor}"
     shared = {}
-    for p, d in shared_spec.items():
-      shared[p] = _check_value(p, _resolve_param(p, [sl.params, top], out_tensor, t, d, where),
-                               where, method)
+    for y, p in shared_spec.items():
+      d = _REQ if p.required or p.yaml_required else p.default
+      shared[y] = _check_value(p, _resolve_param(y, [sl.params, top], out_tensor, t, d, where),
+                               where)
     per = []
     for k, (src, (ref, info)) in enumerate(zip(sl.sources, inputs)):
       if k == base_index:
         per.append({})
         continue
       w2 = f"{where} (model {ref})"
-      per.append({p: _check_value(p, _resolve_param(p, [src.params, sl.params, top], info.name,
-                                                    t, d, w2), w2, method)
-                  for p, d in per_spec.items()})
-    if method in ("della", "della_linear"):
-      from merging._sparsify import della_bounds
-      for d in per:
-        if d:
-          della_bounds(d["density"], d["epsilon"], f"{where}: ")
-    if method == "linear" and shared["normalize"]:
-      if abs(sum(d["weight"] for d in per)) < 1e-12:
-        raise ValueError(f"{where}: linear weights sum to 0; cannot normalize")
+      per.append({y: _check_value(p, _resolve_param(y, [src.params, sl.params, top], info.name,
+                                                    t, _REQ if p.required or p.yaml_required
+                                                    else p.default, w2), w2)
+                  for y, p in per_spec.items()})
+    if m.check is not None:
+      m.check(_values(m, shared, [d for k, d in enumerate(per) if k != base_index]), nb, where)
     first = inputs[base_index if base_index is not None else 0][1]
     # integer tensors are copied unchanged; float ones go to out_dtype / dtype
     oc = (out_code or first.dtype) if first.dtype in HF_DTYPE else first.dtype
@@ -452,14 +473,30 @@ def plan(cfg: dict, models: dict | None = None) -> Plan:
       for suffix in suffixes:
         names = []
         for s in sl.sources:
-          m = models[s.model]
-          names.append(f"{m.prefix or m0.prefix}{s.layer_range[0] + idx}.{suffix}")
+          mm = models[s.model]
+          names.append(f"{mm.prefix or m0.prefix}{s.layer_range[0] + idx}.{suffix}")
         add(f"{m0.prefix}{out_layer}.{suffix}", sl, names, t)
       out_layer += 1
   for name in post:
     add(name, slices[-1], [name] * len(slices[-1].sources), 0.0)
   config_from = base_ref or first_src
   return Plan(method, tasks, models, config_from, out_layer, out_code)
+
+
+def _values(m, shared: dict, per: list) -> dict:
+  """The registry function's keyword values from a task's YAML-named parameters:
+  shared ones as scalars, per-model ones as `(N,)` float32 arrays (None if unset)."""
+  out = {}
+  for p in m.params.values():
+    if p.per_model:
+      vals = [d[p.yaml] for d in per]
+      if p.kind in (float, int):
+        out[p.name] = None if any(v is None for v in vals) else np.asarray(vals, np.float32)
+      else:
+        out[p.name] = vals
+    else:
+      out[p.name] = shared[p.yaml]
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -473,12 +510,12 @@ def _to_np(info: _st.TensorInfo, in_code):
 
 
 def run_task(task: Task, method: str, key=None) -> np.ndarray:
-  """Merge one tensor; returns a numpy array in the task's output dtype."""
+  """Merge one tensor with the registered method; a numpy array in the task's output
+  dtype. The registry's per-tensor function is called with the task's parameters."""
   import jax.numpy as jnp
-  from merging import _methods as M
-  from merging import _selective as E
-  from merging import _sphere as S
+  from merging._methods import _leaf_keys
 
+  m = method_spec(method)
   out_dt = _st.DTYPES[task.out_code]
   if task.inputs[0][1].dtype not in HF_DTYPE:
     return _to_np(task.inputs[task.base_index or 0][1], None)
@@ -490,54 +527,9 @@ def run_task(task: Task, method: str, key=None) -> np.ndarray:
   bi = task.base_index
   others = [a for k, a in enumerate(arrs) if k != bi]
   oper = [d for k, d in enumerate(task.per_model) if k != bi]
-  sh = task.shared
-  if method == "linear":
-    w = np.array([d["weight"] for d in task.per_model], np.float32)
-    r = M.linear_leaf(tuple(arrs), w, normalize=sh["normalize"])
-  elif method == "slerp":
-    r = M.slerp_leaf(arrs[bi], others[0], np.float32(sh["t"]))
-  elif method == "nuslerp":
-    w0, w1 = oper[0]["weight"], oper[1]["weight"]
-    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
-    r = M.nuslerp_leaf(others[0], others[1], np.float32(t), None if bi is None else arrs[bi],
-                       row_wise=sh["nuslerp_row_wise"], flatten=sh["nuslerp_flatten"])
-  elif method == "model_stock":
-    r = M.model_stock_leaf(arrs[bi], tuple(others), filter_wise=sh["filter_wise"])
-  elif method == "karcher":
-    r = S.karcher_leaf(tuple(arrs), max_iter=sh["max_iter"], tol=sh["tol"])
-  elif method == "multislerp":
-    w = np.array([d["weight"] for d in oper], np.float32)
-    r = S.multislerp_leaf(tuple(others), w, None if bi is None else arrs[bi],
-                          normalize=sh["normalize_weights"], eps=sh["eps"])
-    S.check_multislerp(r, f"tensor {task.name}", len(others))
-  elif method == "nearswap":
-    r = E.nearswap_leaf(arrs[bi], others[0], np.float32(sh["t"]))
-  elif method == "sce":
-    k = sh["select_topk"]
-    r = arrs[bi] if k <= 0 else E.sce_leaf(arrs[bi], tuple(others), np.float32(k),
-                                           select=bool(k < 1))
-  elif method == "arcee_fusion":
-    r = E.arcee_fusion_leaf(arrs[bi], others[0])
-  elif method in ("ram", "ramplus_tl"):
-    r = (arrs[bi] if not others else
-         E.ram_leaf(arrs[bi], tuple(others), np.float32(sh["epsilon"]),
-                    np.float32(sh.get("r", 0.1)), np.float32(sh.get("alpha", 0.2)),
-                    plus=method == "ramplus_tl"))
-  elif method == "passthrough":
-    s = task.per_model[0].get("scale")
-    r = arrs[0] if s is None else (arrs[0].astype(jnp.float32) * np.float32(s)).astype(arrs[0].dtype)
-  else:
-    tv = M.METHODS[method].fn
-    numel = int(np.prod(task.inputs[0][1].shape, dtype=np.int64))
-    args = M.sparse_args_for(tv.sparsify, numel, [d["density"] for d in oper],
-                             [d.get("gamma", 0.01) for d in oper],
-                             [d.get("epsilon", 0.15) for d in oper], where=f"{task.name}: ")
-    keys = M._leaf_keys(key, task.index, len(others)) if tv.random else None
-    rescale = "l1" if sh["rescale"] else None
-    w = np.array([d["weight"] for d in oper], np.float32)
-    r = M.task_vector_leaf(arrs[bi], tuple(others), w, np.float32(sh["lambda"]), args, keys,
-                           sparsify=tv.sparsify, consensus=tv.consensus,
-                           normalize=sh["normalize"], rescale=rescale)
+  keys = _leaf_keys(key, task.index, len(others)) if m.random else None
+  r = m.run(None if bi is None else arrs[bi], others, _values(m, task.shared, oper), keys,
+            f"tensor {task.name}", task.arithmetic)
   del arrs, others
   out = np.asarray(r)
   if out.dtype != out_dt:
@@ -573,7 +565,8 @@ def describe(p: Plan, shards) -> str:
   lines = [f"merge_method: {p.method}",
            f"inputs: {', '.join(p.models)}",
            f"config.json from: {p.config_from} (num_hidden_layers -> {p.num_layers})",
-           f"output tensors: {len(p.tasks)} in {len(shards)} shard(s)"]
+           f"output tensors: {len(p.tasks)} in {len(shards)} shard(s)",
+           f"arithmetic: {p.tasks[0].arithmetic if p.tasks else 'float32'}"]
   for t in p.tasks:
     src = ", ".join(f"{ref}:{info.name}" for ref, info in t.inputs)
     params = {k: v for k, v in t.shared.items()}
@@ -583,20 +576,57 @@ def describe(p: Plan, shards) -> str:
   return "\n".join(lines)
 
 
-def run(config_path: str, out_dir: str, *, dry_run=False, seed=0, max_shard_size="5GB",
-        overwrite=False, quiet=False, stream=None) -> Plan:
+def run(config_path, out_dir: str, *, dry_run=False, seed=0, max_shard_size="5GB",
+        overwrite=False, quiet=False, stream=None, copy_tokenizer=True, intermediate_dir=None,
+        lazy=True, arithmetic=None) -> Plan:
   """Plan, validate and (unless `dry_run`) execute a merge. Raises ValueError /
-  FileNotFoundError before anything is written when the inputs are wrong."""
-  import yaml
+  FileNotFoundError before anything is written when the inputs are wrong.
+
+  `config_path`: a YAML file (one document, or several as mergekit-multi: named
+  documents are written to `intermediate_dir/NAME` in dependency order, the unnamed
+  one to `out_dir`) or an already parsed config mapping. `arithmetic`: "float32"
+  (default: compute in float32, round once) or "mergekit" (mergekit's arithmetic
+  in the config's `dtype`); overrides the config's `arithmetic:` key.
+  `copy_tokenizer`: copy the tokenizer files of the config's base model.
+  """
   stream = stream or sys.stdout
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"config file {config_path!r} does not exist")
-  with open(config_path) as f:
-    try:
-      cfg = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-      raise ValueError(f"{config_path}: invalid YAML: {e}") from None
+  if arithmetic is not None and arithmetic not in ARITHMETIC:
+    raise ValueError(f"arithmetic must be one of {list(ARITHMETIC)}, got {short(arithmetic)}")
+  if isinstance(config_path, dict):
+    cfg = config_path
+  else:
+    from merging import _yaml
+    docs = _yaml.load(config_path)
+    if not docs:
+      raise ValueError(f"{config_path}: the config file has no YAML document")
+    if len(docs) > 1 or (isinstance(docs[0], dict) and "name" in docs[0]):
+      steps = _yaml.order(docs, out_dir, intermediate_dir)
+      kw = dict(dry_run=dry_run, seed=seed, max_shard_size=max_shard_size, quiet=quiet,
+                stream=stream, copy_tokenizer=copy_tokenizer, arithmetic=arithmetic)
+      last = None
+      for name, cfg, dest in steps:
+        if dest != out_dir and lazy and _complete(dest):
+          if not quiet:
+            print(f"{name}: {dest} exists, skipped (--no-lazy to redo it)", file=stream)
+          continue
+        if dest != out_dir and not dry_run:
+          os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        try:
+          last = run(cfg, dest, overwrite=overwrite or dest != out_dir, **kw)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+          raise type(e)(f"merge {name or 'final'!r}: {e}") from None
+        if dry_run and dest != out_dir:
+          print(f"(dry run: later merges that read {dest} cannot be planned)", file=stream)
+          break
+      return last
+    cfg = docs[0]
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ValueError(f"output path {out_dir!r} exists and is not a directory")
   p = plan(cfg)
+  mode = arithmetic or cfg.get("arithmetic") or "float32"
+  method_spec(p.method).check_arithmetic(mode, "arithmetic")
+  for t in p.tasks:
+    t.arithmetic = mode
   shards = shard_layout(p.tasks, _parse_size(max_shard_size))
   if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite and not dry_run:
     raise ValueError(f"output directory {out_dir!r} exists and is not empty; pass --overwrite")
@@ -640,7 +670,7 @@ def run(config_path: str, out_dir: str, *, dry_run=False, seed=0, max_shard_size
       config["torch_dtype"] = HF_DTYPE[p.out_code]
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(config, f, indent=2)
-    for fn in TOKENIZER_FILES:
+    for fn in (TOKENIZER_FILES if copy_tokenizer else ()):
       s = os.path.join(src.path, fn)
       if os.path.exists(s):
         shutil.copy(s, os.path.join(tmp, fn))
@@ -659,28 +689,176 @@ def run(config_path: str, out_dir: str, *, dry_run=False, seed=0, max_shard_size
   return p
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="lora-jax", description="lora-jax command line")
-  sub = ap.add_subparsers(dest="command", required=True)
-  m = sub.add_parser("merge", help="merge checkpoints from a mergekit-style YAML config")
-  m.add_argument("config", help="mergekit-style YAML file")
+def _complete(d) -> bool:
+  """A finished checkpoint directory (mergekit-multi's `--lazy` test)."""
+  return os.path.exists(os.path.join(d, "config.json")) and any(
+      os.path.exists(os.path.join(d, f))
+      for f in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def _size_arg(flag, kmb=False):
+  """argparse type for a shard size: ours (`5GB`, `500MB`, bytes) or mergekit's
+  `--out-shard-size` (`5B` = 5e9 bytes, `500M`, `1000k`; 0 = one shard)."""
+  def parse(s):
+    s0 = s
+    if kmb:
+      m = re.fullmatch(r"\s*(\d+)\s*([kKmMbB]?)\s*", s)
+      if not m:
+        raise argparse.ArgumentTypeError(
+            f"{flag} {short(s0)}: expected an integer with an optional k/M/B suffix (mergekit)")
+      n = int(m.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[m.group(2).lower()]
+      return n if n > 0 else 2 ** 62
+    try:
+      n = _parse_size(s)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"{flag} {short(s0)}: expected a size like 5GB, 500MB or 1000000") from None
+    if n <= 0:
+      raise argparse.ArgumentTypeError(f"{flag} {short(s0)}: must be at least 1 byte")
+    return n
+  return parse
+
+
+def _int_arg(flag, lo, hi=None):
+  def parse(s):
+    try:
+      v = int(s)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{flag} {short(s)}: expected an integer") from None
+    if v < lo or (hi is not None and v > hi):
+      rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+      raise argparse.ArgumentTypeError(f"{flag} {v}: must be {rng}")
+    return v
+  return parse
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse that raises (so `main` exits 2 with one line) instead of printing usage."""
+
+  def error(self, message):
+    raise _UsageError(message)
+
+
+class _UsageError(Exception):
+  pass
+
+
+# mergekit-yaml's options that change nothing here, each with why (help text)
+_NOOPS = {
+    "--lazy-unpickle": "accepted (mergekit); nothing is unpickled: only safetensors are read",
+    "--allow-crimes": "accepted (mergekit); tensors are checked by shape, not architecture",
+    "--cuda": "accepted (mergekit); JAX runs on its default backend (set JAX_PLATFORMS)",
+    "--low-cpu-memory": "accepted (mergekit); one tensor per model is in memory at a time",
+    "--read-to-gpu": "accepted (mergekit); JAX places arrays on its default device",
+    "--multi-gpu": "accepted (mergekit); no effect",
+    "--gpu-rich": "accepted (mergekit); no effect",
+    "--clone-tensors": "accepted (mergekit); every output tensor is written as its own copy",
+    "--async-write": "accepted (mergekit); shards are written as tensors are merged",
+    "--unsafe-truncate-embeddings": "accepted (mergekit); no effect: embeddings of different "
+                                    "sizes are an error",
+    "--trust-remote-code": "accepted (mergekit); never executes code: no model code is loaded",
+}
+_NOOP_VALUES = {
+    "--device": ("DEVICE", "accepted (mergekit: cpu, cuda, auto, ...); JAX uses its default "
+                           "backend (set JAX_PLATFORMS)"),
+    "--lora-merge-cache": ("DIR", "accepted (mergekit); adapters are applied as tensors are "
+                                  "read, nothing is cached"),
+    "--transformers-cache": ("DIR", "accepted (mergekit); nothing is downloaded"),
+}
+
+
+def _merge_parser(sub):
+  m = sub.add_parser("merge", help="merge checkpoints from a mergekit-style YAML config",
+                     description="Merge checkpoints from a mergekit-style YAML config. Accepts "
+                     "mergekit-yaml's options (and mergekit-multi's --intermediate-dir/--lazy "
+                     "for multi-document configs).")
+  m.add_argument("config", help="mergekit-style YAML file (several documents: mergekit-multi)")
   m.add_argument("out_dir", help="output directory (written atomically)")
   m.add_argument("--dry-run", action="store_true", help="validate and list the plan only")
-  m.add_argument("--seed", type=int, default=0, help="seed for DARE/DELLA random drops")
-  m.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
+  m.add_argument("--seed", "--random-seed", dest="seed", type=_int_arg("--seed", 0, 2 ** 63 - 1),
+                 default=0, help="seed for DARE/DELLA random drops (mergekit: --random-seed)")
+  m.add_argument("--max-shard-size", type=_size_arg("--max-shard-size"), default=None,
+                 help="bytes per output shard, e.g. 5GB, 500MB (default 5GB)")
+  m.add_argument("--out-shard-size", type=_size_arg("--out-shard-size", kmb=True), default=None,
+                 help="mergekit's spelling of --max-shard-size: bytes with k/M/B "
+                      "(thousand/million/billion) suffixes, e.g. 5B; 0: one shard")
   m.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
   m.add_argument("--quiet", action="store_true", help="no progress bar")
+  m.add_argument("-v", "--verbose", action="count", default=0,
+                 help="accepted (mergekit's verbosity); no effect")
+  m.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                 help="copy the base model's tokenizer files to OUT_DIR (default: yes)")
+  m.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                 help="accepted (mergekit); no model card (README.md) is written")
+  m.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True,
+                 help="output is always safetensors; --no-safe-serialization is an error")
+  m.add_argument("-j", "--num-threads", type=_int_arg("--num-threads", 1), default=None,
+                 help="accepted (mergekit); XLA chooses its threads")
+  m.add_argument("--write-threads", type=_int_arg("--write-threads", 1), default=1,
+                 help="accepted (mergekit); shards are written by one thread")
+  m.add_argument("--intermediate-dir", "-I", default=None,
+                 help="directory for the named merges of a multi-document config "
+                      "(mergekit-multi)")
+  m.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=True,
+                 help="multi-document configs: skip named merges whose output exists "
+                      "(mergekit-multi; default: yes)")
+  m.add_argument("--mergekit-arithmetic", dest="arithmetic", action="store_const",
+                 const="mergekit", default=None,
+                 help="compute as mergekit does, in the config's dtype (bf16/fp16 give "
+                      "mergekit's bits); default: float32, rounded once (config key "
+                      "`arithmetic: mergekit` does the same)")
+  for flag, hlp in _NOOPS.items():
+    m.add_argument(flag, action="store_true", help=hlp)
+  for flag, (metavar, hlp) in _NOOP_VALUES.items():
+    m.add_argument(flag, metavar=metavar, default=None, help=hlp)
+  m.add_argument("--lora-merge-dtype", choices=sorted(DTYPE_NAMES), default=None,
+                 help="accepted (mergekit); adapters are applied in float32")
+  return m
+
+
+def main(argv=None) -> int:
+  """`lora-jax merge|extract-lora ...`: 0 on success, 2 (one line on stderr) on bad
+  input, an unwritable output path, a full disk or exhausted memory."""
+  ap = _Parser(prog="lora-jax", description="lora-jax command line")
+  sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  _merge_parser(sub)
   from merging import extract_cli
   extract_cli.add_parser(sub)
-  args = ap.parse_args(argv)
+  try:
+    args = ap.parse_args(argv)
+  except _UsageError as e:
+    print(f"lora-jax: error: {e} (see lora-jax --help)", file=sys.stderr)
+    return 2
+  out = getattr(args, "out_dir", None) or getattr(args, "out_path", None)
   try:
     if args.command == "extract-lora":
       extract_cli.run_args(args)
     else:
+      if not args.safe_serialization:
+        raise ValueError("--no-safe-serialization: lora-jax writes only safetensors (never "
+                         "pickle)")
+      if args.max_shard_size is not None and args.out_shard_size is not None:
+        raise ValueError("give one of --max-shard-size and --out-shard-size")
+      size = args.max_shard_size or args.out_shard_size or "5GB"
       run(args.config, args.out_dir, dry_run=args.dry_run, seed=args.seed,
-          max_shard_size=args.max_shard_size, overwrite=args.overwrite, quiet=args.quiet)
+          max_shard_size=size, overwrite=args.overwrite, quiet=args.quiet,
+          copy_tokenizer=args.copy_tokenizer, intermediate_dir=args.intermediate_dir,
+          lazy=args.lazy, arithmetic=args.arithmetic)
   except (ValueError, TypeError, FileNotFoundError) as e:
-    print(f"lora-jax {args.command}: error: {e}", file=sys.stderr)
+    print(f"lora-jax {args.command}: error: {short(str(e), 2000)}", file=sys.stderr)
+    return 2
+  except MemoryError:
+    print(f"lora-jax {args.command}: error: out of memory while writing {out!r}",
+          file=sys.stderr)
+    return 2
+  except RecursionError:
+    print(f"lora-jax {args.command}: error: the config nests too deeply", file=sys.stderr)
+    return 2
+  except OSError as e:
+    path = e.filename if e.filename is not None else out
+    why = e.strerror or type(e).__name__
+    print(f"lora-jax {args.command}: error: {why}: {short(str(path), 300)} "
+          f"(output {short(str(out), 300)})", file=sys.stderr)
     return 2
   return 0
 

@@ -145,9 +145,12 @@ def configs(p):
           "merge_method": "sce", "base_model": m0, "dtype": "float32",
           "parameters": {"select_topk": 0.3},
           "models": [{"model": m1}, {"model": m2}, {"model": m3}]},
+      # mergekit's float32 importance cancels on near-identical rows and flips keep/drop
+      # decisions; ours is computed stably, so the reference is mergekit's own formula in
+      # float64 (its intended math), written as float32
       "arcee_fusion": {
-          "merge_method": "arcee_fusion", "base_model": m0, "dtype": "float32",
-          "models": [{"model": m0}, {"model": m1}]},
+          "merge_method": "arcee_fusion", "base_model": m0, "dtype": "float64",
+          "out_dtype": "float32", "models": [{"model": m0}, {"model": m1}]},
       "ram": {
           "merge_method": "ram", "base_model": m0, "dtype": "float32",
           "parameters": {"epsilon": 0.01},
