@@ -188,17 +188,11 @@ def merge_adapters(adapters, method="svd", weights=None, *, rank=None, density=N
       raise ValueError(
           f"merge_adapters: {path} in adapters[{i}] is a {type(x).__name__} (trainable "
           f"{x.trainable_fields}); the adapter methods combine LoRA factors only")
+  extend.check_same_structure(adapters, [f"adapters[{i}]" for i in range(n)],
+                              is_leaf=_is_lora, what="merge_adapters")
   flat0, treedef = jax.tree_util.tree_flatten(adapters[0], is_leaf=_is_lora)
   paths = [p for p, _ in leaves_with_paths(adapters[0], is_leaf=_is_lora)]
-  cols = [flat0]
-  for i, ad in enumerate(adapters[1:], 1):
-    flat, td = jax.tree_util.tree_flatten(ad, is_leaf=_is_lora)
-    if td != treedef:
-      other = {p for p, _ in leaves_with_paths(ad, is_leaf=_is_lora)}
-      raise ValueError(f"merge_adapters: adapters[{i}] does not have the structure of "
-                       f"adapters[0]; paths only in adapters[0]: {sorted(set(paths) - other)[:5]}, "
-                       f"only in adapters[{i}]: {sorted(other - set(paths))[:5]}")
-    cols.append(flat)
+  cols = [flat0] + [jax.tree_util.tree_flatten(ad, is_leaf=_is_lora)[0] for ad in adapters[1:]]
   if not any(_is_lora(x) for x in flat0):
     raise ValueError("merge_adapters: adapters[0] has no LoraWeight leaves")
 

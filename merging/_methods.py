@@ -63,8 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._implicit import ImplicitArray
-from lora_jax._paths import leaves_with_paths
+from lora_jax.extend import check_same_structure, is_implicit, leaves_with_paths, materialize, path_str
 from merging import _sparsify as sp
 from merging._params import layer_t
 from merging._registry import METHODS, Method, P, merge, method, params_of, register, short
@@ -347,12 +346,8 @@ def model_stock_leaf(base, models, *, filter_wise=False):
 # ----------------------------------------------------------------------------
 # lifting over trees
 
-def _is_leaf(x):
-  return isinstance(x, ImplicitArray)
-
-
-def _dense(x):
-  return x.materialize() if isinstance(x, ImplicitArray) else x
+_is_leaf = is_implicit
+_dense = materialize
 
 
 def _dtype_of(x):
@@ -361,21 +356,12 @@ def _dtype_of(x):
 
 def _flatten_all(trees: Sequence[Any], names: Sequence[str]):
   """Leaves with paths of every tree; checks one structure and matching shapes."""
+  check_same_structure(trees, names, is_leaf=_is_leaf, what="merge")
   flat0, treedef = jax.tree_util.tree_flatten(trees[0], is_leaf=_is_leaf)
   paths = [p for p, _ in leaves_with_paths(trees[0], is_leaf=_is_leaf)]
   cols = [[_dense(x) for x in flat0]]
-  for tree, name in zip(trees[1:], names[1:]):
-    flat, td = jax.tree_util.tree_flatten(tree, is_leaf=_is_leaf)
-    if td != treedef:
-      other = {p for p, _ in leaves_with_paths(tree, is_leaf=_is_leaf)}
-      mine = set(paths)
-      raise ValueError(
-          f"{name} does not have the structure of {names[0]}: paths only in {names[0]}: "
-          f"{sorted(mine - other)[:5]}, only in {name}: {sorted(other - mine)[:5]}"
-          if mine != other else
-          f"{name} has the paths of {names[0]} but a different tree structure "
-          f"({td} vs {treedef})")
-    cols.append([_dense(x) for x in flat])
+  for tree in trees[1:]:
+    cols.append([_dense(x) for x in jax.tree_util.tree_flatten(tree, is_leaf=_is_leaf)[0]])
   for j, path in enumerate(paths):
     for c, name in zip(cols, names):
       if not (hasattr(c[j], "dtype") and hasattr(c[j], "shape")) and not (
@@ -794,7 +780,6 @@ def stack_layers(slices, *, layers_key="layers"):
   prefix = "/".join(str(k) for k in first_path) + "/"
 
   def pick(kp, x):
-    from lora_jax._paths import path_str
     p = path_str(kp)
     if p.startswith(prefix) or "embed" in p or p not in last_leaves:
       return x
