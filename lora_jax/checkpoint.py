@@ -288,6 +288,10 @@ def _entry(path: pathlib.Path, name: str, meta: Any, base: int) -> TensorInfo:
 
 def _check_layout(path: pathlib.Path, infos: list[TensorInfo], base: int, size: int) -> None:
   """Tensors contiguous from the end of the header to the end of the file, no overlap."""
+  for t in infos:
+    if t.end > size:
+      raise ValueError(f"{path}: tensor {t.name!r} {t.dtype} {t.shape} ends at byte {t.end}, "
+                       f"beyond the end of the file ({size} bytes): truncated or corrupt")
   pos = base
   for t in sorted(infos, key=lambda t: (t.start, t.end)):
     if t.start != pos:
@@ -477,8 +481,8 @@ def checkpoint_files(root: str | os.PathLike, *, any_safetensors: bool = False
     files = sorted(p for p in root.iterdir() if p.name.endswith(".safetensors"))
     if files:
       return [inside(root, p.name, str(root)) for p in files], None
-  raise FileNotFoundError(f"{root}: neither {SINGLE} nor {INDEX} found"
-                          + ("" if not any_safetensors else " (nor any *.safetensors)"))
+  raise FileNotFoundError(f"{root}: no {SINGLE}, no {INDEX}"
+                          + (" and no *.safetensors" if any_safetensors else "") + " found")
 
 
 def checkpoint_headers(root: str | os.PathLike, *, any_safetensors: bool = False
