@@ -185,9 +185,8 @@ def _write_bytes(path: pathlib.Path, chunks) -> None:
 
 def _named(e: OSError, path) -> OSError:
   """The OS error again, with the path we were writing in its message."""
-  if isinstance(e, FileNotFoundError):
-    return FileNotFoundError(e.errno, f"{path}: cannot write: {e.strerror}", str(path))
-  return OSError(e.errno, f"{path}: cannot write: {e.strerror or e}", str(path))
+  cls = FileNotFoundError if isinstance(e, FileNotFoundError) else OSError
+  return cls(e.errno, f"{path}: cannot write: {e.strerror or e}")
 
 
 # ----------------------------------------------------------------------------
