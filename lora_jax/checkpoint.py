@@ -378,7 +378,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
   C-order bytes ordered by itemsize (largest first) and name, so each is aligned.
   """
   path = pathlib.Path(path)
-  arrs = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
+  arrs = {k: np.asarray(v, order="C") for k, v in tensors.items()}
   arrs = dict(sorted(arrs.items(), key=lambda kv: (-kv[1].dtype.itemsize, kv[0])))
   specs = [(k, code_of(a.dtype), a.shape) for k, a in arrs.items()]
   head, _ = _header_json(specs, metadata)
@@ -412,7 +412,7 @@ class ShardWriter:
   def write(self, name: str, arr: np.ndarray) -> None:
     """Write one planned tensor (its dtype and shape must be the planned ones)."""
     off, n, code, shape = self.offsets[name]
-    arr = np.ascontiguousarray(arr)
+    arr = np.asarray(arr, order="C")
     if arr.dtype != DTYPES[code] or tuple(arr.shape) != shape:
       raise ValueError(f"{self.path}: tensor {name!r}: writing {arr.dtype} {arr.shape}, "
                        f"planned {code} {shape}")
