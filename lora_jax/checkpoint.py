@@ -896,7 +896,7 @@ def open_checkpoint(ref: str) -> Checkpoint:
     raise ValueError(f"model reference {ref!r} must be a path string")
   if "+" in ref and not os.path.exists(os.path.expanduser(ref)):
     base_ref, adapter_ref = ref.split("+", 1)   # mergekit's "model+lora"
-    return dataclasses.replace(_with_adapter(open_checkpoint(base_ref), adapter_ref), ref=ref)
+    return dataclasses.replace(with_adapter(open_checkpoint(base_ref), adapter_ref), ref=ref)
   path = os.path.expanduser(ref)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"model {ref!r}: no such directory (only local checkpoints are "
@@ -906,7 +906,10 @@ def open_checkpoint(ref: str) -> Checkpoint:
   return Checkpoint(ref, path, config, dict(tensors))
 
 
-def _with_adapter(ck: Checkpoint, adapter_ref: str) -> Checkpoint:
+def with_adapter(ck: Checkpoint, adapter_ref: str) -> Checkpoint:
+  """`ck` seen through the PEFT adapter directory `adapter_ref`: each tensor the adapter
+  changes becomes an `AdaptedTensor` (read lazily; the adapter is checked as
+  `lj.load_adapter` checks it)."""
   from lora_jax._peft_io import read_adapter_updates
   adir = os.path.expanduser(adapter_ref)
   if not os.path.isdir(adir):
@@ -936,6 +939,7 @@ def __getattr__(name: str):
 
 __all__ = [
     *_ADAPTER_NAMES, "AdaptedTensor", "Checkpoint", "open_checkpoint", "read_any",
+    "with_adapter",
     "CODES", "DTYPES", "INDEX", "LLAMA", "NameTable", "SINGLE", "ShardWriter", "TMP_PREFIX",
     "TensorInfo", "as_table", "atomic_directory", "checkpoint_files", "checkpoint_headers",
     "clean_stale", "code_of", "copy_inside", "inside", "param_path", "read_checkpoint",

@@ -110,7 +110,7 @@ def read(info) -> np.ndarray:
 
 def _with_adapter(model: Model, adapter_ref: str) -> Model:
   ck = checkpoint.Checkpoint(model.ref, model.path, model.config, model.tensors)
-  return dataclasses.replace(model, tensors=checkpoint._with_adapter(ck, adapter_ref).tensors)
+  return dataclasses.replace(model, tensors=checkpoint.with_adapter(ck, adapter_ref).tensors)
 
 
 def open_model(ref: str) -> Model:

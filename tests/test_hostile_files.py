@@ -579,3 +579,46 @@ def test_merge_adapter_reference_with_broken_adapter(good, tmp_path):
     warnings.simplefilter("error")
     m = cli.open_model(f"{good['model']}+{good['adapter']}")
   assert isinstance(m.tensors["model.layers.0.self_attn.q_proj.weight"], cli.AdaptedTensor)
+
+
+# ----------------------------------------------------------------------------
+# writers: outputs that cannot be directories
+
+WRITERS = {
+    "save_adapter": lambda out, good: lj.save_adapter(out, lj.init(
+        jax.random.key(0), good["params"], lj.LoraConfig(rank=2, alpha=2,
+                                                          targets=r".*/q_proj/kernel"))),
+    "save_hf": lambda out, good: llama.save_hf(out, llama.LlamaConfig(**TINY), good["params"]),
+    "extract": lambda out, good: extract_cli.extract(str(good["model2"]), str(good["model"]),
+                                                     str(out), overwrite=True, quiet=True),
+    "merge": lambda out, good: _merge_to(out, good),
+}
+
+
+def _merge_to(out, good):
+  cfgp = good["model"].parent / "merge_to.yml"
+  cfgp.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+      {"model": str(good["model"]), "parameters": {"weight": 0.5}},
+      {"model": str(good["model2"]), "parameters": {"weight": 0.5}}]}))
+  cli.run(str(cfgp), str(out), quiet=True, overwrite=True)
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_writers_refuse_a_file_as_output_directory(good, tmp_path, writer):
+  out = tmp_path / "out"
+  out.write_text("precious")
+  with pytest.raises((ValueError, OSError)) as e:
+    WRITERS[writer](out, good)
+  assert str(out) in str(e.value), str(e.value)
+  assert out.read_text() == "precious"
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(checkpoint.TMP_PREFIX)]
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_writers_name_the_path_when_the_parent_is_a_file(good, tmp_path, writer):
+  (tmp_path / "f").write_text("precious")
+  out = tmp_path / "f" / "out"
+  with pytest.raises(OSError) as e:
+    WRITERS[writer](out, good)
+  assert str(tmp_path / "f") in str(e.value), str(e.value)
+  assert (tmp_path / "f").read_text() == "precious"
