@@ -668,6 +668,10 @@ def atomic_directory(path: str | os.PathLike, *, keep_other_files: bool = False,
   out = pathlib.Path(os.path.abspath(path))
   if os.path.lexists(out) and not out.is_dir():
     raise ValueError(f"{out}: exists and is not a directory; refusing to replace it")
+  cwd = pathlib.Path.cwd()
+  if out == out.parent or out == cwd or out in cwd.parents:
+    raise ValueError(f"{out}: is the working directory or one of its parents; a directory "
+                     "written atomically replaces its path, so name a subdirectory")
   parent = out.parent
   try:
     parent.mkdir(parents=True, exist_ok=True)

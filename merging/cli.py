@@ -108,11 +108,6 @@ def read(info) -> np.ndarray:
   return checkpoint.read_any(info)
 
 
-def _with_adapter(model: Model, adapter_ref: str) -> Model:
-  ck = checkpoint.Checkpoint(model.ref, model.path, model.config, model.tensors)
-  return dataclasses.replace(model, tensors=checkpoint.with_adapter(ck, adapter_ref).tensors)
-
-
 def open_model(ref: str) -> Model:
   """A checkpoint (`checkpoint.open_checkpoint`: headers validated, files inside the
   directory only) with its layer structure read from the tensor names."""

@@ -203,6 +203,16 @@ def test_atomic_directory_replaces_whole_or_nothing(tmp_path):
       pass
 
 
+def test_atomic_directory_refuses_the_working_directory(tmp_path, monkeypatch):
+  (tmp_path / "w").mkdir()
+  monkeypatch.chdir(tmp_path / "w")
+  for p in (".", "..", "/"):
+    with pytest.raises(ValueError, match="working directory or one of its parents"):
+      with checkpoint.atomic_directory(p):
+        pass
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+
+
 def test_clean_stale_removes_only_dead_writers_of_the_same_target(tmp_path):
   import subprocess
   import sys

@@ -649,10 +649,13 @@ def _path_to_hf(path: tuple) -> str:
   return NAMES.path_to_tensor("/".join(map(str, path)))[0]
 
 
-def _read_state_dict(root: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_state_dict(root: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """All tensors of the checkpoint in `root` (single file or index + shards, every file
-  inside `root`), validated by `checkpoint.checkpoint_headers` before any is read."""
-  return checkpoint.read_checkpoint(root)
+  inside `root`), validated by `checkpoint.checkpoint_headers` before any is read, and
+  the file each tensor came from (for error messages)."""
+  infos = checkpoint.checkpoint_headers(root)
+  return ({k: checkpoint.read_tensor(t) for k, t in infos.items()},
+          {k: t.file for k, t in infos.items()})
 
 
 def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
@@ -683,10 +686,10 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
     config = LlamaConfig.from_hf(hf)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{root / 'config.json'}: {e}") from None
-  sd = _read_state_dict(root)
+  sd, files = _read_state_dict(root)
   int8 = sorted(k for k in sd if k.endswith(".SCB"))
   if int8:
-    raise ValueError(f"{root}: tensor {int8[0]!r} belongs to a bitsandbytes 8-bit (LLM.int8) "
+    raise ValueError(f"{files[int8[0]]}: tensor {int8[0]!r} belongs to a bitsandbytes 8-bit (LLM.int8) "
                      "checkpoint, which load_hf does not read; 4-bit (nf4/fp4) bnb "
                      "checkpoints and float checkpoints are supported")
   if any(_BNB_STATE in k for k in sd):
@@ -701,13 +704,13 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
       continue
     hit = _hf_name_to_path(name)
     if hit is None:
-      raise ValueError(f"{root}: tensor {name!r} {tuple(arr.shape)} is not part of a Llama "
-                       "checkpoint this loader knows")
+      raise ValueError(f"{files.get(name, root)}: tensor {name!r} {tuple(arr.shape)} is not "
+                       "part of a Llama checkpoint this loader knows")
     p, transpose = hit
     if p == ("lm_head", "kernel") and config.tie_word_embeddings:
       continue
     if p not in expected:
-      raise ValueError(f"{root}: tensor {name!r} {tuple(arr.shape)} (parameter "
+      raise ValueError(f"{files.get(name, root)}: tensor {name!r} {tuple(arr.shape)} (parameter "
                        f"{'/'.join(map(str, p))}) does not fit config.json "
                        f"(num_hidden_layers={config.num_hidden_layers}, "
                        f"attention_bias={config.attention_bias}, mlp_bias={config.mlp_bias})")
@@ -715,14 +718,15 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
       # a QuantizedArray: already the (in, out) kernel; it keeps its packed codes
       # and computes in `dtype` when it is dequantized.
       if tuple(arr.shape) != expected[p]:
-        raise ValueError(f"{root}: quantized tensor {name!r} has kernel shape "
+        raise ValueError(f"{files.get(name, root)}: quantized tensor {name!r} has kernel shape "
                          f"{tuple(arr.shape)}; config.json implies {expected[p]}")
       flat[p] = arr if dtype is None else dataclasses.replace(arr, dtype=jnp.dtype(dtype))
       continue
     if arr.ndim == 2 and transpose:
       arr = arr.T
     if tuple(arr.shape) != expected[p]:
-      raise ValueError(f"{root}: tensor {name!r} has shape {tuple(sd[name].shape)}; config.json "
+      raise ValueError(f"{files.get(name, root)}: tensor {name!r} {arr.dtype} has shape "
+                       f"{tuple(sd[name].shape)}; config.json "
                        f"implies {expected[p][::-1] if transpose else expected[p]}")
     flat[p] = jnp.asarray(arr, dtype=dtype) if dtype is not None else jnp.asarray(arr)
   missing = [_path_to_hf(p) for p in expected if p not in flat]
