@@ -513,6 +513,7 @@ def test_backtracking_pattern_is_bounded(good, tmp_path, monkeypatch):
   assert time.monotonic() - t < 30
 
 
+@pytest.mark.slow
 def test_pattern_that_hangs_python_re_loads_in_bounded_time(good, tmp_path):
   """`(.*.*)*X` makes Python's `re` backtrack for minutes on a module name; loading
   runs in a child with a time limit and must finish (the pattern matches nothing)."""
