@@ -41,7 +41,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 from merge_vs_mergekit import llama_shape, timed, write_models  # noqa: E402
-from merging import _st  # noqa: E402
+from lora_jax import checkpoint as _st  # noqa: E402
 
 PY = sys.executable
 MK = os.path.join(os.path.dirname(PY), "mergekit-extract-lora")

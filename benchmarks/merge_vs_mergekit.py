@@ -33,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from merging import _st  # noqa: E402
+from lora_jax import checkpoint as _st  # noqa: E402
 
 PY = sys.executable
 MK = os.path.join(os.path.dirname(PY), "mergekit-yaml")

@@ -16,9 +16,22 @@ parameter paths (`layers/0/self_attn/q_proj/kernel`) by a name map: a sequence o
 component. `{layer}` matches a layer number; when the parameters are stacked
 for `scan` (`layers/self_attn/q_proj/kernel` with a leading layer axis), the
 `{layer}/` component is absent from the path and the number indexes that axis.
-`LLAMA_NAME_MAP` is the default (the reference model's names, which are
-Hugging Face's); another model passes its own table, e.g.
+`LLAMA_NAME_MAP` (the pairs of `lora_jax.checkpoint.LLAMA`) is the default (the
+reference model's names, which are Hugging Face's); another model passes its own
+`checkpoint.NameTable` or pairs, e.g.
 `LLAMA_NAME_MAP + (("transformer.h.{layer}.attn.{proj}", "h/{layer}/attn/{proj}/kernel"),)`.
+
+Files: the directory is read as data. Regular expressions from `adapter_config.json`
+(`rank_pattern` / `alpha_pattern` keys, a string `target_modules` / `exclude_modules`,
+`layers_pattern`) must compile, and matching them against module names has a time
+budget (`PATTERN_BUDGET_S`): a pattern that backtracks catastrophically is an error
+naming the key and the file, not a hang. With PEFT's default
+`save_embedding_layers="auto"`, an adapter on an embedding carries the base embedding
+(`<module>.base_layer.weight`): when it equals the base's it changes nothing; when it
+differs, it replaces the base weight with a warning, which is what PEFT's
+`load_state_dict(..., strict=False)` does on load. `save_adapter` writes the whole
+directory atomically (`checkpoint.atomic_directory`): an interrupted save leaves the
+old adapter or the new one, never one's factors with the other's `lora_alpha`.
 
 Scale is PEFT's: `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`,
 per module through `rank_pattern` / `alpha_pattern`.
@@ -31,7 +44,7 @@ import dataclasses
 import math
 import os
 import pathlib
-import re
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -41,7 +54,8 @@ import numpy as np
 
 from lora_jax import _paths
 from lora_jax._dora import DoraWeight
-from lora_jax._files import read_json, read_safetensors, write_json, write_safetensors
+from lora_jax import checkpoint
+from lora_jax.checkpoint import NameTable, inside, read_json, read_safetensors
 from lora_jax._implicit import ImplicitArray, is_implicit
 from lora_jax._lora_weight import LoraWeight, LowRankWeight
 from lora_jax._trainable import Trainable
@@ -50,17 +64,12 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
-NameMap = Sequence[tuple[str, str]]
+NameMap = NameTable | Sequence[tuple[str, str]]
 
-LLAMA_NAME_MAP: tuple[tuple[str, str], ...] = (
-    ("model.layers.{layer}.self_attn.{proj}", "layers/{layer}/self_attn/{proj}/kernel"),
-    ("model.layers.{layer}.mlp.{proj}", "layers/{layer}/mlp/{proj}/kernel"),
-    ("model.embed_tokens", "embed_tokens/embedding"),
-    ("lm_head", "lm_head/kernel"),
-    # norms: only ever trained in full (modules_to_save)
-    ("model.layers.{layer}.{norm}", "layers/{layer}/{norm}/scale"),
-    ("model.norm", "norm/scale"),
-)
+LLAMA_NAME_MAP: tuple[tuple[str, str], ...] = checkpoint.LLAMA.modules
+
+# seconds all regular expressions of one adapter_config.json may spend matching
+PATTERN_BUDGET_S = 2.0
 
 # adapter_config.json options whose adapters we cannot reproduce: name -> why.
 _UNSUPPORTED = {
@@ -83,75 +92,64 @@ _SUFFIXES = {
     ".lora_A.weight": "A", ".lora_B.weight": "B",
     ".lora_magnitude_vector": "m", ".lora_magnitude_vector.weight": "m",
     ".lora_embedding_A": "EA", ".lora_embedding_B": "EB",
+    ".base_layer.weight": "W",    # PEFT's save_embedding_layers: the base weight, saved
 }
 
 
 # ----------------------------------------------------------------------------
-# name maps
+# regular expressions from adapter_config.json
 
-def _template_regex(template: str, sep: str) -> re.Pattern:
-  out, pos = [], 0
-  for mt in re.finditer(r"\{(\w+)\}", template):
-    out.append(re.escape(template[pos:mt.start()]))
-    name = mt.group(1)
-    out.append(rf"(?P<{name}>\d+)" if name == "layer" else rf"(?P<{name}>[^{re.escape(sep)}]+)")
-    pos = mt.end()
-  out.append(re.escape(template[pos:]))
-  return re.compile("".join(out))
+class _Patterns:
+  """PEFT's `get_pattern_key` over one `rank_pattern` / `alpha_pattern`: the first key p
+  with `re.match(rf"(.*\\.)?({p})$", module)`, compiled with the `regex` package and
+  matched within what is left of a shared time budget."""
 
+  def __init__(self, patterns: Mapping[str, Any], key: str, where, deadline: list[float]):
+    self.key, self.where, self.deadline = key, where, deadline
+    self.compiled = [(p, _compile(rf"(.*\.)?({p})$", p, key, where)) for p in patterns]
 
-def _drop_layer(template: str) -> str | None:
-  if "{layer}/" in template:
-    return template.replace("{layer}/", "")
-  return None
-
-
-def _peft_to_path(module: str, name_map: NameMap) -> tuple[str, str, int] | None:
-  """PEFT module name -> (unrolled path, stacked path or "", layer or -1)."""
-  for peft_t, path_t in name_map:
-    mt = _template_regex(peft_t, ".").fullmatch(module)
-    if mt is None:
-      continue
-    groups = mt.groupdict()
-    path = path_t.format(**groups)
-    stacked_t = _drop_layer(path_t)
-    stacked = stacked_t.format(**{k: v for k, v in groups.items() if k != "layer"}) \
-        if stacked_t is not None and "layer" in groups else ""
-    return path, stacked, int(groups["layer"]) if "layer" in groups else -1
-  return None
+  def first(self, module: str) -> str | None:
+    for p, rx in self.compiled:
+      left = self.deadline[0] - time.monotonic()
+      try:
+        if left <= 0:
+          raise TimeoutError
+        if rx.match(module, timeout=left):
+          return p
+      except TimeoutError:
+        raise ValueError(f"{self.where}: {self.key} pattern {p!r}: matching the module names "
+                         f"(here {module!r}) took more than {PATTERN_BUDGET_S}s; the pattern "
+                         "backtracks catastrophically, simplify it") from None
+    return None
 
 
-def _path_to_peft(path: str, name_map: NameMap, stacked: bool) -> str | None:
-  """Our path -> PEFT module template (with "{layer}" left in for stacked paths)."""
-  for peft_t, path_t in name_map:
-    if stacked:
-      st = _drop_layer(path_t)
-      if st is None:
-        continue
-      mt = _template_regex(st, "/").fullmatch(path)
-      if mt is not None:
-        return peft_t.replace("{layer}", "\0").format(**mt.groupdict()).replace("\0", "{layer}")
-    else:
-      mt = _template_regex(path_t, "/").fullmatch(path)
-      if mt is not None:
-        return peft_t.format(**mt.groupdict())
-  return None
+def _compile(rx: str, pattern: Any, key: str, where):
+  import regex
+  if not isinstance(pattern, str):
+    raise ValueError(f"{where}: {key} pattern {pattern!r} must be a string")
+  try:
+    return regex.compile(rx)
+  except (regex.error, OverflowError, RecursionError) as e:
+    raise ValueError(f"{where}: {key} pattern {pattern!r} is not a valid regular "
+                     f"expression: {e}") from None
 
 
-def _get_pattern_key(pattern_keys, key: str):
-  """PEFT's `get_pattern_key`: the first pattern p with re.match(rf"(.*\\.)?({p})$", key)."""
-  for p in pattern_keys:
-    if re.match(rf"(.*\.)?({p})$", key):
-      return p
-  return None
+def _check_patterns(d: dict, where) -> None:
+  """The regular expressions of a config we do not run must still compile."""
+  for k in ("target_modules", "exclude_modules"):
+    if isinstance(d.get(k), str):
+      _compile(d[k], d[k], k, where)
+  lp = d.get("layers_pattern")
+  for p in ([lp] if isinstance(lp, str) else lp or []):
+    _compile(p, p, "layers_pattern", where)
 
 
 # ----------------------------------------------------------------------------
 # load
 
 def _read_config(root: pathlib.Path) -> dict:
-  d = read_json(root / CONFIG_NAME, "PEFT adapter config (adapter_config.json)")
-  where = root / CONFIG_NAME
+  where = inside(root, CONFIG_NAME, str(root))
+  d = read_json(where, "PEFT adapter config (adapter_config.json)")
   pt = d.get("peft_type", "LORA")
   if str(pt).upper() != "LORA":
     raise ValueError(f"{where}: peft_type {pt!r} is not supported; expected 'LORA'")
@@ -176,6 +174,10 @@ def _read_config(root: pathlib.Path) -> dict:
   for k in ("rank_pattern", "alpha_pattern"):
     if d.get(k) is not None and not isinstance(d[k], dict):
       raise ValueError(f"{where}: {k} must be an object, got {type(d[k]).__name__}")
+    for p, v in (d.get(k) or {}).items():
+      if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"{where}: {k}[{p!r}] must be a positive number, got {v!r}")
+  _check_patterns(d, where)
   return d
 
 
@@ -210,8 +212,10 @@ def _group_tensors(tensors: Mapping[str, np.ndarray], where: pathlib.Path,
 
 def _read_adapter(root: pathlib.Path) -> tuple[dict, pathlib.Path, dict, dict]:
   """(config, weights file, LoRA tensors by module, modules_to_save tensors by module)."""
+  if not root.is_dir():
+    raise FileNotFoundError(f"{root}: no such adapter directory")
   cfg = _read_config(root)
-  wfile = root / WEIGHTS_NAME
+  wfile = inside(root, WEIGHTS_NAME, str(root))
   tensors = read_safetensors(wfile)
   if not tensors:
     raise ValueError(f"{wfile}: holds no tensors")
@@ -229,12 +233,19 @@ def _lora_updates(cfg: dict, modules: dict, wfile) -> dict[str, "WeightUpdate"]:
   rslora = bool(cfg.get("use_rslora", False))
   rank_pattern = cfg.get("rank_pattern") or {}
   alpha_pattern = cfg.get("alpha_pattern") or {}
+  where = wfile.with_name(CONFIG_NAME)
+  deadline = [time.monotonic() + PATTERN_BUDGET_S]
+  ranks = _Patterns(rank_pattern, "rank_pattern", where, deadline)
+  alphas = _Patterns(alpha_pattern, "alpha_pattern", where, deadline)
   out = {}
   for module in sorted(modules):
     parts = modules[module]
     key = PREFIX + module
     emb = "EA" in parts or "EB" in parts
     ka, kb = ("EA", "EB") if emb else ("A", "B")
+    if set(parts) == {"W"}:
+      raise ValueError(f"{wfile}: {key}.base_layer.weight {tuple(parts['W'].shape)} is a saved "
+                       "base weight of a module that has no LoRA factors in this file")
     if ka not in parts or kb not in parts or (emb and ("A" in parts or "B" in parts)):
       raise ValueError(f"{wfile}: module {key!r} needs both lora_A and lora_B (or "
                        f"lora_embedding_A and _B); found {sorted(parts)}")
@@ -248,15 +259,20 @@ def _lora_updates(cfg: dict, modules: dict, wfile) -> dict[str, "WeightUpdate"]:
     if use_dora and emb:
       raise ValueError(f"{wfile}: {key}: DoRA on embeddings is not supported")
     r = A.shape[0]
-    rk = _get_pattern_key(rank_pattern, module)
+    rk = ranks.first(module)
     want_r = int(rank_pattern[rk]) if rk is not None else int(cfg["r"])
     if r != want_r:
       raise ValueError(f"{wfile}: {key}: lora_A has rank {r} but {CONFIG_NAME} gives r="
-                       f"{want_r}" + (f" (rank_pattern {rk!r})" if rk is not None else ""))
-    ak = _get_pattern_key(alpha_pattern, module)
+                       f"{want_r}" + (f" (rank_pattern {rk!r})" if rk is not None else "")
+                       + f" ({where}); are the weights and the config from different saves?")
+    if B.shape[1] != r:
+      raise ValueError(f"{wfile}: {key}: lora_A {tuple(A.shape)} has rank {r} but lora_B "
+                       f"{tuple(B.shape)} has rank {B.shape[1]}")
+    ak = alphas.first(module)
     alpha = float(alpha_pattern[ak]) if ak is not None else float(cfg["lora_alpha"])
     out[module] = WeightUpdate("embedding" if emb else "lora", a=A, b=B, m=parts.get("m"),
-                               scale=alpha / math.sqrt(r) if rslora else alpha / r)
+                               scale=alpha / math.sqrt(r) if rslora else alpha / r,
+                               base=parts.get("W"))
   return out
 
 
@@ -267,6 +283,7 @@ class _Entry:
   m: np.ndarray | None   # (out,)
   scale: float
   rank: int
+  w: np.ndarray | None = None   # a saved base weight that differs from the base's (ours)
 
 
 def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | None = None,
@@ -279,7 +296,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
     base_params: the base model's parameters (plain arrays or quantized kernels,
       unrolled or stacked layers), e.g. from `llama.load_hf`. A quantized kernel
       becomes the `w` of its `LoraWeight`: QLoRA.
-    name_map: `(peft_template, path_template)` pairs; default `LLAMA_NAME_MAP`.
+    name_map: a `checkpoint.NameTable` or `(peft_template, path_template)` pairs;
+      default `LLAMA_NAME_MAP`.
     dtype: dtype of the factors; default each base weight's dtype.
 
   Returns:
@@ -297,7 +315,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
       unsupported PEFT options, keys that map to no parameter, shape mismatches
       (an adapter for another base). Nothing is returned half-loaded.
   """
-  name_map = tuple(LLAMA_NAME_MAP if name_map is None else name_map)
+  name_map = checkpoint.as_table(name_map, checkpoint.LLAMA)
   root = pathlib.Path(path)
   cfg, wfile, modules, full = _read_adapter(root)
   use_dora = bool(cfg.get("use_dora", False))
@@ -308,10 +326,10 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
   for module, up in _lora_updates(cfg, modules, wfile).items():
     key = PREFIX + module
     A, B = up.a, up.b
-    hit = _peft_to_path(module, name_map)
+    hit = name_map.module_to_path(module)
     if hit is None:
       raise ValueError(f"{wfile}: tensor {key}.* (module {module!r}) maps to no parameter "
-                       f"through the name map {[p for p, _ in name_map]}; pass "
+                       f"through the name map {[p for p, _ in name_map.modules]}; pass "
                        "load_adapter(..., name_map=...) for another model")
     path, spath, layer = hit
     if path in leaves:
@@ -357,8 +375,9 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
     if lidx in entries[target]:
       raise ValueError(f"{wfile}: two PEFT modules map to {target}"
                        + (f" layer {lidx}" if lidx >= 0 else ""))
+    w = _saved_base(up.base, base, target, lidx, key, wfile)
     entries[target][lidx] = _Entry(a=np.asarray(A).T, b=np.asarray(B).T, m=m, scale=scale,
-                                   rank=r)
+                                   rank=r, w=w)
 
   built: dict[str, LoraWeight] = {}
   for target, per in entries.items():
@@ -366,8 +385,12 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
     dt = dtype or base.dtype
     if -1 in per:
       e = per[-1]
-      built[target] = _make(base, e.a, e.b, e.m, e.scale, dt)
+      w = base if e.w is None else jnp.asarray(e.w)
+      built[target] = _make(w, e.a, e.b, e.m, e.scale, dt)
       continue
+    for li, e in per.items():
+      if e.w is not None:
+        base = base.at[li].set(jnp.asarray(e.w))
     L = base.shape[0]
     # One rank and one (static) scale for the stack: pad smaller ranks with zero
     # factors and fold each layer's scale into its b, which keeps s_l * A_l @ B_l.
@@ -402,6 +425,34 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
   return _paths.map_with_path(swap, base_params, is_leaf=is_implicit)
 
 
+def _saved_base(saved: np.ndarray | None, base: Any, target: str, lidx: int, key: str,
+                wfile) -> np.ndarray | None:
+  """A saved `base_layer.weight` (PEFT's `save_embedding_layers`) against the base's:
+  None when equal (in the base's dtype); the saved weight in our layout and the base's
+  dtype, with a warning, when it differs (PEFT's load replaces the base weight too)."""
+  if saved is None:
+    return None
+  ours = _to_ours(saved, target)
+  want = tuple(base.shape[1:]) if lidx >= 0 else tuple(base.shape)
+  if tuple(ours.shape) != want:
+    raise ValueError(f"{wfile}: {key}.base_layer.weight has shape {tuple(saved.shape)}; the "
+                     f"base weight {target} is {want} (ours; PyTorch layout transposed for "
+                     "kernels). Is this adapter for another base model?")
+  dense = base.materialize() if isinstance(base, ImplicitArray) else base
+  dense = np.asarray(dense[lidx] if lidx >= 0 else dense)
+  ours = ours.astype(dense.dtype)
+  if np.array_equal(ours, dense):
+    return None
+  if isinstance(base, ImplicitArray):
+    raise ValueError(f"{wfile}: {key}.base_layer.weight differs from the base weight "
+                     f"{target}, a {type(base).__name__}; a quantized base cannot be replaced")
+  diff = float(np.max(np.abs(ours.astype(np.float32) - dense.astype(np.float32))))
+  warnings.warn(f"{wfile}: {key}.base_layer.weight {tuple(saved.shape)} differs from the base "
+                f"weight {target} (max |diff| {diff:.3g}); it replaces the base weight, as "
+                "PEFT does when it loads this adapter", stacklevel=3)
+  return ours
+
+
 @dataclasses.dataclass
 class WeightUpdate:
   """What a PEFT adapter does to one PyTorch weight `(out, in)` (or embedding
@@ -412,9 +463,20 @@ class WeightUpdate:
   scale: float = 1.0
   m: np.ndarray | None = None  # DoRA magnitude (out,)
   value: np.ndarray | None = None   # "full": the saved tensor
+  base: np.ndarray | None = None    # a saved base weight (PEFT's save_embedding_layers)
 
   def apply(self, w: np.ndarray) -> np.ndarray:
-    """The updated weight, computed in float32 and cast to `w`'s dtype (PyTorch layout)."""
+    """The updated weight, computed in float32 and cast to `w`'s dtype (PyTorch layout).
+    A saved `base` that differs from `w` replaces it (with a warning), as in PEFT."""
+    if self.base is not None:
+      if tuple(self.base.shape) != tuple(w.shape):
+        raise ValueError(f"saved base_layer.weight {tuple(self.base.shape)} does not match "
+                         f"the base weight {tuple(w.shape)}")
+      saved = np.asarray(self.base).astype(w.dtype)
+      if not np.array_equal(saved, w):
+        warnings.warn("the adapter's saved base_layer.weight differs from the base weight; "
+                      "it replaces it, as PEFT does on load", stacklevel=2)
+        w = saved
     if self.kind == "full":
       if tuple(self.value.shape) != tuple(w.shape):
         raise ValueError(f"modules_to_save tensor {tuple(self.value.shape)} does not match "
@@ -448,34 +510,25 @@ def read_adapter_updates(path: str | os.PathLike) -> dict[str, dict[str, WeightU
   return dict(out)
 
 
-def _param_path(kernel_path: str, param: str) -> str | None:
-  """The path of a module's `weight` / `bias` from the name map's path."""
-  if param == "weight":
-    return kernel_path
-  if kernel_path.endswith("/kernel"):
-    return kernel_path[:-len("kernel")] + "bias"
-  return None
-
-
 def _to_ours(arr: np.ndarray, path: str) -> np.ndarray:
   """PyTorch layout -> ours: Linear weights `(out, in)` become kernels `(in, out)`."""
   return np.asarray(arr).T if path.endswith("/kernel") and np.ndim(arr) == 2 else np.asarray(arr)
 
 
-def _full_weights(full: dict, leaves: dict, name_map: NameMap, wfile) -> dict:
+def _full_weights(full: dict, leaves: dict, name_map: NameTable, wfile) -> dict:
   """modules_to_save tensors -> {path: value in our layout}; stacked paths are the base
   stack with the saved layers written in."""
   out: dict[str, np.ndarray] = {}
   for module in sorted(full):
-    hit = _peft_to_path(module, name_map)
+    hit = name_map.module_to_path(module)
     if hit is None:
       raise ValueError(f"{wfile}: modules_to_save module {module!r} maps to no parameter "
-                       f"through the name map {[p for p, _ in name_map]}")
+                       f"through the name map {[p for p, _ in name_map.modules]}")
     kpath, kspath, layer = hit
     for param, arr in full[module].items():
       key = f"{PREFIX}{module}.{param}"
-      path = _param_path(kpath, param)
-      spath = _param_path(kspath, param) if kspath else None
+      path = checkpoint.param_path(kpath, param)
+      spath = checkpoint.param_path(kspath, param) if kspath else None
       if path in leaves:
         target, lidx = path, -1
       elif spath and spath in leaves:
@@ -527,15 +580,17 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
   """Write the LoRA / DoRA leaves of `params` as a PEFT adapter directory.
 
   Args:
-    path: output directory (created if missing); files are written to temporary
-      names and renamed.
+    path: output directory (created if missing), written atomically: the new files go
+      to a temporary sibling directory that replaces `path` in one rename (other files
+      already in `path` are kept); an interrupted save leaves the old adapter intact.
     params: parameters holding `LoraWeight` / `DoraWeight` leaves (unrolled or stacked).
     cfg: optional `lj.LoraConfig`: its `rank`, `alpha` and `rslora` become PEFT's
       `r`, `lora_alpha` and `use_rslora`; modules whose rank or alpha differ go
       to `rank_pattern` / `alpha_pattern`. Without it, the most common rank and
       alpha are the defaults and `use_rslora` is false (alpha = scale * r), which
       gives PEFT the same scales.
-    name_map: `(peft_template, path_template)` pairs; default `LLAMA_NAME_MAP`.
+    name_map: a `checkpoint.NameTable` or `(peft_template, path_template)` pairs;
+      default `LLAMA_NAME_MAP`.
     base_model_name_or_path: recorded in `adapter_config.json`.
     task_type: PEFT task type recorded in `adapter_config.json`.
 
@@ -544,7 +599,7 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
       kernel that is not 2-D `(in, out)` (or `(L, in, out)` stacked), a mix of
       DoRA and plain LoRA leaves.
   """
-  name_map = tuple(LLAMA_NAME_MAP if name_map is None else name_map)
+  name_map = checkpoint.as_table(name_map, checkpoint.LLAMA)
   rslora = bool(getattr(cfg, "rslora", False)) if cfg is not None else False
   tensors: dict[str, np.ndarray] = {}
   mods: dict[str, tuple[int, float]] = {}
@@ -568,9 +623,9 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
     if leaf.axes != "io" or nb > 1:
       raise ValueError(f"{lpath}: LoRA kernel {leaf.shape} (axes {leaf.axes!r}) is not a 2-D "
                        "(in, out) kernel or a stack of them; PEFT's layout cannot hold it")
-    tmpl = _path_to_peft(lpath, name_map, stacked=nb == 1)
+    tmpl = name_map.path_to_module(lpath, stacked=nb == 1)
     if tmpl is None:
-      raise ValueError(f"{lpath}: no entry of the name map {[t for _, t in name_map]} matches "
+      raise ValueError(f"{lpath}: no entry of the name map {[t for _, t in name_map.modules]} matches "
                        "this LoRA leaf" + (" (stacked)" if nb else "")
                        + "; pass save_adapter(..., name_map=...)")
     r = leaf.rank
@@ -615,7 +670,7 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
   for lpath, leaf in all_paths:
     nb_leaf = 1 if (getattr(leaf, "ndim", 0) == 3) else 0
     for stacked in ((False, True) if nb_leaf else (False,)):
-      t = _path_to_peft(lpath, name_map, stacked=stacked)
+      t = name_map.path_to_module(lpath, stacked=stacked)
       if t is None:
         continue
       names = [t.format(layer=i) for i in range(leaf.shape[0])] if stacked else [t]
@@ -641,24 +696,24 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
       "base_model_name_or_path": base_model_name_or_path, "layers_to_transform": None,
       "layers_pattern": None, "revision": None,
   }
-  root = pathlib.Path(path)
-  root.mkdir(parents=True, exist_ok=True)
-  write_safetensors(root / WEIGHTS_NAME, tensors, {"format": "pt"})
-  write_json(root / CONFIG_NAME, config)
+  # one directory swap: the factors and the config they need are replaced together
+  with checkpoint.atomic_directory(path, keep_other_files=True) as tmp:
+    checkpoint.write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt"})
+    checkpoint.write_json(tmp / CONFIG_NAME, config)
 
 
-def _write_full(tensors: dict, lpath: str, leaf: Trainable, name_map: NameMap) -> list[str]:
+def _write_full(tensors: dict, lpath: str, leaf: Trainable, name_map: NameTable) -> list[str]:
   """A fully trained leaf as PEFT writes modules_to_save: `<module>.weight` (or `.bias`)
   in PyTorch layout. Returns the PEFT module names written."""
   param = "bias" if lpath.endswith("/bias") else "weight"
   kpath = lpath[:-len("bias")] + "kernel" if param == "bias" else lpath
   value = np.asarray(jnp.asarray(leaf.value))
   for stacked in (False, True):
-    tmpl = _path_to_peft(kpath, name_map, stacked=stacked)
+    tmpl = name_map.path_to_module(kpath, stacked=stacked)
     if tmpl is not None:
       break
   if tmpl is None:
-    raise ValueError(f"{lpath}: no entry of the name map {[t for _, t in name_map]} matches "
+    raise ValueError(f"{lpath}: no entry of the name map {[t for _, t in name_map.modules]} matches "
                      "this modules_to_save leaf; pass save_adapter(..., name_map=...)")
   names = []
   for li in (range(value.shape[0]) if stacked else [None]):

@@ -38,18 +38,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import os
 import re
-import shutil
 import sys
-import tempfile
 import warnings
 
 import numpy as np
 
-from merging import _st
+from lora_jax import checkpoint
+from lora_jax import checkpoint as _st   # the file-format names plan / run_task use
 from merging._params import from_yaml, resolve
 from merging._registry import short
 
@@ -83,101 +80,39 @@ class Model:
   ref: str
   path: str
   config: dict
-  tensors: dict          # name -> _st.TensorInfo
+  tensors: dict          # name -> checkpoint.TensorInfo | checkpoint.AdaptedTensor
   num_layers: int
   layer_names: dict      # layer index -> {suffix: name}
   prefix: str | None
 
 
-class AdaptedTensor:
-  """A base tensor seen through a PEFT adapter (mergekit's `model+lora` reference):
-  read like a `TensorInfo`, it returns the updated weight (`W + s * B @ A`, DoRA, or
-  a modules_to_save copy), computed when the tensor is read."""
-  __slots__ = ("info", "update")
-
-  def __init__(self, info, update):
-    self.info, self.update = info, update
-
-  name = property(lambda self: self.info.name)
-  dtype = property(lambda self: self.info.dtype)
-  shape = property(lambda self: self.info.shape)
-  nbytes = property(lambda self: self.info.nbytes)
-
-  def read(self) -> np.ndarray:
-    try:
-      return self.update.apply(_st.read_tensor(self.info))
-    except ValueError as e:
-      raise ValueError(f"tensor {self.info.name}: {e}") from None
+# A base tensor seen through a PEFT adapter (mergekit's `model+lora` reference).
+AdaptedTensor = checkpoint.AdaptedTensor
 
 
 def read(info) -> np.ndarray:
   """A tensor's data, through its adapter when it has one."""
-  return info.read() if isinstance(info, AdaptedTensor) else _st.read_tensor(info)
-
-
-def _with_adapter(model: Model, adapter_ref: str) -> Model:
-  from lora_jax._peft_io import read_adapter_updates
-  adir = os.path.expanduser(adapter_ref)
-  if not os.path.isdir(adir):
-    raise FileNotFoundError(f"model {model.ref!r}: adapter {adapter_ref!r}: no such directory")
-  updates = read_adapter_updates(adir)
-  tensors = dict(model.tensors)
-  for module, params in updates.items():
-    for param, up in params.items():
-      name = f"{module}.{param}"
-      if name not in tensors:
-        raise ValueError(f"model {model.ref!r}: adapter tensor for {name} has no base tensor "
-                         f"in {model.path}; is the adapter for another base model?")
-      tensors[name] = AdaptedTensor(tensors[name], up)
-  return dataclasses.replace(model, tensors=tensors)
+  return checkpoint.read_any(info)
 
 
 def open_model(ref: str) -> Model:
-  if not isinstance(ref, str):
-    raise ValueError(f"model reference {ref!r} must be a path string")
-  if "+" in ref and not os.path.exists(ref):
-    base_ref, adapter_ref = ref.split("+", 1)   # mergekit's "model+lora"
-    return dataclasses.replace(_with_adapter(open_model(base_ref), adapter_ref), ref=ref)
-  path = os.path.expanduser(ref)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"model {ref!r}: no such directory (only local checkpoints are "
-                            "read; nothing is downloaded)")
-  cfg_path = os.path.join(path, "config.json")
-  config = {}
-  if os.path.exists(cfg_path):
-    with open(cfg_path) as f:
-      config = json.load(f)
-  index = os.path.join(path, "model.safetensors.index.json")
-  files: list[str]
-  if os.path.exists(index):
-    with open(index) as f:
-      wm = json.load(f).get("weight_map", {})
-    files = sorted(set(wm.values()))
-    for fn in files:
-      if not os.path.exists(os.path.join(path, fn)):
-        raise FileNotFoundError(f"model {ref!r}: shard {fn} listed in "
-                                "model.safetensors.index.json is missing")
-  elif os.path.exists(os.path.join(path, "model.safetensors")):
-    files = ["model.safetensors"]
-  else:
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-      raise FileNotFoundError(f"model {ref!r}: no model.safetensors, no "
-                              "model.safetensors.index.json and no *.safetensors in {path}")
-  tensors = {}
-  for fn in files:
-    tensors.update(_st.read_header(os.path.join(path, fn)))
+  """A checkpoint (`checkpoint.open_checkpoint`: headers validated, files inside the
+  directory only) with its layer structure read from the tensor names."""
+  ck = checkpoint.open_checkpoint(ref)
   layer_names: dict[int, dict[str, str]] = {}
   prefix = None
-  for name in tensors:
+  for name in ck.tensors:
     m = LAYER_RX.match(name)
     if m:
       prefix = prefix or m.group(1)
       layer_names.setdefault(int(m.group(2)), {})[m.group(3)] = name
-  n = config.get("num_hidden_layers")
+  n = ck.config.get("num_hidden_layers")
   if n is None:
     n = (max(layer_names) + 1) if layer_names else 0
-  return Model(ref, path, config, tensors, int(n), layer_names, prefix)
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    raise ValueError(f"{os.path.join(ck.path, 'config.json')}: num_hidden_layers must be a "
+                     f"non-negative integer, got {n!r}")
+  return Model(ck.ref, ck.path, ck.config, ck.tensors, n, layer_names, prefix)
 
 
 # ----------------------------------------------------------------------------
@@ -637,19 +572,18 @@ def run(config_path, out_dir: str, *, dry_run=False, seed=0, max_shard_size="5GB
   import jax
   from tqdm import tqdm
   key = jax.random.key(seed)
-  parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".lora-jax-merge-", dir=parent)
-  try:
+  # one directory swap (checkpoint.atomic_directory): a failed or killed run leaves the
+  # old OUT_DIR (or none); the next run removes what a killed one left next to it
+  with checkpoint.atomic_directory(out_dir) as tmp:
     n = len(shards)
     names = (["model.safetensors"] if n == 1 else
              [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
     weight_map, total = {}, 0
     bar = tqdm(total=len(p.tasks), desc=f"merging ({p.method})", unit="tensor", disable=quiet)
     for fname, tasks in zip(names, shards):
-      w = _st.ShardWriter(os.path.join(tmp, fname),
-                          [(t.name, t.out_code, t.inputs[0][1].shape) for t in tasks],
-                          {"format": "pt"})
+      w = checkpoint.ShardWriter(tmp / fname,
+                                 [(t.name, t.out_code, t.inputs[0][1].shape) for t in tasks],
+                                 {"format": "pt"})
       try:
         for t in tasks:
           w.write(t.name, run_task(t, p.method, key))
@@ -660,30 +594,20 @@ def run(config_path, out_dir: str, *, dry_run=False, seed=0, max_shard_size="5GB
       total += w.size
     bar.close()
     if n > 1:
-      with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+      checkpoint.write_json(tmp / checkpoint.INDEX,
+                            {"metadata": {"total_size": total}, "weight_map": weight_map})
     src = p.models[p.config_from]
     config = dict(src.config)
     if "num_hidden_layers" in config or p.num_layers:
       config["num_hidden_layers"] = p.num_layers
     if p.out_code:
       config["torch_dtype"] = HF_DTYPE[p.out_code]
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(config, f, indent=2)
+    checkpoint.write_json(tmp / "config.json", config)
     for fn in (TOKENIZER_FILES if copy_tokenizer else ()):
-      s = os.path.join(src.path, fn)
-      if os.path.exists(s):
-        shutil.copy(s, os.path.join(tmp, fn))
-    if os.path.exists(out_dir):
-      old = tempfile.mkdtemp(prefix=".lora-jax-old-", dir=parent)
-      os.rename(out_dir, os.path.join(old, "x"))
-      os.rename(tmp, out_dir)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+      try:
+        checkpoint.copy_inside(src.path, fn, tmp)
+      except ValueError as e:   # a symlink out of the model directory: not followed
+        warnings.warn(f"lora-jax merge: tokenizer file not copied: {e}", stacklevel=2)
   if not quiet:
     print(f"wrote {len(p.tasks)} tensors in {len(shards)} shard(s) to {out_dir}", file=stream)
   return p

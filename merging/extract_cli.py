@@ -16,7 +16,10 @@ torch modules; we read names, which for Hugging Face decoders say the same):
   (`--skip-undecomposable` drops them);
 - `--save-module NAME`: kept at full rank; `-i/--include-regex`, `-e/--exclude-regex`
   (`re.search` on the module name) select what is extracted.
-The output directory is written to a temporary name and renamed into place.
+Reading and writing go through `lora_jax.checkpoint`: headers validated, files only
+inside the directories named, and the output directory written atomically (a
+temporary sibling renamed into place; a killed run leaves the old output or none, and
+the next run removes its temporary directory).
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+
+from lora_jax import checkpoint
 
 
 EMBED_RX = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings)$")
@@ -105,14 +108,12 @@ def extract(model: str, base_model: str, out_path: str, *, max_rank: int = 128,
   """
   from tqdm import tqdm
 
-  from lora_jax._files import write_json, write_safetensors
-  from merging.cli import open_model, read
-
   if max_rank < 1:
     raise ValueError(f"--max-rank {max_rank} must be >= 1")
   if os.path.exists(out_path) and not overwrite:
     raise ValueError(f"{out_path} exists; pass --overwrite to replace it")
-  ft, base = open_model(model), open_model(base_model)
+  ft, base = checkpoint.open_checkpoint(model), checkpoint.open_checkpoint(base_model)
+  read = checkpoint.read_any
   lora, full, to_save = plan(ft.tensors, base.tensors, embed_lora=embed_lora,
                              modules_to_save=modules_to_save, include=include,
                              exclude=exclude, skip_undecomposable=skip_undecomposable)
@@ -148,18 +149,9 @@ def extract(model: str, base_model: str, out_path: str, *, max_rank: int = 128,
       "rank_pattern": differ, "alpha_pattern": dict(differ), "lora_dropout": 0.0,
       "fan_in_fan_out": False, "inference_mode": True,
   }
-  parent = os.path.dirname(os.path.abspath(out_path)) or "."
-  tmp = tempfile.mkdtemp(prefix=".lora-jax-extract-", dir=parent)
-  try:
-    write_safetensors(os.path.join(tmp, "adapter_model.safetensors"), tensors,
-                      {"format": "pt"})
-    write_json(os.path.join(tmp, "adapter_config.json"), config)
-    if os.path.exists(out_path):
-      shutil.rmtree(out_path)
-    os.rename(tmp, out_path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  with checkpoint.atomic_directory(out_path) as tmp:
+    checkpoint.write_safetensors(tmp / checkpoint.WEIGHTS_NAME, tensors, {"format": "pt"})
+    checkpoint.write_json(tmp / checkpoint.CONFIG_NAME, config)
   if not quiet:
     print(f"wrote {len(ranks)} LoRA modules (rank <= {r}) and {len(full)} full tensors "
           f"to {out_path}", file=sys.stderr)

@@ -355,7 +355,7 @@ def test_load_hf_errors(tmp_path):
   llama.save_hf(tmp_path, config, params)
   ok = llama.load_hf(tmp_path)[1]
   chex.assert_trees_all_close(ok, params)
-  from lora_jax._files import read_safetensors
+  from lora_jax.checkpoint import read_safetensors
   sd = read_safetensors(tmp_path / "model.safetensors")
 
   def rejects(tensors, match):

@@ -236,7 +236,7 @@ def test_cli_bf16_equals_mergekit(runs):
   assert sorted(a) == sorted(b)
   for k in a:   # both average in float32 and round once to bf16
     np.testing.assert_allclose(b[k], a[k], atol=0, rtol=2 ** -7, err_msg=k)
-  from merging import _st
+  from lora_jax import checkpoint as _st
   hdr = _st.read_header(os.path.join(ours, "model.safetensors"))
   assert {i.dtype for i in hdr.values()} == {"BF16"}
 

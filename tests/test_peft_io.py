@@ -172,7 +172,7 @@ def test_custom_name_map_roundtrip(tmp_path):
                     if isinstance(x, lj.LowRankWeight) else x, lp,
                     is_leaf=lambda x: isinstance(x, lj.LowRankWeight))
   save_adapter(tmp_path, lp, cfg, name_map=name_map)
-  from lora_jax._files import read_safetensors
+  from lora_jax.checkpoint import read_safetensors
   keys = sorted(read_safetensors(tmp_path / "adapter_model.safetensors"))
   assert "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight" in keys
   assert "base_model.model.lm_head.lora_A.weight" in keys
@@ -204,7 +204,7 @@ def _edit_config(d, **kw):
 def _edit_tensors(d, fn):
   from safetensors.numpy import save_file
 
-  from lora_jax._files import read_safetensors
+  from lora_jax.checkpoint import read_safetensors
   t = read_safetensors(d / "adapter_model.safetensors")
   save_file(fn(t), str(d / "adapter_model.safetensors"))
 

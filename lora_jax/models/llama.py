@@ -39,6 +39,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,8 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lora_jax._files import read_json as _read_json
-from lora_jax._files import read_safetensors, write_json, write_safetensors
+from lora_jax import checkpoint
 from lora_jax._implicit import ImplicitArray, implicit
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -612,31 +612,18 @@ def generate(params: Mapping[str, Any], config: LlamaConfig, prompt_ids: jax.Arr
 # ----------------------------------------------------------------------------
 # Hugging Face checkpoints
 
-_INV_FREQ_SUFFIX = ".rotary_emb.inv_freq"
 _BNB_STATE = ".quant_state.bitsandbytes__"
+NAMES = checkpoint.LLAMA     # Hugging Face tensor names <-> parameter paths
+
+
+def _key_tuple(path: str) -> tuple:
+  return tuple(int(s) if s.isdigit() else s for s in path.split("/"))
 
 
 def _hf_name_to_path(name: str) -> tuple[tuple, bool] | None:
   """HF state-dict key -> (our path as a key tuple, transpose?) or None."""
-  parts = name.split(".")
-  if name == "model.embed_tokens.weight":
-    return ("embed_tokens", "embedding"), False
-  if name == "model.norm.weight":
-    return ("norm", "scale"), False
-  if name == "lm_head.weight":
-    return ("lm_head", "kernel"), True
-  if len(parts) >= 5 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-    i = int(parts[2])
-    rest = parts[3:]
-    if len(rest) == 2 and rest[0] in NORMS and rest[1] == "weight":
-      return ("layers", i, rest[0], "scale"), False
-    if len(rest) == 3 and ((rest[0] == "self_attn" and rest[1] in ATTN_PROJ)
-                           or (rest[0] == "mlp" and rest[1] in MLP_PROJ)):
-      if rest[2] == "weight":
-        return ("layers", i, rest[0], rest[1], "kernel"), True
-      if rest[2] == "bias":
-        return ("layers", i, rest[0], rest[1], "bias"), False
-  return None
+  hit = NAMES.tensor_to_path(name)
+  return None if hit is None else (_key_tuple(hit[0]), hit[1])
 
 
 def _expected_shapes(config: LlamaConfig) -> dict[tuple, tuple]:
@@ -659,42 +646,16 @@ def _expected_shapes(config: LlamaConfig) -> dict[tuple, tuple]:
 
 
 def _path_to_hf(path: tuple) -> str:
-  if path == ("embed_tokens", "embedding"):
-    return "model.embed_tokens.weight"
-  if path == ("norm", "scale"):
-    return "model.norm.weight"
-  if path == ("lm_head", "kernel"):
-    return "lm_head.weight"
-  _, i, *rest = path
-  if rest[-1] == "scale":
-    return f"model.layers.{i}.{rest[0]}.weight"
-  kind = "weight" if rest[-1] == "kernel" else "bias"
-  return f"model.layers.{i}.{rest[0]}.{rest[1]}.{kind}"
+  return NAMES.path_to_tensor("/".join(map(str, path)))[0]
 
 
-def _read_state_dict(root: pathlib.Path) -> dict[str, np.ndarray]:
-  single = root / "model.safetensors"
-  index = root / "model.safetensors.index.json"
-  if single.is_file():
-    return read_safetensors(single)
-  if index.is_file():
-    idx = _read_json(index, "safetensors index")
-    wm = idx.get("weight_map")
-    if not isinstance(wm, dict):
-      raise ValueError(f"{index}: no 'weight_map' object")
-    out: dict[str, np.ndarray] = {}
-    for shard in sorted(set(wm.values())):
-      tensors = read_safetensors(root / shard)
-      for k, v in tensors.items():
-        if wm.get(k, shard) == shard:
-          out[k] = v
-    missing = sorted(set(wm) - set(out))
-    if missing:
-      raise ValueError(f"{index}: keys listed in weight_map not found in their shards: "
-                       f"{missing[:5]}")
-    return out
-  raise FileNotFoundError(f"{root}: neither model.safetensors nor "
-                          "model.safetensors.index.json found")
+def _read_state_dict(root: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """All tensors of the checkpoint in `root` (single file or index + shards, every file
+  inside `root`), validated by `checkpoint.checkpoint_headers` before any is read, and
+  the file each tensor came from (for error messages)."""
+  infos = checkpoint.checkpoint_headers(root)
+  return ({k: checkpoint.read_tensor(t) for k, t in infos.items()},
+          {k: t.file for k, t in infos.items()})
 
 
 def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
@@ -718,11 +679,17 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
     unknown or missing keys and shape mismatches, or a corrupt file.
   """
   root = pathlib.Path(path)
-  config = LlamaConfig.from_hf(_read_json(root / "config.json", "config.json"))
-  sd = _read_state_dict(root)
+  if not root.is_dir():
+    raise FileNotFoundError(f"{root}: no such checkpoint directory (config.json not found)")
+  hf = checkpoint.read_config(root)
+  try:
+    config = LlamaConfig.from_hf(hf)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{root / 'config.json'}: {e}") from None
+  sd, files = _read_state_dict(root)
   int8 = sorted(k for k in sd if k.endswith(".SCB"))
   if int8:
-    raise ValueError(f"{root}: tensor {int8[0]!r} belongs to a bitsandbytes 8-bit (LLM.int8) "
+    raise ValueError(f"{files[int8[0]]}: tensor {int8[0]!r} belongs to a bitsandbytes 8-bit (LLM.int8) "
                      "checkpoint, which load_hf does not read; 4-bit (nf4/fp4) bnb "
                      "checkpoints and float checkpoints are supported")
   if any(_BNB_STATE in k for k in sd):
@@ -733,31 +700,33 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
   expected = _expected_shapes(config)
   flat: dict[tuple, Any] = {}
   for name, arr in sd.items():
-    if name.endswith(_INV_FREQ_SUFFIX):
+    if NAMES.ignored(name):
       continue
     hit = _hf_name_to_path(name)
     if hit is None:
-      raise ValueError(f"{root}: tensor {name!r} {tuple(arr.shape)} is not part of a Llama "
-                       "checkpoint this loader knows")
+      raise ValueError(f"{files.get(name, root)}: tensor {name!r} {tuple(arr.shape)} is not "
+                       "part of a Llama checkpoint this loader knows")
     p, transpose = hit
     if p == ("lm_head", "kernel") and config.tie_word_embeddings:
       continue
     if p not in expected:
-      raise ValueError(f"{root}: tensor {name!r} does not fit config.json "
+      raise ValueError(f"{files.get(name, root)}: tensor {name!r} {tuple(arr.shape)} (parameter "
+                       f"{'/'.join(map(str, p))}) does not fit config.json "
                        f"(num_hidden_layers={config.num_hidden_layers}, "
                        f"attention_bias={config.attention_bias}, mlp_bias={config.mlp_bias})")
     if isinstance(arr, ImplicitArray):
       # a QuantizedArray: already the (in, out) kernel; it keeps its packed codes
       # and computes in `dtype` when it is dequantized.
       if tuple(arr.shape) != expected[p]:
-        raise ValueError(f"{root}: quantized tensor {name!r} has kernel shape "
+        raise ValueError(f"{files.get(name, root)}: quantized tensor {name!r} has kernel shape "
                          f"{tuple(arr.shape)}; config.json implies {expected[p]}")
       flat[p] = arr if dtype is None else dataclasses.replace(arr, dtype=jnp.dtype(dtype))
       continue
     if arr.ndim == 2 and transpose:
       arr = arr.T
     if tuple(arr.shape) != expected[p]:
-      raise ValueError(f"{root}: tensor {name!r} has shape {tuple(sd[name].shape)}; config.json "
+      raise ValueError(f"{files.get(name, root)}: tensor {name!r} {arr.dtype} has shape "
+                       f"{tuple(sd[name].shape)}; config.json "
                        f"implies {expected[p][::-1] if transpose else expected[p]}")
     flat[p] = jnp.asarray(arr, dtype=dtype) if dtype is not None else jnp.asarray(arr)
   missing = [_path_to_hf(p) for p in expected if p not in flat]
@@ -787,7 +756,10 @@ def save_hf(path: str | os.PathLike, config: LlamaConfig, params: Mapping[str, A
   """Write `params` as a Hugging Face checkpoint (`config.json` + `model.safetensors`).
 
   Implicit leaves (LoRA, ...) are materialized first. Kernels are transposed back
-  to PyTorch's `(out, in)`. Files are written to temporary names and renamed.
+  to PyTorch's `(out, in)`. The directory is written atomically
+  (`checkpoint.atomic_directory`): an interrupted save leaves the old checkpoint;
+  other files already in `path` (tokenizer, ...) are kept, an old sharded checkpoint's
+  shards and index are not.
 
   Args:
     path: output directory (created if missing).
@@ -818,11 +790,13 @@ def save_hf(path: str | os.PathLike, config: LlamaConfig, params: Mapping[str, A
   missing = [spath for spath in map(_path_to_hf, expected) if spath not in tensors]
   if missing:
     raise ValueError(f"save_hf: params lack {missing[:5]}")
-  root.mkdir(parents=True, exist_ok=True)
   hf = config.to_hf()
   hf["dtype"] = str(np.dtype(next(iter(tensors.values())).dtype))
-  write_safetensors(root / "model.safetensors", tensors, {"format": "pt"})
-  write_json(root / "config.json", hf)
+  with checkpoint.atomic_directory(root, keep_other_files=True,
+                                   replaced=(r"model.*\.safetensors", re.escape(checkpoint.INDEX))
+                                   ) as tmp:
+    checkpoint.write_safetensors(tmp / checkpoint.SINGLE, tensors, {"format": "pt"})
+    checkpoint.write_json(tmp / "config.json", hf)
 
 
 __all__ = [
