@@ -1,7 +1,7 @@
 """Indexing the stacked-layer axes of an implicit leaf keeps it implicit.
 
 Every implicit leaf's array children share the logical array's leading batch axes
-(stacked layers; DESIGN, "How `implicit` works"). So `params["layers"]["kernel"][i]`,
+(stacked layers; docs/ARCHITECTURE.md, "How `implicit` works"). So `params["layers"]["kernel"][i]`,
 a `lax.dynamic_index_in_dim` in a `fori_loop` over layers, or a slice of a layer range
 is the same operation on every child: `slice`, `dynamic_slice` and `squeeze` rules that
 touch only those leading axes apply it child by child (recursively, for a quantized

@@ -23,7 +23,7 @@ from lora_jax._paths import compile_patterns, leaves_with_paths
 F32 = jnp.float32
 
 
-def _svd_factors(d, rank, distribute_scale, sv_epsilon=0.0):
+def svd_factors(d, rank, distribute_scale, sv_epsilon=0.0):
   """(U_r sqrt(S_r), sqrt(S_r) Vh_r) of `d`, or (U_r, S_r Vh_r); with `sv_epsilon`, only
   singular values above it are kept (needs a concrete `d`)."""
   u, s, vh = jnp.linalg.svd(d, full_matrices=False)
@@ -102,7 +102,7 @@ def extract_lora(base: Any, finetuned: Any, rank: int, *,
       out.append(f)
       continue
     d = jnp.asarray(f).astype(F32) - jnp.asarray(b).astype(F32)
-    a_f, b_f = _svd_factors(d, int(rank), distribute_scale)
+    a_f, b_f = svd_factors(d, int(rank), distribute_scale)
     approx = jnp.matmul(a_f, b_f)
     nd = float(jnp.linalg.norm(d))
     errors[path] = float(jnp.linalg.norm(d - approx)) / nd if nd > 0 else 0.0

@@ -29,6 +29,7 @@ its test factory:
 from lora_jax._implicit import (ImplicitArray, LeafCount, base, bind, data, frozen, implicit,
                                 is_implicit, materialize, materialize_tree, register_dot_rule,
                                 register_rule, static, trainable)
+from lora_jax._extract import svd_factors
 from lora_jax._fingerprint import base_fingerprint
 from lora_jax._inits import mutating_factors
 from lora_jax._paths import (check_same_structure, closest_paths, compile_patterns, first_match,
@@ -51,5 +52,5 @@ __all__ = [
     "register_rule", "register_dot_rule", "bind", "implicit", "is_implicit", "materialize",
     "materialize_tree", "check_same_structure", "closest_paths", "compile_patterns",
     "first_match", "leaves_with_paths", "map_with_path", "path_str", "select_paths",
-    "tree_paths", "child_spec", "implicit_spec_parts", "mutating_factors", "is_float_kernel", "base_fingerprint",
+    "tree_paths", "child_spec", "implicit_spec_parts", "mutating_factors", "is_float_kernel", "base_fingerprint", "svd_factors",
 ]

@@ -44,8 +44,8 @@ def _svd(d: np.ndarray, max_rank: int, distribute_scale: bool, sv_epsilon: float
   factors, in PyTorch's layout (`lora_B @ lora_A = U_r S_r Vh_r`)."""
   import jax.numpy as jnp
 
-  from lora_jax._extract import _svd_factors
-  b, a = _svd_factors(jnp.asarray(d, jnp.float32), max_rank, distribute_scale, sv_epsilon)
+  from lora_jax.extend import svd_factors
+  b, a = svd_factors(jnp.asarray(d, jnp.float32), max_rank, distribute_scale, sv_epsilon)
   return np.asarray(a), np.asarray(b)
 
 
