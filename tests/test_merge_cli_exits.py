@@ -104,7 +104,7 @@ def test_memory_error_exits_2(cfg_path, tmp_path, capsys, monkeypatch):
 def test_other_os_errors_name_the_path(cfg_path, tmp_path, capsys, monkeypatch):
   def denied(*a, **k):
     raise PermissionError(13, "Permission denied", str(tmp_path / "x"))
-  monkeypatch.setattr(cli.tempfile, "mkdtemp", denied)
+  monkeypatch.setattr(cli.checkpoint, "ShardWriter", denied)   # an OSError while writing
   assert cli.main(["merge", cfg_path, str(tmp_path / "out"), "--quiet"]) == 2
   err = capsys.readouterr().err
   assert f"Permission denied: {str(tmp_path / 'x')!r}" in err and err.count("\n") == 1
