@@ -107,7 +107,8 @@ def test_other_os_errors_name_the_path(cfg_path, tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(cli.checkpoint, "ShardWriter", denied)   # an OSError while writing
   assert cli.main(["merge", cfg_path, str(tmp_path / "out"), "--quiet"]) == 2
   err = capsys.readouterr().err
-  assert f"Permission denied: {str(tmp_path / 'x')!r}" in err and err.count("\n") == 1
+  # the checkpoint writer names the output directory it could not write
+  assert "Permission denied" in err and str(tmp_path / "out") in err and err.count("\n") == 1
 
 
 def test_config_is_a_directory_or_unreadable(tmp_path, capsys):
