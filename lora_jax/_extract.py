@@ -18,7 +18,7 @@ import numpy as np
 
 from lora_jax._implicit import ImplicitArray
 from lora_jax._lora_weight import LoraWeight
-from lora_jax._paths import compile_patterns, leaves_with_paths
+from lora_jax._paths import check_same_structure, closest_paths, compile_patterns, leaves_with_paths
 
 F32 = jnp.float32
 
@@ -68,19 +68,15 @@ def extract_lora(base: Any, finetuned: Any, rank: int, *,
   if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank <= 0:
     raise ValueError(f"extract_lora: rank must be a positive int, got {rank!r}")
   is_leaf = lambda x: isinstance(x, ImplicitArray)
+  check_same_structure([base, finetuned], ["base", "finetuned"], is_leaf=is_leaf,
+                       what="extract_lora")
   fb, treedef = jax.tree_util.tree_flatten(base, is_leaf=is_leaf)
-  ff, td2 = jax.tree_util.tree_flatten(finetuned, is_leaf=is_leaf)
+  ff = jax.tree_util.tree_leaves(finetuned, is_leaf=is_leaf)
   paths = [p for p, _ in leaves_with_paths(base, is_leaf=is_leaf)]
-  if td2 != treedef:
-    other = {p for p, _ in leaves_with_paths(finetuned, is_leaf=is_leaf)}
-    raise ValueError(f"extract_lora: finetuned does not have the structure of base; only in "
-                     f"base: {sorted(set(paths) - other)[:5]}, only in finetuned: "
-                     f"{sorted(other - set(paths))[:5]}")
   pats = None if targets is None else compile_patterns(targets)
   if pats is not None:
     for rx in pats:
       if not any(rx.fullmatch(p) for p in paths):
-        from lora_jax._paths import closest_paths
         raise ValueError(f"extract_lora: target pattern {rx.pattern!r} matches no path; closest: "
                          f"{', '.join(closest_paths(rx.pattern, paths))}")
   out, errors = [], {}

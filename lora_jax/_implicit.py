@@ -138,9 +138,6 @@ class ImplicitArray:
   # `implicit` unwraps the leaf before tracing (a wrapper with nothing to factor).
   materialize_is_free: ClassVar[bool] = False
 
-  shape: tuple[int, ...]
-  dtype: Any
-
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
     dataclasses.dataclass(frozen=True)(cls)
@@ -192,7 +189,19 @@ class ImplicitArray:
       if check is not None:
         check(self)
 
-  # --- the logical array
+  # --- the logical array: by default the base weight's shape and dtype
+  @property
+  def shape(self) -> tuple[int, ...]:
+    if self.base_field is None:
+      raise NotImplementedError(f"{type(self).__name__} has no base field: define shape")
+    return tuple(getattr(self, self.base_field).shape)
+
+  @property
+  def dtype(self) -> Any:
+    if self.base_field is None:
+      raise NotImplementedError(f"{type(self).__name__} has no base field: define dtype")
+    return getattr(self, self.base_field).dtype
+
   def materialize(self) -> jax.Array:
     raise NotImplementedError(f"{type(self).__name__} does not define materialize()")
 

@@ -88,15 +88,7 @@ class LowRankWeight(ImplicitArray):
     check_factors(self.w.shape, self.a.shape, self.b.shape, self.axes,
                   where=type(self).__name__)
 
-  # --- logical array
-  @property
-  def shape(self):
-    return tuple(self.w.shape)
-
-  @property
-  def dtype(self):
-    return self.w.dtype
-
+  # --- logical array (shape and dtype: the base's, from the protocol)
   @property
   def nbatch(self) -> int:
     return len(self.w.shape) - len(self.axes)
@@ -269,9 +261,9 @@ def _low_rank_grads(x, a, b, t, dy, scale, need_a, need_b):
 
 
 def _fused_bwd(scale, res, dy):
-  (x, w, a, b, t), (need_x, need_w, need_a, need_b) = res
   if isinstance(dy, SymbolicZero):
     return None, None, None, None
+  (x, w, a, b, t), (need_x, need_w, need_a, need_b) = res
   dt, da, db = _low_rank_grads(x, a, b, t, dy, scale, need_a, need_b)
   dx = dw = None
   if need_x:

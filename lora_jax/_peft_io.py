@@ -425,6 +425,18 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
   return _paths.map_with_path(swap, base_params, is_leaf=is_implicit)
 
 
+def _fit_base(arr: np.ndarray, base: Any, target: str, lidx: int, key: str, wfile) -> np.ndarray:
+  """A saved full weight (PyTorch layout) in our layout, checked against the base weight
+  `target` it stands for (layer `lidx` of a stacked one when `lidx >= 0`)."""
+  value = _to_ours(arr, target)
+  want = tuple(base.shape[1:]) if lidx >= 0 else tuple(base.shape)
+  if tuple(value.shape) != want:
+    raise ValueError(f"{wfile}: {key} has shape {tuple(np.shape(arr))}; the base weight "
+                     f"{target} expects {want} (ours; PyTorch layout transposed for "
+                     "kernels). Is this adapter for another base model?")
+  return value
+
+
 def _saved_base(saved: np.ndarray | None, base: Any, target: str, lidx: int, key: str,
                 wfile) -> np.ndarray | None:
   """A saved `base_layer.weight` (PEFT's `save_embedding_layers`) against the base's:
@@ -432,12 +444,7 @@ def _saved_base(saved: np.ndarray | None, base: Any, target: str, lidx: int, key
   dtype, with a warning, when it differs (PEFT's load replaces the base weight too)."""
   if saved is None:
     return None
-  ours = _to_ours(saved, target)
-  want = tuple(base.shape[1:]) if lidx >= 0 else tuple(base.shape)
-  if tuple(ours.shape) != want:
-    raise ValueError(f"{wfile}: {key}.base_layer.weight has shape {tuple(saved.shape)}; the "
-                     f"base weight {target} is {want} (ours; PyTorch layout transposed for "
-                     "kernels). Is this adapter for another base model?")
+  ours = _fit_base(saved, base, target, lidx, f"{key}.base_layer.weight", wfile)
   dense = base.materialize() if isinstance(base, ImplicitArray) else base
   dense = np.asarray(dense[lidx] if lidx >= 0 else dense)
   ours = ours.astype(dense.dtype)
@@ -541,12 +548,7 @@ def _full_weights(full: dict, leaves: dict, name_map: NameTable, wfile) -> dict:
       if isinstance(base, ImplicitArray):
         raise ValueError(f"{wfile}: {key}: base parameter {target} is a {type(base).__name__}; "
                          "modules_to_save needs a plain array")
-      value = _to_ours(arr, target)
-      want = tuple(base.shape[1:]) if lidx >= 0 else tuple(base.shape)
-      if tuple(value.shape) != want:
-        raise ValueError(f"{wfile}: {key} has shape {tuple(np.shape(arr))}; the base weight "
-                         f"{target} expects {want} (ours; PyTorch layout transposed for "
-                         "kernels). Is this adapter for another base model?")
+      value = _fit_base(arr, base, target, lidx, key, wfile)
       if lidx >= 0:
         stack = out.get(target)
         if stack is None:

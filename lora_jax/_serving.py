@@ -61,14 +61,6 @@ class MultiLoraWeight(ImplicitArray):
   axes: str = static("io")
 
   @property
-  def shape(self):
-    return tuple(self.w.shape)
-
-  @property
-  def dtype(self):
-    return self.w.dtype
-
-  @property
   def nbatch(self) -> int:
     return len(self.w.shape) - len(self.axes)
 

@@ -163,18 +163,11 @@ def _sparse_stats(base, m, a, key, *, sparsify, rescale):
   return st
 
 
-@functools.partial(jax.jit, static_argnames=("sparsify", "consensus", "normalize"))
-def _combine(base, models, weights, lam, stats, keys, *, sparsify, consensus, normalize):
-  b = _f32(base)
-  weights = _f32(weights)
+def _mix(b, deltas, weights, lam, consensus, normalize):
+  """`b + lam * sum_i mask_i * delta_i [/ sum_i mask_i * w_i]`, elementwise over the list
+  of weighted deltas (no stacked copy, so XLA fuses it into a few passes); `mask` is the
+  TIES sign election (`consensus` "sum" / "count") or all ones. float32."""
   zero = jnp.zeros((), F32)
-  deltas = []
-  for i, m in enumerate(models):
-    d = _f32(m) - b
-    if sparsify is not None:
-      keep = _keep(d, sparsify, stats, None if keys is None else keys[i], i)
-      d = jnp.where(keep, d * stats["scale"][i], zero)
-    deltas.append(d * weights[i])
   if consensus is not None:
     if consensus == "sum":
       score = functools.reduce(jnp.add, deltas)
@@ -193,8 +186,22 @@ def _combine(base, models, weights, lam, stats, keys, *, sparsify, consensus, no
     div = jnp.where(jnp.abs(div) < 1e-8, 1.0, div)
   if normalize:
     mixed = mixed / div
-  mixed = mixed * _f32(lam)
-  return (b + mixed).astype(base.dtype)
+  return b + mixed * _f32(lam)
+
+
+@functools.partial(jax.jit, static_argnames=("sparsify", "consensus", "normalize"))
+def _combine(base, models, weights, lam, stats, keys, *, sparsify, consensus, normalize):
+  b = _f32(base)
+  weights = _f32(weights)
+  zero = jnp.zeros((), F32)
+  deltas = []
+  for i, m in enumerate(models):
+    d = _f32(m) - b
+    if sparsify is not None:
+      keep = _keep(d, sparsify, stats, None if keys is None else keys[i], i)
+      d = jnp.where(keep, d * stats["scale"][i], zero)
+    deltas.append(d * weights[i])
+  return _mix(b, deltas, weights, lam, consensus, normalize).astype(base.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("sparsify", "consensus", "normalize", "rescale"))
@@ -221,29 +228,7 @@ def task_vector_leaf_dense(base, models, weights, lam, sparse_args=None, keys=No
     deltas.append(d * weights[i])
   if not deltas:
     return base
-  # elementwise over the list of deltas (no stacked copy), so XLA fuses it into a
-  # few passes without (N, *shape) temporaries
-  zero = jnp.zeros((), F32)
-  if consensus is not None:
-    if consensus == "sum":
-      score = functools.reduce(jnp.add, deltas)
-    elif consensus == "count":
-      score = functools.reduce(jnp.add, [jnp.sign(d) for d in deltas])
-    else:
-      raise ValueError(f"unknown consensus {consensus!r}; expected 'sum' or 'count'")
-    elected = jnp.where(score >= 0, 1.0, -1.0).astype(F32)
-    agree = [jnp.sign(d) == elected for d in deltas]
-    mixed = functools.reduce(jnp.add, [jnp.where(g, d, zero) for g, d in zip(agree, deltas)])
-    div = functools.reduce(jnp.add, [jnp.where(g, weights[i], zero) for i, g in enumerate(agree)])
-    div = jnp.where(div == 0, 1.0, div)
-  else:
-    mixed = functools.reduce(jnp.add, deltas)
-    div = jnp.sum(weights)
-    div = jnp.where(jnp.abs(div) < 1e-8, 1.0, div)
-  if normalize:
-    mixed = mixed / div
-  mixed = mixed * _f32(lam)
-  return (b + mixed).astype(base.dtype)
+  return _mix(b, deltas, weights, lam, consensus, normalize).astype(base.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("normalize",))
