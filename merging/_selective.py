@@ -166,7 +166,7 @@ def _ram(base, models, *, epsilon: float = P(1e-5, lo=0, doc="|delta| above whic
 @method("ramplus_tl", reference="https://arxiv.org/abs/2601.13572", base="required")
 def _ramplus_tl(base, models, *,
                 r: float = P(0.1, lo=0, doc="strength of the overlap boost"),
-                alpha: float = P(0.2, lo=0, doc="cap of the shared/unique ratio"),
+                alpha: float = P(0.2, lo=0, doc="cap of the shared-to-unique ratio"),
                 epsilon: float = P(1e-5, lo=0, doc="|delta| above which an entry counts")):
   """RAM+ (tensor-local): RAM with each model's unique entries scaled up by its overlap."""
   return ram_leaf(base, models, np.float32(epsilon), np.float32(r), np.float32(alpha),

@@ -27,6 +27,7 @@ from jax import lax
 import lora_jax as lj
 import quantization as qz
 from jaxpr_walk import dot_output_shapes
+from test_implicit_rules import _cj_matmul, _cv_matmul
 from lora_jax import extend
 
 BATCH = 4            # rows of x; the multi-LoRA bank serves one adapter per row
@@ -155,35 +156,8 @@ def _x(shape, key=1):
 # ----------------------------------------------------------------------------
 # the cases: (name, tag, f(p, x), kernel shape, axes, x, batch axis of the output)
 
-@jax.custom_jvp
-def _cj(x, w):
-  return jnp.tanh(x @ w)
-
-
-@_cj.defjvp
-def _cj_jvp(primals, tangents):
-  x, w = primals
-  dx, dw = tangents
-  y = jnp.tanh(x @ w)
-  return y, (1 - y ** 2) * (dx @ w + x @ dw)
-
-
-@jax.custom_vjp
-def _cv(x, w):
-  return jnp.sin(x @ w)
-
-
-def _cv_fwd(x, w):
-  return jnp.sin(x @ w), (x, w)
-
-
-def _cv_bwd(res, g):
-  x, w = res
-  gz = g * jnp.cos(x @ w)
-  return gz @ w.T, x.T @ gz
-
-
-_cv.defvjp(_cv_fwd, _cv_bwd)
+# custom_jvp / custom_vjp matmuls shared with the LoRA rule battery
+_cj, _cv = _cj_matmul, _cv_matmul
 
 
 @dataclasses.dataclass(frozen=True)
