@@ -8,6 +8,7 @@ position-weighted so that permuted rows or columns differ too.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -28,16 +29,9 @@ def base_fingerprint(w: Any, nbatch: int = 0) -> jax.Array:
   trailing (kernel) axes, one row per leading stacked-layer index."""
   dense = jnp.asarray(materialize(w)).astype(jnp.float32)
   batch = dense.shape[:nbatch]
-  flat = dense.reshape((-1, max(1, int(dense.size // max(1, _prod(batch))))))
+  flat = dense.reshape((math.prod(batch), -1))
   pos = (jnp.arange(flat.shape[-1], dtype=jnp.float32) % 97.0) / 97.0 + 0.5
   return _stats(flat, pos).reshape((*batch, 4))
-
-
-def _prod(shape) -> int:
-  out = 1
-  for d in shape:
-    out *= int(d)
-  return out
 
 
 __all__ = ["base_fingerprint"]

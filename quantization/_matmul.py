@@ -13,7 +13,6 @@ never trained.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -289,7 +288,9 @@ def _convert_rule(prim, q, *, new_dtype, **params):
   bf16 rounding a dense cast would have kept.)"""
   if not jnp.issubdtype(new_dtype, jnp.floating):
     return NotImplemented
-  return dataclasses.replace(q, dtype=jnp.dtype(new_dtype))
+  # only the static dtype changes: no re-validation (which would read the scales back
+  # to the host on every eager cast)
+  return q.replace_children(dtype=jnp.dtype(new_dtype))
 
 
 @lj.register_rule(P.copy_p, QuantizedArray)
