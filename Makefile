@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch alone first, so the CPU build on disk is used and no CUDA build is pulled.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,interop,demo]'
+	# llm-compressor, the GPTQ oracle, without its declared dependencies: 0.14 pins
+	# transformers<=5.17 and compressed-tensors==0.19, yet imports and runs GPTQ with our
+	# transformers and compressed-tensors 0.20 (its runtime needs, loguru and requests,
+	# are in the interop extra). With its dependencies pip would move the transformers pin.
+	$(PY) -m pip install -q --no-deps llmcompressor==0.14.0.1
 	touch $(STAMP)
 
 test: $(STAMP)
