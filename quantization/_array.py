@@ -149,6 +149,22 @@ class QuantizedArray(lj.ImplicitArray):
   def materialize(self) -> jax.Array:
     return jnp.swapaxes(self.dequantize_t(jnp.float32), -1, -2).astype(self.dtype)
 
+  # --- rows of the storage layout, for the tiled matmuls (quantization/_matmul.py)
+  def for_rows(self) -> "QuantizedArray":
+    """This leaf with its scales decoded once (float32 absmax, no double quant), so
+    that `rows` tiles slice plain arrays."""
+    if not self.double_quant:
+      return self
+    return self.replace_children(absmax=self.scales(), nested_absmax=None, offset=None)
+
+  def rows(self, start, size: int) -> "QuantizedArray":
+    """Output rows `[start, start + size)` (start may be traced) of an unbatched leaf
+    from `for_rows()`."""
+    cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=0)  # noqa: E731
+    new = self.replace_children(codes=cut(self.codes), absmax=cut(self.absmax))
+    object.__setattr__(new, "kernel_shape", (self.kernel_shape[0], size))
+    return new
+
   def partition_specs(self, spec):
     """Children split like the kernel `(*batch, in, out)`: codes and absmax, stored
     `(*batch, out, in)`, take the kernel's `out` and `in` entries swapped; the small
@@ -285,28 +301,100 @@ def quantize_array(w: jax.Array, fmt: str = "nf4", block_size: int = 64,
 class QuantConfig:
   """What to quantize and how.
 
+  Two families of formats, one config:
+
+  - bitsandbytes' absmax formats, `format="nf4" | "fp4" | "int4" | "int8"` (with
+    `symmetric` left None): a `QuantizedArray`, one float32 absmax per block,
+    optionally double-quantized; bytes equal to bitsandbytes'.
+  - GPTQ-style group-wise integers, `format="int2" | "int3" | "int4" | "int8"` with
+    `symmetric=True` (no zero points) or `symmetric=False` (per-group zero points);
+    int2/int3 are always group-wise: a `GroupQuantizedArray` with compressed-tensors'
+    arithmetic and packing. `qz.gptq` quantizes them with calibration data.
+
   Attributes:
-    format: "nf4" (default), "fp4", "int4" or "int8".
-    block_size: values per absmax block along the contracting axis: a power of two
-      from 32 to 4096 (default 64, as QLoRA).
-    double_quant: quantize the absmax values too (bitsandbytes
-      `compress_statistics` / `bnb_4bit_use_double_quant`): 8-bit dynamic codes in
-      blocks of 256 after subtracting their mean.
+    format: "nf4" (default), "fp4", "int4", "int8", "int2" or "int3".
+    block_size: values per block (absmax formats: a power of two from 32 to 4096,
+      default 64 as QLoRA) or per group (group-wise: a power of two from 32 to 1024,
+      or -1 for one group per output channel; default 128 as GPTQ).
+    double_quant: absmax formats only: quantize the absmax values too (bitsandbytes
+      `bnb_4bit_use_double_quant`): 8-bit dynamic codes in blocks of 256 after
+      subtracting their mean. Default True there; group-wise formats have none.
     targets: regex or list of regexes fullmatched against "/"-joined leaf paths;
       None quantizes every floating leaf with ndim >= 2 (the last two axes are
       `(in, out)`, leading axes stacked layers). With layer-stacked parameters a
       norm scale `(layers, hidden)` is 2-D too: pass `targets` (e.g.
       `r".*kernel"`) so only kernels are quantized.
+    symmetric: None (absmax formats; int2/int3 then mean True), True or False
+      (group-wise integers without / with zero points).
+    act_order: GPTQ only (`qz.gptq`): False; True or "weight" (quantize the columns in
+      order of decreasing activation, groups stay contiguous, no `g_idx`: what
+      llm-compressor's `actorder="weight"` does); "group" (groups formed in that order,
+      with a `g_idx`, as GPTQ's `desc_act=True`).
   """
 
   format: str = "nf4"
-  block_size: int = 64
-  double_quant: bool = True
+  block_size: int | None = None
+  double_quant: bool | None = None
   targets: str | Sequence[str] | None = None
+  symmetric: bool | None = None
+  act_order: bool | str = False
 
   def __post_init__(self):
-    F.check_format(self.format)
-    F.check_block_size(self.block_size)
+    from quantization import _group as G
+    fmt = self.format
+    if fmt not in F.FORMATS and fmt not in G.GROUP_FORMATS:
+      raise ValueError(f"QuantConfig: unknown format {fmt!r}; known formats: "
+                       f"{', '.join(dict.fromkeys((*F.FORMATS, *G.GROUP_FORMATS)))}")
+    if self.symmetric is not None and not isinstance(self.symmetric, bool):
+      raise TypeError(f"QuantConfig: symmetric must be None, True or False, got "
+                      f"{self.symmetric!r}")
+    if self.act_order not in (False, True, "weight", "group"):
+      raise ValueError(f"QuantConfig: act_order must be False, True, 'weight' or 'group', "
+                       f"got {self.act_order!r}")
+    grouped = fmt in ("int2", "int3") or self.symmetric is not None or bool(self.act_order)
+    if grouped and fmt not in G.GROUP_FORMATS:
+      raise ValueError(f"QuantConfig: format {fmt!r} has no group-wise integer form "
+                       f"(symmetric / act_order apply to {', '.join(G.GROUP_FORMATS)})")
+    if grouped:
+      if self.double_quant:
+        raise ValueError(f"QuantConfig: double_quant applies to the absmax formats "
+                         f"({', '.join(F.FORMATS)} without `symmetric`), not to group-wise "
+                         f"{fmt}")
+      object.__setattr__(self, "double_quant", False)
+      if self.symmetric is None:
+        object.__setattr__(self, "symmetric", True)
+      block = 128 if self.block_size is None else self.block_size
+      object.__setattr__(self, "block_size", G.check_group_size(block))
+    else:
+      block = 64 if self.block_size is None else self.block_size
+      object.__setattr__(self, "block_size", F.check_block_size(block))
+      object.__setattr__(self, "double_quant",
+                         True if self.double_quant is None else bool(self.double_quant))
+
+  @property
+  def group_wise(self) -> bool:
+    """True for the GPTQ-style group-wise integer formats (`GroupQuantizedArray`)."""
+    return self.symmetric is not None
+
+  @property
+  def bits(self) -> int:
+    return {"int2": 2, "int3": 3, "int4": 4, "int8": 8}.get(self.format, 4)
+
+
+def quantize_kernel(w: jax.Array, cfg: QuantConfig, *, path: str = "array", g_idx=None):
+  """One kernel `(*batch, in, out)` quantized round-to-nearest as `cfg` says: a
+  `QuantizedArray` (absmax formats) or a `GroupQuantizedArray` (group-wise)."""
+  if cfg.group_wise:
+    from quantization._group import quantize_group_array
+    return quantize_group_array(w, cfg.bits, cfg.block_size, cfg.symmetric, g_idx, path=path)
+  return quantize_array(w, cfg.format, cfg.block_size, cfg.double_quant, path=path)
+
+
+def is_quantized(x) -> bool:
+  """A quantized kernel leaf of any registered kind (`QuantizedArray`,
+  `GroupQuantizedArray`, or one registered with `qz.register_quantized_kind`)."""
+  from quantization import _matmul
+  return type(x) in _matmul.QUANTIZED_KINDS
 
 
 def _is_leaf(x) -> bool:
@@ -318,7 +406,7 @@ def quantize(tree: Any, cfg: QuantConfig = QuantConfig()) -> Any:
 
   Args:
     tree: a parameter pytree; LoRA leaves are quantized in their base `w`
-      (QLoRA), other implicit leaves are left alone.
+      (QLoRA; over a group-wise base, ModuLoRA), other implicit leaves are left alone.
     cfg: `QuantConfig`.
 
   Returns:
@@ -334,6 +422,9 @@ def quantize(tree: Any, cfg: QuantConfig = QuantConfig()) -> Any:
   """
   leaves = extend.leaves_with_paths(tree, is_leaf=_is_leaf)
   paths = [p for p, _ in leaves]
+  if cfg.act_order:
+    raise ValueError("qz.quantize: act_order needs calibration activations; use "
+                     "qz.gptq(params, forward, calibration_batches, config)")
   if cfg.targets is None:
     targets = {p for p, x in leaves if extend.is_float_kernel(_weight_of(x))}
   else:
@@ -354,9 +445,8 @@ def quantize(tree: Any, cfg: QuantConfig = QuantConfig()) -> Any:
       if axes != "io":
         raise ValueError(f"{path}: {type(leaf).__name__} layout {axes!r}; only 'io' kernels "
                          "can be quantized")
-      return leaf.with_base(quantize_array(w, cfg.format, cfg.block_size, cfg.double_quant,
-                                           path=path))
-    return quantize_array(leaf, cfg.format, cfg.block_size, cfg.double_quant, path=path)
+      return leaf.with_base(quantize_kernel(w, cfg, path=path))
+    return quantize_kernel(leaf, cfg, path=path)
 
   return extend.map_with_path(make, tree, is_leaf=_is_leaf)
 
@@ -375,23 +465,43 @@ def dequantize(x: Any) -> Any:
   LoRA leaves keep their factors; only their quantized base is dequantized.
   """
   def deq(leaf):
-    if isinstance(leaf, QuantizedArray):
+    if is_quantized(leaf):
       return leaf.materialize()
-    if lj.is_implicit(leaf) and isinstance(leaf.frozen_base(), QuantizedArray):
+    if lj.is_implicit(leaf) and is_quantized(leaf.frozen_base()):
       return leaf.with_base(leaf.frozen_base().materialize())
     return leaf
   return jax.tree.map(deq, x, is_leaf=_is_leaf)
 
 
-def _leaf_bits(q: QuantizedArray) -> tuple[int, int]:
+def _leaf_bits(q) -> tuple[int, int]:
   return int(np.prod(q.shape)), 8 * q.nbytes()
+
+
+def _block_label(q) -> str:
+  if isinstance(q, QuantizedArray):
+    return str(q.block_size)
+  group = getattr(q, "group_size", None)
+  if group is None:
+    return "-"
+  return "channel" if group == q.kernel_shape[0] else str(group)
+
+
+def _scales_label(q) -> str:
+  """How the scales are stored: absmax (+ double quant), or group-wise symmetric /
+  with zero points (+ g_idx)."""
+  if isinstance(q, QuantizedArray):
+    return "absmax+dq" if q.double_quant else "absmax"
+  zeros = getattr(q, "zeros", None)
+  label = "sym" if zeros is None else "asym"
+  return label + ("+g_idx" if getattr(q, "g_idx", None) is not None else "")
 
 
 def summary(tree: Any) -> str:
   """Bits per parameter of every quantized leaf and in total.
 
-  A row per `QuantizedArray` (path, logical shape, format, block, double quant,
-  bits per parameter = 8 * stored bytes / logical parameters); then the total over
+  A row per quantized leaf (path, logical shape, format, block or group size, how the
+  scales are stored, bits per parameter = 8 * stored bytes / logical parameters:
+  codes, scales, zero points and `g_idx` all count); then the total over
   quantized leaves and over the whole tree (dense leaves count their own bits).
   NF4 with double quantization at block 64 stores 4 + 8/64 + 32/(64*256) = 4.127
   bits per parameter; without double quantization 4 + 32/64 = 4.5.
@@ -407,10 +517,10 @@ def summary(tree: Any) -> str:
           int(np.prod(q.shape)), int(np.prod(q.shape)) * np.dtype(q.dtype).itemsize, 0, 0)
       tn += c.params - base_c.params
       tb += 8 * (c.bytes - base_c.bytes)
-    if isinstance(q, QuantizedArray):
+    if is_quantized(q):
       n, b = _leaf_bits(q)
-      rows.append((path, "x".join(map(str, q.shape)), q.format, str(q.block_size),
-                   "yes" if q.double_quant else "no", f"{b / n:.3f}"))
+      rows.append((path, "x".join(map(str, q.shape)), q.format, _block_label(q),
+                   _scales_label(q), f"{b / n:.3f}"))
       qn += n
       qb += b
       tn += n
@@ -422,7 +532,7 @@ def summary(tree: Any) -> str:
     elif _has_shape(q):
       tn += int(np.prod(q.shape))
       tb += 8 * int(np.prod(q.shape)) * np.dtype(q.dtype).itemsize
-  head = ("path", "shape", "format", "block", "dq", "bits/param")
+  head = ("path", "shape", "format", "block", "scales", "bits/param")
   widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
   fmt = "  ".join(f"{{:<{w}}}" for w in widths)
   lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
@@ -434,8 +544,8 @@ def summary(tree: Any) -> str:
   return "\n".join(lines)
 
 
-def bits_per_param(q: QuantizedArray) -> float:
-  """8 * stored bytes / logical parameters of one `QuantizedArray`."""
+def bits_per_param(q) -> float:
+  """8 * stored bytes / logical parameters of one quantized leaf (any kind)."""
   n, b = _leaf_bits(q)
   return b / n
 

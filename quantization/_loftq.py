@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 import lora_jax as lj
 from lora_jax import extend
-from quantization._array import QuantConfig, quantize_array
+from quantization._array import QuantConfig, quantize_kernel
 
 
 def loftq(key: jax.Array, params: Any, lora_cfg: lj.LoraConfig,
@@ -58,8 +58,7 @@ def loftq(key: jax.Array, params: Any, lora_cfg: lj.LoraConfig,
     r, s = lw.rank, lw.scale
     target = wf
     for i in range(int(iters)):
-      q = quantize_array(target.astype(w.dtype), quant_cfg.format, quant_cfg.block_size,
-                         quant_cfg.double_quant, path=path)
+      q = quantize_kernel(target.astype(w.dtype), quant_cfg, path=path)
       a, b = extend.mutating_factors(path, wf - q.materialize().astype(jnp.float32), "io", r, s,
                               "pissa")
       if i + 1 < iters:

@@ -25,6 +25,7 @@ import lora_jax as lj
 from quantization import _array, _pallas
 from quantization import _formats as F
 from quantization._array import QuantizedArray
+from quantization._group import GroupQuantizedArray
 
 BACKENDS = ("auto", "xla", "pallas")
 # Dequantize the whole weight at once below this many elements; tile above it.
@@ -40,21 +41,10 @@ def _tile_rows(n: int, k: int, max_elements: int) -> int:
   return max(8, (max_elements // max(k, 1)) // 8 * 8)
 
 
-def _split_tiles(q: QuantizedArray, tn: int):
-  """(codes, scales) split into full tiles (T, tn, ...) and a remainder (r, ...)."""
-  codes, scales = q.codes, q.scales()
-  n = codes.shape[0]
-  t = n // tn
-  full = (codes[:t * tn].reshape(t, tn, *codes.shape[1:]),
-          scales[:t * tn].reshape(t, tn, *scales.shape[1:]))
-  rest = (codes[t * tn:], scales[t * tn:])
-  return full, rest
-
-
-def _dequant_rows(q: QuantizedArray, codes, scales, dtype):
-  """Storage-layout rows (r, in) of the dequantized weight, from codes/scales rows."""
-  return _array._dequantize_t(codes, scales, fmt=q.format, block=q.block_size, pad=q.pad,
-                             dtype=jnp.dtype(dtype))
+def _row_tiles(q, tn: int):
+  """(leaf ready for `rows`, number of full tiles of `tn` output rows, remainder rows)."""
+  n = q.kernel_shape[1]
+  return q.for_rows(), n // tn, n - (n // tn) * tn
 
 
 def _byte_tables(fmt: str):
@@ -86,50 +76,52 @@ def _gemv_lut(x, q: QuantizedArray, tile_elements: int, out_dtype):
   x1 = jnp.pad(x.reshape(k).astype(jnp.float32), (0, q.pad))
   xe, xo = x1[0::2], x1[1::2]
   tn = _tile_rows(n, k, tile_elements)
-  if tn >= n:
-    y = _gemv_lut_rows(xe, xo, q.codes, q.scales(), q.format, q.block_size)
-  else:
-    (codes, scales), (rc, rs) = _split_tiles(q, tn)
-    y = lax.map(lambda cs: _gemv_lut_rows(xe, xo, cs[0], cs[1], q.format, q.block_size),
-                (codes, scales)).reshape(-1)
-    if rc.shape[0]:
-      y = jnp.concatenate([y, _gemv_lut_rows(xe, xo, rc, rs, q.format, q.block_size)])
+  lut = lambda qq: _gemv_lut_rows(xe, xo, qq.codes, qq.absmax, q.format, q.block_size)  # noqa: E731
+  qd, t, r = _row_tiles(q, tn)
+  if t <= 1 and not (t == 1 and r):
+    return lut(qd).reshape(*x.shape[:-1], n).astype(out_dtype)
+  y = lax.map(lambda i: lut(qd.rows(i * tn, tn)), jnp.arange(t)).reshape(-1)
+  if r:
+    y = jnp.concatenate([y, lut(qd.rows(t * tn, r))])
   return y.reshape(*x.shape[:-1], n).astype(out_dtype)
 
 
-def matmul_xla(x: jax.Array, q: QuantizedArray, *, precision=None,
+def matmul_xla(x: jax.Array, q, *, precision=None,
                preferred_element_type=None, tile_elements: int = TILE_ELEMENTS) -> jax.Array:
-  """`x @ W`, x (..., in) -> (..., out): dequantize (by output tiles), then dot_general.
+  """`x @ W`, x (..., in) -> (..., out), for any quantized kind: dequantize by tiles of
+  output rows (`q.rows`), then dot_general; at most one tile is dense at a time.
 
-  A single activation row (GEMV) with a 4-bit format takes a lookup-table path
-  instead: per byte position, the 256 possible partial products are tabulated from
-  x, and each code byte is one lookup (about 2x faster on CPU, accumulates in f32).
+  A single activation row (GEMV) with a 4-bit `QuantizedArray` takes a lookup-table
+  path instead: per byte position, the 256 possible partial products are tabulated
+  from x, and each code byte is one lookup (about 2x faster on CPU, accumulates in f32).
   """
   k, n = q.kernel_shape
   dt = q.dtype if x.dtype == q.dtype else x.dtype
-  if q.format in F.FOUR_BIT and int(np.prod(x.shape[:-1])) == 1:
+  if (isinstance(q, QuantizedArray) and q.format in F.FOUR_BIT
+      and int(np.prod(x.shape[:-1])) == 1):
     return _gemv_lut(x, q, tile_elements, preferred_element_type or x.dtype)
   kw = {"precision": precision, "preferred_element_type": preferred_element_type}
   dims = (((x.ndim - 1,), (1,)), ((), ()))
   tn = _tile_rows(n, k, tile_elements)
   if tn >= n:
     return lax.dot_general(x, q.dequantize_t(dt), dims, **kw)
-  (codes, scales), (rc, rs) = _split_tiles(q, tn)
+  qd, t, r = _row_tiles(q, tn)
 
-  def tile(cs):
-    return lax.dot_general(x, _dequant_rows(q, cs[0], cs[1], dt), dims, **kw)
+  def tile(i):
+    return lax.dot_general(x, qd.rows(i * tn, tn).dequantize_t(dt), dims, **kw)
 
-  ys = lax.map(tile, (codes, scales))                 # (T, ..., tn)
+  ys = lax.map(tile, jnp.arange(t))                   # (T, ..., tn)
   y = jnp.moveaxis(ys, 0, -2).reshape(*x.shape[:-1], -1)
-  if rc.shape[0]:
-    y = jnp.concatenate([y, lax.dot_general(x, _dequant_rows(q, rc, rs, dt), dims, **kw)],
-                        axis=-1)
+  if r:
+    y = jnp.concatenate([y, lax.dot_general(x, qd.rows(t * tn, r).dequantize_t(dt), dims,
+                                            **kw)], axis=-1)
   return y
 
 
-def matmul_t_xla(y: jax.Array, q: QuantizedArray, *, precision=None,
+def matmul_t_xla(y: jax.Array, q, *, precision=None,
                  preferred_element_type=None, tile_elements: int = TILE_ELEMENTS) -> jax.Array:
-  """`y @ W^T`, y (..., out) -> (..., in), contracting W's output axis (tiled likewise)."""
+  """`y @ W^T`, y (..., out) -> (..., in), contracting W's output axis (tiled likewise:
+  the backward of `x @ W` dequantizes again, one tile at a time)."""
   k, n = q.kernel_shape
   dt = q.dtype if y.dtype == q.dtype else y.dtype
   kw = {"precision": precision, "preferred_element_type": preferred_element_type}
@@ -137,20 +129,19 @@ def matmul_t_xla(y: jax.Array, q: QuantizedArray, *, precision=None,
   tn = _tile_rows(n, k, tile_elements)
   if tn >= n:
     return lax.dot_general(y, q.dequantize_t(dt), dims, **kw)
-  (codes, scales), (rc, rs) = _split_tiles(q, tn)
-  t = codes.shape[0]
+  qd, t, r = _row_tiles(q, tn)
   yt = jnp.moveaxis(y[..., :t * tn].reshape(*y.shape[:-1], t, tn), -2, 0)
   out_dtype = preferred_element_type or y.dtype
 
   def step(acc, args):
-    c, s, yy = args
-    part = lax.dot_general(yy, _dequant_rows(q, c, s, dt), dims, **kw)
+    i, yy = args
+    part = lax.dot_general(yy, qd.rows(i * tn, tn).dequantize_t(dt), dims, **kw)
     return acc + part.astype(acc.dtype), None
 
   acc = jnp.zeros((*y.shape[:-1], k), jnp.float32)
-  acc, _ = lax.scan(step, acc, (codes, scales, yt))
-  if rc.shape[0]:
-    acc = acc + lax.dot_general(y[..., t * tn:], _dequant_rows(q, rc, rs, dt), dims,
+  acc, _ = lax.scan(step, acc, (jnp.arange(t), yt))
+  if r:
+    acc = acc + lax.dot_general(y[..., t * tn:], qd.rows(t * tn, r).dequantize_t(dt), dims,
                                 **kw).astype(jnp.float32)
   return acc.astype(out_dtype)
 
@@ -163,14 +154,18 @@ def _resolve(backend: str) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"qz.matmul: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
   if backend == "auto":
-    return "pallas" if _platform() in ("gpu", "cuda", "rocm", "tpu") else "xla"
+    return "auto-pallas" if _platform() in ("gpu", "cuda", "rocm", "tpu") else "xla"
   return backend
 
 
 def _forward(x, q, backend, tiles, interpret, precision, preferred_element_type):
-  if backend == "xla":
+  if backend == "xla" or (backend == "auto-pallas" and not isinstance(q, QuantizedArray)):
+    # group-wise kinds have no Pallas kernel yet: "auto" takes the XLA path for them
     return matmul_xla(x, q, precision=precision,
                       preferred_element_type=preferred_element_type)
+  if not isinstance(q, QuantizedArray):
+    raise ValueError(f"qz.matmul: backend 'pallas' has kernels for QuantizedArray "
+                     f"(nf4/fp4/int4/int8) only, not {type(q).__name__}; use 'xla' or 'auto'")
   platform = "tpu" if _platform() == "tpu" else "gpu"
   if interpret is None:
     interpret = _platform() not in ("gpu", "cuda", "rocm", "tpu")
@@ -182,7 +177,7 @@ def _forward(x, q, backend, tiles, interpret, precision, preferred_element_type)
   return y.reshape(*x.shape[:-1], n)
 
 
-def _zero_cotangent(q: QuantizedArray):
+def _zero_cotangent(q):
   def zero(leaf):
     if jnp.issubdtype(leaf.dtype, jnp.floating):
       return jnp.zeros(leaf.shape, leaf.dtype)
@@ -210,17 +205,19 @@ def _qmatmul_bwd(backend, tiles, interpret, precision, preferred_element_type, r
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
-def matmul(x: jax.Array, q: QuantizedArray, backend: str = "auto", *,
+def matmul(x: jax.Array, q, backend: str = "auto", *,
            tiles: _pallas.QMatmulTiles | None = None, interpret: bool | None = None,
            precision=None, preferred_element_type=None) -> jax.Array:
   """`x @ W` for a quantized kernel `W` (in, out), never forming W in full when large.
 
   Args:
     x: (..., in) floating activations.
-    q: an unbatched `QuantizedArray` with logical shape (in, out) (use `jax.vmap`
-      for stacked weights).
-    backend: "auto" (Pallas on GPU/TPU, XLA elsewhere), "xla" or "pallas"
-      ("pallas" on CPU runs the kernel in the interpreter).
+    q: an unbatched quantized kernel (`QuantizedArray`, `GroupQuantizedArray`, or a
+      kind registered with `register_quantized_kind`) with logical shape (in, out)
+      (use `jax.vmap` for stacked weights).
+    backend: "auto" (Pallas on GPU/TPU for `QuantizedArray`, XLA elsewhere and for the
+      other kinds), "xla" or "pallas" ("pallas" on CPU runs the kernel in the
+      interpreter).
     tiles: `QMatmulTiles` for the Pallas kernels.
     interpret: force (or forbid) Pallas interpret mode; default: on off GPU/TPU.
     precision, preferred_element_type: as `lax.dot_general`.
@@ -232,8 +229,10 @@ def matmul(x: jax.Array, q: QuantizedArray, backend: str = "auto", *,
   Example:
     >>> y = qz.matmul(x, qz.quantize_array(w, "nf4"))
   """
-  if not isinstance(q, QuantizedArray):
-    raise TypeError(f"qz.matmul: q must be a QuantizedArray, got {type(q).__name__}")
+  if type(q) not in QUANTIZED_KINDS:
+    raise TypeError(f"qz.matmul: q must be a quantized kernel ("
+                    f"{', '.join(sorted(c.__name__ for c in QUANTIZED_KINDS))}), got "
+                    f"{type(q).__name__}")
   if q.nbatch:
     raise ValueError(f"qz.matmul: q has stacked batch axes (shape {q.shape}); slice it or "
                      "use jax.vmap")
@@ -253,12 +252,14 @@ def matmul(x: jax.Array, q: QuantizedArray, backend: str = "auto", *,
 DEFAULT_BACKEND = "auto"
 
 
-@lj.register_dot_rule(QuantizedArray)
 def _dot_general_rule(prim, x, q, *, dimension_numbers, precision=None,
                       preferred_element_type=None, **params):
   """x @ W (contracting W's in axis) or x @ W^T (its out axis); the leaf-on-the-left
-  case is derived by `register_dot_rule`."""
-  if isinstance(x, QuantizedArray):
+  case is derived by `register_dot_rule`. One rule for every quantized kind: LoRA over
+  any of them (QLoRA, ModuLoRA) reaches it through the LoRA rule's `x @ w`, so the
+  forward dequantizes tile by tile, the backward (`custom_vjp`) dequantizes again for
+  `dx`, and no dense kernel is kept between the two."""
+  if type(x) in QUANTIZED_KINDS:
     return NotImplemented
   (xc, wc), (xb, wb) = dimension_numbers
   x = lj.materialize(x)
@@ -280,7 +281,6 @@ def _dot_general_rule(prim, x, q, *, dimension_numbers, precision=None,
   return fn(xt, q)                               # (batch, xfree, qfree)
 
 
-@lj.register_rule(P.convert_element_type_p, QuantizedArray)
 def _convert_rule(prim, q, *, new_dtype, **params):
   """Casting a quantized weight keeps it quantized: only its logical dtype changes.
 
@@ -293,9 +293,36 @@ def _convert_rule(prim, q, *, new_dtype, **params):
   return q.replace_children(dtype=jnp.dtype(new_dtype))
 
 
-@lj.register_rule(P.copy_p, QuantizedArray)
 def _copy_rule(prim, q, **params):
   return q
+
+
+QUANTIZED_KINDS: set[type] = set()
+
+
+def register_quantized_kind(cls: type) -> type:
+  """Make `cls` a quantized kernel kind that `qz.matmul`, `implicit` (and so LoRA over
+  it), `qz.dequantize` and `qz.summary` handle. Needs only dequantization:
+
+    kernel_shape: static (in, out); dtype; nbatch (leading stacked axes).
+    dequantize_t(dtype) -> (*batch, out, in): the weight in storage layout.
+    for_rows() -> a leaf ready for `rows` (e.g. scales decoded once).
+    rows(start, size) -> the leaf of output rows [start, start + size) of an unbatched
+      leaf (start may be traced; size is static); its `dequantize_t` is that tile.
+    nbytes() -> stored bytes (bits per parameter in `qz.summary`).
+
+  Registers the dot_general, convert_element_type and copy rules for `cls`. Returns
+  `cls`, so it can decorate the class.
+  """
+  QUANTIZED_KINDS.add(cls)
+  lj.register_dot_rule(cls)(_dot_general_rule)
+  lj.register_rule(P.convert_element_type_p, cls)(_convert_rule)
+  lj.register_rule(P.copy_p, cls)(_copy_rule)
+  return cls
+
+
+register_quantized_kind(QuantizedArray)
+register_quantized_kind(GroupQuantizedArray)
 
 
 @lj.register_rule(P.gather_p, QuantizedArray)
@@ -325,4 +352,5 @@ def _gather_rule(prim, q, indices, *, dimension_numbers, slice_sizes, **params):
   return jnp.moveaxis(rows, 0, -1)
 
 
-__all__ = ["BACKENDS", "matmul", "matmul_t_xla", "matmul_xla"]
+__all__ = ["BACKENDS", "QUANTIZED_KINDS", "matmul", "matmul_t_xla", "matmul_xla",
+           "register_quantized_kind"]
