@@ -87,6 +87,7 @@ def _stream_layout(bits: int):
   return word, off, straddle
 
 
+@functools.partial(jax.jit, static_argnames=("bits",))
 def pack_codes(u: jax.Array, bits: int) -> jax.Array:
   """Unsigned codes `u` (..., n) in `[0, 2^bits)` -> (..., ceil(n * bits / 32)) int32."""
   *lead, n = u.shape
@@ -105,6 +106,7 @@ def pack_codes(u: jax.Array, bits: int) -> jax.Array:
   return jax.lax.bitcast_convert_type(out, jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "n"))
 def unpack_codes(packed: jax.Array, bits: int, n: int) -> jax.Array:
   """(..., words) int32 -> the first `n` unsigned codes (..., n) as uint8."""
   *lead, nw = packed.shape
