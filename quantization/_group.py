@@ -405,7 +405,11 @@ def _quantize_t(wt, g_idx, *, bits, group, symmetric, wdtype):
     q = jnp.take_along_axis(q, jnp.broadcast_to(inv[..., None, :], q.shape), -1)
   lo, _ = qrange(bits)
   packed = pack_codes((q.astype(jnp.int16) - lo).astype(jnp.uint8), bits)
-  return packed, scales, zeros
+  # A NaN/inf weight makes every scale of the leaf NaN (it dequantizes to NaN, never to
+  # a finite wrong value: min/max may skip a NaN). Outside jit the caller raises first.
+  bad = jnp.sum(~jnp.isfinite(wt))
+  scales = jnp.where(bad > 0, jnp.asarray(jnp.nan, scales.dtype), scales)
+  return packed, scales, zeros, bad
 
 
 def quantize_group_array(w: jax.Array, bits: int = 4, group_size: int = 128,
@@ -425,6 +429,10 @@ def quantize_group_array(w: jax.Array, bits: int = 4, group_size: int = 128,
   Returns:
     A `GroupQuantizedArray` whose codes, scales and zero points equal
     compressed-tensors' `calculate_qparams` + `quantize` of `w.T` (group strategy).
+
+  Raises:
+    ValueError on NaN/inf weights when `w` is concrete; under `jit` such a weight gives
+    a leaf whose scales are all NaN, and `jax.experimental.checkify` reports it.
   """
   bits = check_bits(bits, path)
   if not (hasattr(w, "shape") and hasattr(w, "dtype")):
@@ -452,8 +460,12 @@ def quantize_group_array(w: jax.Array, bits: int = 4, group_size: int = 128,
     raise ValueError(f"{path}: {bad} NaN/inf value(s) in a weight of shape {tuple(w.shape)}; "
                      "refusing to quantize")
   wt = jnp.swapaxes(w.astype(jnp.float32), -1, -2)
-  packed, scales, zeros = _quantize_t(wt, g_idx, bits=bits, group=group,
-                                      symmetric=bool(symmetric), wdtype=jnp.dtype(w.dtype))
+  packed, scales, zeros, bad = _quantize_t(wt, g_idx, bits=bits, group=group,
+                                           symmetric=bool(symmetric), wdtype=jnp.dtype(w.dtype))
+  if isinstance(bad, jax.core.Tracer):
+    from jax.experimental import checkify
+    checkify.debug_check(bad == 0, f"{path}: {{n}} NaN/inf value(s) in a weight of shape "
+                         f"{tuple(w.shape)}; its scales are NaN", n=bad)
   return GroupQuantizedArray(packed=packed, scales=scales, zeros=zeros, g_idx=g_idx,
                              bits=bits, group_size=group, kernel_shape=(k, n),
                              dtype=jnp.dtype(w.dtype))

@@ -337,3 +337,26 @@ def test_bad_leaves_and_inputs_name_what_is_wrong():
     qz.quantize({"w": w}, qz.QuantConfig("int4", 32, act_order=True))
   with pytest.raises(ValueError, match="backend 'pallas' has kernels for QuantizedArray"):
     qz.matmul(jnp.ones((2, 128)), q, backend="pallas")
+
+
+def test_nan_weight_under_jit_gives_an_all_nan_leaf_and_checkify_reports_it():
+  from jax.experimental import checkify
+  w = _normal(0, (64, 8)).at[5, 2].set(jnp.nan)
+  f = jax.jit(lambda w: qz.quantize_group_array(w, 4, 32, symmetric=False).materialize())
+  assert bool(jnp.all(jnp.isnan(f(w))))
+  err, _ = checkify.checkify(f)(w)
+  assert "1 NaN/inf value(s) in a weight of shape (64, 8)" in str(err.get())
+
+
+def test_loftq_over_a_group_wise_base_starts_nearer_than_rtn():
+  """LoftQ with a group-wise int4 config: dequantize(Q) + s a b is nearer to the float
+  weight than the round-to-nearest base alone."""
+  w = _normal(3, (128, 64))
+  cfg = lj.LoraConfig(rank=8, alpha=8, targets="w")
+  p = qz.loftq(jax.random.key(0), {"w": w}, cfg, qz.QuantConfig("int4", 32, symmetric=False),
+               iters=2)
+  lw = p["w"]
+  assert isinstance(lw.w, qz.GroupQuantizedArray)
+  start = lw.w.materialize() + lw.scale * lw.a @ lw.b
+  rtn = qz.quantize_kernel(w, qz.QuantConfig("int4", 32, symmetric=False)).materialize()
+  assert float(jnp.linalg.norm(start - w)) < 0.9 * float(jnp.linalg.norm(rtn - w))
