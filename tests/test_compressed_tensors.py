@@ -10,7 +10,6 @@ decompresses what we write, and PEFT applies adapters. The config and g_idx test
 none of them (a numpy bit-stream packer is the oracle there)."""
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -277,6 +276,24 @@ def test_save_hf_writes_llm_compressors_tensors(oneshot, tmp_path, name):
   again = checkpoint.read_checkpoint(tmp_path / "stacked")
   for k, v in theirs.items():
     np.testing.assert_array_equal(again[k], v, err_msg=k)
+
+
+@pytest.mark.interop
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [k for k, (kind, _) in CONFIGS.items() if kind == "rtn"])
+def test_our_rtn_writes_llm_compressors_checkpoint(oneshot, tmp_path, name):
+  """`qz.quantize` (round to nearest) of the float model, then `save_hf`: llm-compressor's
+  RTN checkpoint (`QuantizationModifier`) tensor for tensor."""
+  c = oneshot(name)
+  config, dense = llama.load_hf(c.path.parent / "base")
+  w = c.weights
+  cfg = qz.QuantConfig(f"int{c.bits}", w.get("group_size", -1), symmetric=w["symmetric"],
+                       targets=r"layers/.*/kernel")
+  llama.save_hf(tmp_path / "ours", config, qz.quantize(dense, cfg))
+  ours, theirs = checkpoint.read_checkpoint(tmp_path / "ours"), checkpoint.read_checkpoint(c.path)
+  assert sorted(ours) == sorted(theirs)
+  for k, v in theirs.items():
+    np.testing.assert_array_equal(ours[k], v, err_msg=k)
 
 
 @pytest.mark.interop
