@@ -1,6 +1,7 @@
 """Quantization as pytree transformations, with dequant-matmul kernels: bitsandbytes'
 NF4/FP4/int4/int8 (`QuantizedArray`) and GPTQ-style group-wise int2/int3/int4/int8
-(`GroupQuantizedArray`, compressed-tensors' format).
+(`GroupQuantizedArray`, compressed-tensors' format), with both families' checkpoint
+state dicts (`from_bnb_state_dict`, `from_compressed_tensors` and their inverses).
 
     import quantization as qz
     qparams = qz.quantize(params, qz.QuantConfig(format="nf4", block_size=64, double_quant=True))
@@ -24,6 +25,7 @@ from quantization._group import GROUP_FORMATS, GroupQuantizedArray, quantize_gro
 from quantization._loftq import loftq
 from quantization._gptq import gptq, gptq_kernel
 from quantization._bnb import from_bnb_state_dict, to_bnb_state_dict
+from quantization._compressed_tensors import from_compressed_tensors, to_compressed_tensors
 from quantization._formats import BLOCK_SIZES, FORMATS
 from quantization._matmul import (BACKENDS, matmul, matmul_t_xla, matmul_xla,
                                   register_quantized_kind)
@@ -32,7 +34,8 @@ from quantization._pallas import QMatmulTiles, qmatmul, qmatmul_reference
 __all__ = [
     "BACKENDS", "BLOCK_SIZES", "FORMATS", "GROUP_FORMATS", "GroupQuantizedArray",
     "QMatmulTiles", "QuantConfig", "QuantizedArray", "bits_per_param", "dequantize",
-    "from_bnb_state_dict", "gptq", "gptq_kernel", "is_quantized", "loftq", "matmul", "matmul_t_xla", "matmul_xla",
-    "qmatmul", "qmatmul_reference", "quantize", "quantize_array", "quantize_group_array",
-    "quantize_kernel", "register_quantized_kind", "summary", "to_bnb_state_dict",
+    "from_bnb_state_dict", "from_compressed_tensors", "gptq", "gptq_kernel", "is_quantized",
+    "loftq", "matmul", "matmul_t_xla", "matmul_xla", "qmatmul", "qmatmul_reference",
+    "quantize", "quantize_array", "quantize_group_array", "quantize_kernel",
+    "register_quantized_kind", "summary", "to_bnb_state_dict", "to_compressed_tensors",
 ]

@@ -649,6 +649,19 @@ def _path_to_hf(path: tuple) -> str:
   return NAMES.path_to_tensor("/".join(map(str, path)))[0]
 
 
+_CLASSES = {"kernel": ("Linear",), "embedding": ("Embedding",), "scale": ("LlamaRMSNorm",)}
+
+
+def _module_class(module: str) -> tuple[str, ...]:
+  """The transformers class names of a Hugging Face module (for compressed-tensors
+  targets such as "Linear")."""
+  hit = NAMES.module_to_path(module)
+  return () if hit is None else _CLASSES.get(hit[0].rsplit("/", 1)[-1], ())
+
+
+_CT = "compressed-tensors"
+
+
 def _read_state_dict(root: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """All tensors of the checkpoint in `root` (single file or index + shards, every file
   inside `root`), validated by `checkpoint.checkpoint_headers` before any is read, and
@@ -672,11 +685,18 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
     `(LlamaConfig, params)`, PyTorch `(out, in)` weights transposed to `(in, out)`.
     A bitsandbytes 4-bit checkpoint (saved by transformers with `load_in_4bit`)
     gives `quantization.QuantizedArray` kernels (same bytes, NF4/FP4, double
-    quantization kept); run it with `lj.implicit(llama.forward)`.
+    quantization kept); a compressed-tensors "pack-quantized" checkpoint (what
+    llm-compressor saves: GPTQ / RTN int2/3/4/8, groups or per channel, symmetric or
+    with zero points) gives `quantization.GroupQuantizedArray` kernels with the file's
+    packed words, scales and zero points, and the modules its `quantization_config`
+    ignores (lm_head, ...) dense. Run either with `lj.implicit(llama.forward)`;
+    quantized kernels compute in `dtype`, their scales keep the file's dtype.
 
   Raises:
     FileNotFoundError for missing files; ValueError naming the tensor for
-    unknown or missing keys and shape mismatches, or a corrupt file.
+    unknown or missing keys and shape mismatches, or a corrupt file; for a
+    compressed-tensors config this does not read (another format, float or
+    activation quantization, ...), naming the config key.
   """
   root = pathlib.Path(path)
   if not root.is_dir():
@@ -697,6 +717,17 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
     # Imported here, not at the top: `quantization` builds on `lora_jax`.
     from quantization import from_bnb_state_dict
     sd = from_bnb_state_dict(sd)
+  qc = hf.get("quantization_config")
+  if isinstance(qc, Mapping) and qc.get("quant_method") == _CT:
+    from quantization import from_compressed_tensors
+    sd = from_compressed_tensors(sd, qc, files=files, module_class=_module_class,
+                                 where=f"{root / 'config.json'}: quantization_config")
+  else:
+    packed = next((k for k in sd if k.endswith(".weight_packed")), None)
+    if packed is not None:
+      raise ValueError(f"{files[packed]}: tensor {packed!r} is compressed-tensors data but "
+                       f"{root / 'config.json'} has no quantization_config with quant_method "
+                       f"{_CT!r}; its format and bit width are unknown")
   expected = _expected_shapes(config)
   flat: dict[tuple, Any] = {}
   for name, arr in sd.items():
@@ -715,8 +746,12 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
                        f"(num_hidden_layers={config.num_hidden_layers}, "
                        f"attention_bias={config.attention_bias}, mlp_bias={config.mlp_bias})")
     if isinstance(arr, ImplicitArray):
-      # a QuantizedArray: already the (in, out) kernel; it keeps its packed codes
-      # and computes in `dtype` when it is dequantized.
+      # a QuantizedArray / GroupQuantizedArray: already the (in, out) kernel; it keeps
+      # its packed codes and computes in `dtype` when it is dequantized.
+      if p[-1] != "kernel":
+        raise ValueError(f"{files.get(name, root)}: tensor {name!r} (parameter "
+                         f"{'/'.join(map(str, p))}) is quantized; only projection kernels "
+                         "and lm_head are read quantized")
       if tuple(arr.shape) != expected[p]:
         raise ValueError(f"{files.get(name, root)}: quantized tensor {name!r} has kernel shape "
                          f"{tuple(arr.shape)}; config.json implies {expected[p]}")
@@ -751,12 +786,33 @@ def _unflatten(flat: Mapping[tuple, Any], config: LlamaConfig) -> dict:
   return params
 
 
+def _for_saving(params: Any, dequantize: bool) -> Any:
+  """Implicit leaves materialized, except group-wise quantized kernels (written
+  pack-quantized) unless `dequantize`."""
+  from lora_jax._implicit import is_implicit, materialize
+  from lora_jax._paths import map_with_path
+  if dequantize or not any(is_implicit(x) for x in jax.tree.leaves(params, is_leaf=is_implicit)):
+    return jax.tree.map(materialize, params, is_leaf=is_implicit)
+  from quantization import GroupQuantizedArray   # `quantization` builds on `lora_jax`
+
+  def keep(path, x):
+    if isinstance(x, GroupQuantizedArray) and path.endswith("/kernel"):
+      return x
+    return materialize(x) if is_implicit(x) else x
+  return map_with_path(keep, params, is_leaf=is_implicit)
+
+
 def save_hf(path: str | os.PathLike, config: LlamaConfig, params: Mapping[str, Any], *,
-            dtype=None) -> None:
+            dtype=None, dequantize: bool = False) -> None:
   """Write `params` as a Hugging Face checkpoint (`config.json` + `model.safetensors`).
 
-  Implicit leaves (LoRA, ...) are materialized first. Kernels are transposed back
-  to PyTorch's `(out, in)`. The directory is written atomically
+  Group-wise quantized kernels (`quantization.GroupQuantizedArray`, from
+  `qz.quantize(..., QuantConfig("int4", 128, symmetric=...))`, `qz.gptq` or a
+  compressed-tensors checkpoint) are written in compressed-tensors' "pack-quantized"
+  form, with its `quantization_config` in `config.json` (transformers, vLLM and
+  compressed-tensors read it; `load_hf` reads it back leaf for leaf). Other implicit
+  leaves (LoRA, bnb `QuantizedArray`, ...) are materialized. Kernels are transposed
+  back to PyTorch's `(out, in)`. The directory is written atomically
   (`checkpoint.atomic_directory`): an interrupted save leaves the old checkpoint;
   other files already in `path` (tokenizer, ...) are kept, an old sharded checkpoint's
   shards and index are not.
@@ -765,15 +821,24 @@ def save_hf(path: str | os.PathLike, config: LlamaConfig, params: Mapping[str, A
     path: output directory (created if missing).
     config: `LlamaConfig`.
     params: unrolled or stacked parameters.
-    dtype: optional dtype for every tensor; default keeps each leaf's dtype.
+    dtype: optional dtype for every dense tensor; default keeps each leaf's dtype
+      (quantized kernels keep their scales' dtype either way).
+    dequantize: write every quantized kernel dense (a plain float checkpoint).
+
+  Raises:
+    ValueError naming the parameter: a shape the config does not imply, a missing
+    parameter; for a quantized kernel compressed-tensors cannot store (a group that
+    does not divide `in`, float zero points such as a QA-LoRA fold): pass
+    `dequantize=True` to write it dense.
   """
-  from lora_jax._implicit import materialize_tree
   root = pathlib.Path(path)
-  params = unstack_layers(materialize_tree(params))
+  params = unstack_layers(_for_saving(params, dequantize))
   expected = _expected_shapes(config)
   tensors = {}
+  quantized: dict[str, str] = {}      # HF tensor -> parameter path, of quantized kernels
+  from lora_jax._implicit import is_implicit
   from lora_jax._paths import leaves_with_paths
-  for spath, leaf in leaves_with_paths(params):
+  for spath, leaf in leaves_with_paths(params, is_leaf=is_implicit):
     p = tuple(int(s) if s.isdigit() else s for s in spath.split("/"))
     if p == ("lm_head", "kernel") and config.tie_word_embeddings:
       continue
@@ -783,6 +848,10 @@ def save_hf(path: str | os.PathLike, config: LlamaConfig, params: Mapping[str, A
     if tuple(leaf.shape) != expected[p]:
       raise ValueError(f"save_hf: parameter {spath} has shape {tuple(leaf.shape)}, config "
                        f"implies {expected[p]}")
+    if is_implicit(leaf):            # a GroupQuantizedArray kernel, stored (out, in)
+      tensors[_path_to_hf(p)] = leaf
+      quantized[_path_to_hf(p)] = spath
+      continue
     arr = jnp.asarray(leaf) if dtype is None else jnp.asarray(leaf).astype(dtype)
     if p[-1] == "kernel":
       arr = arr.T
@@ -791,7 +860,15 @@ def save_hf(path: str | os.PathLike, config: LlamaConfig, params: Mapping[str, A
   if missing:
     raise ValueError(f"save_hf: params lack {missing[:5]}")
   hf = config.to_hf()
-  hf["dtype"] = str(np.dtype(next(iter(tensors.values())).dtype))
+  hf["dtype"] = str(np.dtype(tensors["model.embed_tokens.weight"].dtype))
+  if quantized:
+    from quantization import to_compressed_tensors
+    try:
+      tensors, hf["quantization_config"] = to_compressed_tensors(
+          tensors, module_class=_module_class, names=quantized)
+    except ValueError as e:
+      raise ValueError(f"save_hf: {e}; pass dequantize=True to write the kernels "
+                       "dense") from None
   with checkpoint.atomic_directory(root, keep_other_files=True,
                                    replaced=(r"model.*\.safetensors", re.escape(checkpoint.INDEX))
                                    ) as tmp:
