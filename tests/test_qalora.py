@@ -231,7 +231,7 @@ def _peft_module(w_dense: np.ndarray, a: np.ndarray, b: np.ndarray, alpha: float
 
 def _peft_forward(m, x) -> np.ndarray:
   with torch.no_grad():
-    return m(torch.from_numpy(np.asarray(x, np.float32))).numpy()
+    return m(torch.from_numpy(np.array(x, np.float32))).numpy()
 
 
 @pytest.mark.parametrize("kind", ["dense", "int4"])
