@@ -16,6 +16,7 @@ from lora_jax._dora import dora_from_lora
 from lora_jax._implicit import ImplicitArray, is_implicit, materialize
 from lora_jax._inits import is_mutating, mutating_factors, residual
 from lora_jax._lora_weight import LoraWeight, check_factors
+from lora_jax._qalora import QALoraWeight
 from lora_jax._trainable import Trainable
 
 INITS = ("default", "gaussian", "zeros", "pissa", "olora")
@@ -49,6 +50,14 @@ class LoraConfig:
     modules_to_save: regex (or list) of leaves trained in full beside the adapter
       (PEFT `modules_to_save`, e.g. a classification head): they become
       `lj.Trainable` leaves, which `split` puts on the adapter side.
+    use_qalora: QA-LoRA (PEFT `use_qalora`): targets become `lj.QALoraWeight`s whose
+      low-rank branch sees the input pooled over groups of `qalora_group_size`
+      inputs, `a: (in / L, r)`; with a group-wise quantized base of group size `L`
+      the trained update folds into its zero points (`qz.fold_qalora`). Needs "io"
+      kernels (stacked "lio" too) whose input size `L` divides; `init` "default",
+      "gaussian" or "zeros"; not with `use_dora`.
+    qalora_group_size: `L`, inputs pooled per row of `a` (PEFT `qalora_group_size`,
+      default 16 as PEFT's).
   """
 
   rank: int = 8
@@ -63,8 +72,21 @@ class LoraConfig:
   layouts: Mapping[str, str] = dataclasses.field(default_factory=dict)
   use_dora: bool = False
   modules_to_save: str | Sequence[str] | None = None
+  use_qalora: bool = False
+  qalora_group_size: int = 16
 
   def __post_init__(self):
+    L = self.qalora_group_size
+    if isinstance(L, bool) or not isinstance(L, (int, np.integer)) or L < 1:
+      raise ValueError(f"LoraConfig.qalora_group_size must be a positive int, got {L!r}")
+    if self.use_qalora and self.use_dora:
+      raise ValueError("LoraConfig: use_qalora=True with use_dora=True is not supported "
+                       "(PEFT does not support DoRA and QA-LoRA together either)")
+    if self.use_qalora and self.init not in ("default", "gaussian", "zeros"):
+      raise ValueError(f"LoraConfig: use_qalora=True needs init 'default', 'gaussian' or "
+                       f"'zeros', got {self.init!r}: the {self.init} initialisation builds "
+                       "full-resolution factors from W, which a pooled a (in / L, r) "
+                       "cannot hold")
     for name, v in [("rank", self.rank), *(("rank_pattern[" + k + "]", r)
                                            for k, r in self.rank_pattern.items())]:
       if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
@@ -139,7 +161,8 @@ def init(key: jax.Array, params: Any, cfg: LoraConfig, *, fn: Callable | None = 
   Returns:
     `params` with each target `W` of shape `(*L, *kernel)` replaced by
     `LoraWeight(w=W, a: (*L, *in, r), b: (*L, r, *out))`, `b` zero, so a fresh
-    adapter leaves the function unchanged.
+    adapter leaves the function unchanged (`DoraWeight` with `use_dora`;
+    `QALoraWeight(a: (*L, in / qalora_group_size, r))` with `use_qalora`).
 
   Raises:
     ValueError / TypeError naming the path: pattern matching nothing, a target
@@ -202,6 +225,19 @@ def init(key: jax.Array, params: Any, cfg: LoraConfig, *, fn: Callable | None = 
                        f"(layout {lay!r})")
     dtype = cfg.dtype or leaf.dtype
     fan_in = int(np.prod(ins))
+    if cfg.use_qalora:
+      L = int(cfg.qalora_group_size)
+      if axes != "io":
+        raise ValueError(f"{path}: use_qalora pools one input axis: kernel {shape} has "
+                         f"layout {lay!r}; QA-LoRA needs 'io' (or stacked 'lio') kernels")
+      if ins[0] % L:
+        raise ValueError(f"{path}: qalora_group_size {L} does not divide the input size "
+                         f"{ins[0]} of kernel {shape} (layout {lay!r})")
+      if r > ins[0] // L:
+        raise ValueError(f"{path}: rank {r} exceeds the {ins[0] // L} pooled inputs "
+                         f"(in={ins[0]} / qalora_group_size={L}) of kernel {shape}")
+      ins = (ins[0] // L,)
+      fan_in = ins[0]     # PEFT: a fresh nn.Linear(in / L, r), kaiming-uniform
     k = next(keys)
     if is_mutating(cfg.init):
       a, b = mutating_factors(path, leaf, axes, r, cfg.scale_for(path), cfg.init, k)
@@ -218,6 +254,10 @@ def init(key: jax.Array, params: Any, cfg: LoraConfig, *, fn: Callable | None = 
     else:
       a = jnp.zeros((*batch, *ins, r), jnp.float32)
     b = jnp.zeros((*batch, r, *outs), dtype)
+    if cfg.use_qalora:
+      return QALoraWeight(w=leaf, a=a.astype(dtype), b=b, scale=cfg.scale_for(path),
+                          axes="io", dropout=float(cfg.dropout),
+                          group_size=int(cfg.qalora_group_size))
     lw = LoraWeight(w=leaf, a=a.astype(dtype), b=b, scale=cfg.scale_for(path),
                     axes=axes, dropout=float(cfg.dropout))
     return dora_from_lora(lw) if cfg.use_dora else lw

@@ -86,7 +86,11 @@ class LowRankWeight(ImplicitArray):
         raise TypeError(f"{type(self).__name__}: factor {name} {tuple(getattr(self, name).shape)} "
                         f"has dtype {np.dtype(dt).name}; LoRA factors must be floating")
     check_factors(self.w.shape, self.a.shape, self.b.shape, self.axes,
-                  where=type(self).__name__)
+                  where=type(self).__name__, group_size=self.input_group())
+
+  def input_group(self) -> int:
+    """Inputs per row of `a` (1: `a` has one row per input; QA-LoRA pools groups)."""
+    return 1
 
   # --- logical array (shape and dtype: the base's, from the protocol)
   @property
@@ -168,8 +172,9 @@ class LoraWeight(LowRankWeight):
 
 
 def check_factors(w_shape, a_shape, b_shape, axes: str, where: str = "LoraWeight",
-                  path: str | None = None) -> None:
-  """Raise `ValueError` unless `a`, `b` fit `w` under layout `axes`."""
+                  path: str | None = None, group_size: int = 1) -> None:
+  """Raise `ValueError` unless `a`, `b` fit `w` under layout `axes` (with
+  `group_size > 1`, QA-LoRA: `a` has one row per group of inputs of an "io" kernel)."""
   at = f"{path}: " if path else ""
   w_shape, a_shape, b_shape = tuple(w_shape), tuple(a_shape), tuple(b_shape)
   if not axes or set(axes) - {"i", "o"} or "i" not in axes or "o" not in axes:
@@ -183,6 +188,15 @@ def check_factors(w_shape, a_shape, b_shape, axes: str, where: str = "LoraWeight
   outs = tuple(d for d, ax in zip(kernel, axes) if ax == "o")
   if len(a_shape) < 1 or len(b_shape) < 1:
     raise ValueError(f"{at}{where} factors must have a rank axis; got a {a_shape}, b {b_shape}")
+  if group_size != 1:
+    if axes != "io":
+      raise ValueError(f"{at}{where}: QA-LoRA pools one input axis; layout {axes!r} of w "
+                       f"{w_shape} is not 'io' (stacked axes in front are fine)")
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
+        or group_size < 1 or ins[0] % group_size:
+      raise ValueError(f"{at}{where}: QA-LoRA group size {group_size!r} does not divide the "
+                       f"input size {ins[0]} of w {w_shape}")
+    ins = (ins[0] // group_size,)
   r = a_shape[-1]
   if r < 1:
     raise ValueError(f"{at}{where} has rank {r} (a {a_shape}, b {b_shape}); a LoRA factor "

@@ -5,6 +5,7 @@ A PEFT LoRA adapter directory holds
     adapter_config.json          r, lora_alpha, target_modules, use_rslora, use_dora,
                                  rank_pattern, alpha_pattern, ...
     adapter_model.safetensors    base_model.model.<module>.lora_A.weight   (r, in)
+                                 base_model.model.<module>.lora_A.weight   (r, in/L)  QA-LoRA
                                  base_model.model.<module>.lora_B.weight   (out, r)
                                  base_model.model.<module>.lora_magnitude_vector (out,)  DoRA
                                  base_model.model.<module>.lora_embedding_A (r, vocab)   embeddings
@@ -58,6 +59,7 @@ from lora_jax import checkpoint
 from lora_jax.checkpoint import NameTable, inside, read_json, read_safetensors
 from lora_jax._implicit import ImplicitArray, is_implicit
 from lora_jax._lora_weight import LoraWeight, LowRankWeight
+from lora_jax._qalora import QALoraWeight
 from lora_jax._trainable import Trainable
 
 CONFIG_NAME = "adapter_config.json"
@@ -76,7 +78,6 @@ _UNSUPPORTED = {
     "trainable_token_indices": "trainable token indices are not supported",
     "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
     "layer_replication": "layer replication is not supported",
-    "use_qalora": "QA-LoRA is not supported",
     "alora_invocation_tokens": "activated LoRA (aLoRA) is not supported",
     "arrow_config": "Arrow routing is not supported",
     "use_bdlora": "BD-LoRA is not supported",
@@ -164,6 +165,14 @@ def _read_config(root: pathlib.Path) -> dict:
   if d.get("bias", "none") not in ("none", None):
     raise ValueError(f"{where}: bias={d['bias']!r}: trained biases are not supported by "
                      "lora_jax.load_adapter (expected 'none')")
+  if d.get("use_qalora"):
+    L = d.get("qalora_group_size", 16)
+    if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+      raise ValueError(f"{where}: use_qalora=True with qalora_group_size={L!r}; expected a "
+                       "positive int")
+    if d.get("use_dora"):
+      raise ValueError(f"{where}: use_qalora and use_dora are both set; DoRA with QA-LoRA "
+                       "is not supported (PEFT does not support it either)")
   init = str(d.get("init_lora_weights", True)).lower()
   if init.startswith(("pissa", "olora", "corda", "lora_ga")):
     warnings.warn(f"{where}: init_lora_weights={d['init_lora_weights']!r}: this adapter was "
@@ -230,6 +239,7 @@ def _lora_updates(cfg: dict, modules: dict, wfile) -> dict[str, "WeightUpdate"]:
   the checks that need no parameter tree: both factors present and 2-D, a DoRA
   magnitude exactly when `use_dora`, the rank `rank_pattern` / `r` says."""
   use_dora = bool(cfg.get("use_dora", False))
+  group = _qalora_group(cfg)
   rslora = bool(cfg.get("use_rslora", False))
   rank_pattern = cfg.get("rank_pattern") or {}
   alpha_pattern = cfg.get("alpha_pattern") or {}
@@ -258,6 +268,9 @@ def _lora_updates(cfg: dict, modules: dict, wfile) -> dict[str, "WeightUpdate"]:
                        f"magnitude vector is {'present' if 'm' in parts else 'missing'}")
     if use_dora and emb:
       raise ValueError(f"{wfile}: {key}: DoRA on embeddings is not supported")
+    if group and emb:
+      raise ValueError(f"{wfile}: {key}: QA-LoRA (use_qalora) on embeddings is not "
+                       "supported (PEFT's QA-LoRA adapts Linear layers only)")
     r = A.shape[0]
     rk = ranks.first(module)
     want_r = int(rank_pattern[rk]) if rk is not None else int(cfg["r"])
@@ -272,8 +285,14 @@ def _lora_updates(cfg: dict, modules: dict, wfile) -> dict[str, "WeightUpdate"]:
     alpha = float(alpha_pattern[ak]) if ak is not None else float(cfg["lora_alpha"])
     out[module] = WeightUpdate("embedding" if emb else "lora", a=A, b=B, m=parts.get("m"),
                                scale=alpha / math.sqrt(r) if rslora else alpha / r,
-                               base=parts.get("W"))
+                               base=parts.get("W"), group_size=group)
   return out
+
+
+def _qalora_group(cfg: dict) -> int:
+  """QA-LoRA's group size `L` from a PEFT config (PEFT's default 16), or 0 without
+  `use_qalora`."""
+  return int(cfg.get("qalora_group_size", 16)) if cfg.get("use_qalora") else 0
 
 
 @dataclasses.dataclass
@@ -319,6 +338,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
   root = pathlib.Path(path)
   cfg, wfile, modules, full = _read_adapter(root)
   use_dora = bool(cfg.get("use_dora", False))
+  group = _qalora_group(cfg)
 
   leaves = dict(_paths.leaves_with_paths(base_params, is_leaf=is_implicit))
   # path -> {layer or -1: _Entry}
@@ -360,11 +380,18 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
     # lora_A (r, in), lora_B (out, r); for embeddings lora_embedding_A (r, vocab),
     # lora_embedding_B (dim, r): the same shapes, as the table is (vocab, dim).
     want_a, want_b = (r, kernel[0]), (kernel[1], r)
+    if group:    # QA-LoRA: lora_A (r, in / L)
+      if kernel[0] % group:
+        raise ValueError(f"{wfile}: {key}: qalora_group_size {group} does not divide the "
+                         f"input size {kernel[0]} of the base weight {target} {kernel} "
+                         "(in, out)")
+      want_a = (r, kernel[0] // group)
     if tuple(A.shape) != want_a or tuple(B.shape) != want_b:
       raise ValueError(
           f"{wfile}: {key}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not fit "
           f"the base weight {target} {kernel} (in, out) [torch (out, in) = "
-          f"{kernel[::-1]}]: expected lora_A {want_a} and lora_B {want_b}. "
+          f"{kernel[::-1]}]" + (f" with qalora_group_size {group}" if group else "")
+          + f": expected lora_A {want_a} and lora_B {want_b}. "
           "Is this adapter for another base model?")
     scale = up.scale
     m = up.m
@@ -386,7 +413,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
     if -1 in per:
       e = per[-1]
       w = base if e.w is None else jnp.asarray(e.w)
-      built[target] = _make(w, e.a, e.b, e.m, e.scale, dt)
+      built[target] = _make(w, e.a, e.b, e.m, e.scale, dt, group)
       continue
     for li, e in per.items():
       if e.w is not None:
@@ -397,7 +424,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
     r = max(e.rank for e in per.values())
     scale = per[min(per)].scale
     _, din, dout = base.shape
-    a = np.zeros((L, din, r), np.float32)
+    a = np.zeros((L, din // group if group else din, r), np.float32)
     b = np.zeros((L, r, dout), np.float32)
     m = np.zeros((L, dout), np.float32) if use_dora else None
     dense = base.materialize() if isinstance(base, ImplicitArray) else base
@@ -412,7 +439,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
           m[li] = e.m
       elif use_dora:
         m[li] = wnorm[li]
-    built[target] = _make(base, a, b, m, scale, dt)
+    built[target] = _make(base, a, b, m, scale, dt, group)
 
   for target, value in _full_weights(full, leaves, name_map, wfile).items():
     if target in built:
@@ -471,6 +498,7 @@ class WeightUpdate:
   m: np.ndarray | None = None  # DoRA magnitude (out,)
   value: np.ndarray | None = None   # "full": the saved tensor
   base: np.ndarray | None = None    # a saved base weight (PEFT's save_embedding_layers)
+  group_size: int = 0          # QA-LoRA's L: lora_A is (r, in / L), pooled inputs
 
   def apply(self, w: np.ndarray) -> np.ndarray:
     """The updated weight, computed in float32 and cast to `w`'s dtype (PyTorch layout).
@@ -490,6 +518,8 @@ class WeightUpdate:
                          f"the base weight {tuple(w.shape)}")
       return np.asarray(self.value).astype(w.dtype)
     a, b = np.asarray(self.a, np.float32), np.asarray(self.b, np.float32)
+    if self.group_size:   # QA-LoRA's dense form: (in/L)/L * repeat(A, L) along in
+      a = np.repeat(a, self.group_size, axis=1) * np.float32(a.shape[1] / self.group_size)
     delta = self.scale * (b @ a)
     if self.kind == "embedding":
       delta = delta.T
@@ -560,9 +590,11 @@ def _full_weights(full: dict, leaves: dict, name_map: NameTable, wfile) -> dict:
   return {t: jnp.asarray(v).astype(leaves[t].dtype) for t, v in out.items()}
 
 
-def _make(base, a, b, m, scale, dt) -> LoraWeight:
+def _make(base, a, b, m, scale, dt, group: int = 0) -> LowRankWeight:
   a = jnp.asarray(np.asarray(a, np.float32)).astype(dt)
   b = jnp.asarray(np.asarray(b, np.float32)).astype(dt)
+  if group:
+    return QALoraWeight(w=base, a=a, b=b, scale=float(scale), axes="io", group_size=group)
   if m is None:
     return LoraWeight(w=base, a=a, b=b, scale=float(scale), axes="io")
   m = jnp.asarray(np.asarray(m, np.float32)).astype(dt)
@@ -619,7 +651,11 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
                          f"trained modules; a {type(leaf).__name__} (trainable "
                          f"{leaf.trainable_fields}) has no PEFT layout")
       continue
-    kinds.add(isinstance(leaf, DoraWeight))
+    if isinstance(leaf, QALoraWeight) and lpath.split("/")[-1] == "embedding":
+      raise ValueError(f"{lpath}: a QALoraWeight on an embedding has no PEFT layout "
+                       "(PEFT's QA-LoRA adapts Linear layers only)")
+    kinds.add((isinstance(leaf, DoraWeight),
+               int(leaf.group_size) if isinstance(leaf, QALoraWeight) else 0))
     dropout = max(dropout, float(leaf.dropout))
     nb = leaf.nbatch
     if leaf.axes != "io" or nb > 1:
@@ -654,9 +690,11 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
   if not mods:
     raise ValueError("save_adapter: params hold no LoraWeight leaves")
   if len(kinds) > 1:
-    raise ValueError("save_adapter: params mix DoRA and plain LoRA leaves; PEFT's use_dora "
-                     "applies to the whole adapter")
-  use_dora = kinds.pop()
+    names = sorted(("DoRA" if d else f"QA-LoRA (group {g})" if g else "plain LoRA")
+                   for d, g in kinds)
+    raise ValueError(f"save_adapter: params mix {', '.join(names)} leaves; PEFT's use_dora / "
+                     "use_qalora / qalora_group_size apply to the whole adapter")
+  use_dora, qalora_group = kinds.pop()
 
   if cfg is not None:
     r0, alpha0 = int(cfg.rank), float(cfg.alpha)
@@ -690,6 +728,7 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
       "peft_type": "LORA", "task_type": task_type, "r": int(r0), "lora_alpha": _num(alpha0),
       "target_modules": target_modules, "rank_pattern": rank_pattern,
       "alpha_pattern": alpha_pattern, "use_rslora": rslora, "use_dora": use_dora,
+      "use_qalora": bool(qalora_group), "qalora_group_size": qalora_group or 16,
       "lora_dropout": dropout, "bias": "none", "fan_in_fan_out": False,
       # full module names: PEFT matches entries as name suffixes, so these select
       # exactly the modules written

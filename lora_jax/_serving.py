@@ -120,6 +120,11 @@ def _is_low_rank(x):
 def _servable(path: str, x: Any, k: int) -> None:
   """Refuse leaves a served batch cannot hold: anything trained other than LoRA / DoRA
   factors, whose rows would all share adapter 0's copy."""
+  if _is_low_rank(x) and x.input_group() != 1:
+    raise ValueError(
+        f"stack_adapters: {path} in adapter {k} is a {type(x).__name__} (QA-LoRA, pooled "
+        f"a {tuple(x.a.shape)}); served banks hold plain LoRA / DoRA factors. Merge it "
+        "(lj.merge, or qz.fold_qalora onto a group-wise quantized base)")
   if isinstance(x, ImplicitArray) and x.trainable_fields and not _is_low_rank(x):
     if isinstance(x, Trainable):
       raise ValueError(

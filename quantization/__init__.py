@@ -23,6 +23,7 @@ from quantization._array import (
 )
 from quantization._group import GROUP_FORMATS, GroupQuantizedArray, quantize_group_array
 from quantization._loftq import loftq
+from quantization._qalora_fold import fold_qalora
 from quantization._gptq import gptq, gptq_kernel
 from quantization._bnb import from_bnb_state_dict, to_bnb_state_dict
 from quantization._compressed_tensors import from_compressed_tensors, to_compressed_tensors
@@ -34,8 +35,9 @@ from quantization._pallas import QMatmulTiles, qmatmul, qmatmul_reference
 __all__ = [
     "BACKENDS", "BLOCK_SIZES", "FORMATS", "GROUP_FORMATS", "GroupQuantizedArray",
     "QMatmulTiles", "QuantConfig", "QuantizedArray", "bits_per_param", "dequantize",
-    "from_bnb_state_dict", "from_compressed_tensors", "gptq", "gptq_kernel", "is_quantized",
-    "loftq", "matmul", "matmul_t_xla", "matmul_xla", "qmatmul", "qmatmul_reference",
-    "quantize", "quantize_array", "quantize_group_array", "quantize_kernel",
-    "register_quantized_kind", "summary", "to_bnb_state_dict", "to_compressed_tensors",
+    "fold_qalora", "from_bnb_state_dict", "from_compressed_tensors", "gptq", "gptq_kernel",
+    "is_quantized", "loftq", "matmul", "matmul_t_xla", "matmul_xla", "qmatmul",
+    "qmatmul_reference", "quantize", "quantize_array", "quantize_group_array",
+    "quantize_kernel", "register_quantized_kind", "summary", "to_bnb_state_dict",
+    "to_compressed_tensors",
 ]

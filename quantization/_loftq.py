@@ -41,6 +41,11 @@ def loftq(key: jax.Array, params: Any, lora_cfg: lj.LoraConfig,
   Returns:
     `params` with each target a QLoRA `LoraWeight` whose base is quantized.
   """
+  if getattr(lora_cfg, "use_qalora", False):
+    raise ValueError("loftq: use_qalora=True is not supported: LoftQ's factors are a "
+                     "full-resolution SVD of the quantization error, which a QA-LoRA "
+                     "a (in / L, r) cannot hold; quantize the base (qz.quantize) and "
+                     "lj.init a QA-LoRA adapter on it instead")
   if int(iters) < 1:
     raise ValueError(f"loftq: iters={iters!r} must be >= 1")
   shaped = lj.init(key, params, lj.LoraConfig(**{**lora_cfg.__dict__, "init": "zeros",
