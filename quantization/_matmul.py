@@ -59,7 +59,7 @@ def _dequant_rows(q: QuantizedArray, codes, scales, dtype):
 
 def _byte_tables(fmt: str):
   """(256,) float32 values of the high and the low nibble of every code byte."""
-  t = F.TABLES[fmt]
+  t = F.VALUES[fmt]
   b = np.arange(256)
   return jnp.asarray(t[b >> 4]), jnp.asarray(t[b & 15])
 
