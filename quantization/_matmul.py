@@ -14,6 +14,7 @@ never trained.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,19 +41,44 @@ def _tile_rows(n: int, k: int, max_elements: int) -> int:
   return max(8, (max_elements // max(k, 1)) // 8 * 8)
 
 
+def _tile_rows_for(q: QuantizedArray, max_elements: int) -> int:
+  """Output rows per tile. A flat-layout tile must start and end on a block boundary
+  of the flattened weight: a multiple of `block / gcd(in, block)` rows."""
+  k, n = q.kernel_shape
+  tn = _tile_rows(n, k, max_elements)
+  if q.layout != "flat" or tn >= n:
+    return tn
+  step = q.block_size // math.gcd(k, q.block_size)
+  tn = max(step, tn // step * step)
+  return min(tn, n)
+
+
 def _split_tiles(q: QuantizedArray, tn: int):
-  """(codes, scales) split into full tiles (T, tn, ...) and a remainder (r, ...)."""
+  """(codes, scales) split into full tiles (T, tn rows, ...) and a remainder of
+  `n - T * tn` rows; returns `(full, rest, T, remainder rows)`."""
   codes, scales = q.codes, q.scales()
-  n = codes.shape[0]
+  k, n = q.kernel_shape
   t = n // tn
-  full = (codes[:t * tn].reshape(t, tn, *codes.shape[1:]),
-          scales[:t * tn].reshape(t, tn, *scales.shape[1:]))
-  rest = (codes[t * tn:], scales[t * tn:])
-  return full, rest
+  if q.layout == "flat":
+    cb = tn * k // _array._per_byte(q.format)        # whole bytes and blocks per tile
+    sb = tn * k // q.block_size
+    full = (codes[:t * cb].reshape(t, cb), scales[:t * sb].reshape(t, sb))
+    rest = (codes[t * cb:], scales[t * sb:])
+  else:
+    full = (codes[:t * tn].reshape(t, tn, *codes.shape[1:]),
+            scales[:t * tn].reshape(t, tn, *scales.shape[1:]))
+    rest = (codes[t * tn:], scales[t * tn:])
+  return full, rest, t, n - t * tn
 
 
-def _dequant_rows(q: QuantizedArray, codes, scales, dtype):
-  """Storage-layout rows (r, in) of the dequantized weight, from codes/scales rows."""
+def _dequant_rows(q: QuantizedArray, codes, scales, dtype, rows: int):
+  """Storage-layout rows (rows, in) of the dequantized weight, from codes/scales of
+  those rows (for the flat layout: the flat codes/scales of a block-aligned run)."""
+  if q.layout == "flat":
+    k = q.kernel_shape[0]
+    w = _array._dequantize_flat(codes, scales, fmt=q.format, block=q.block_size,
+                                numel=rows * k, dtype=jnp.dtype(dtype))
+    return w.reshape(rows, k)
   return _array._dequantize_t(codes, scales, fmt=q.format, block=q.block_size, pad=q.pad,
                              dtype=jnp.dtype(dtype))
 
@@ -89,10 +115,10 @@ def _gemv_lut(x, q: QuantizedArray, tile_elements: int, out_dtype):
   if tn >= n:
     y = _gemv_lut_rows(xe, xo, q.codes, q.scales(), q.format, q.block_size)
   else:
-    (codes, scales), (rc, rs) = _split_tiles(q, tn)
+    (codes, scales), (rc, rs), _, r = _split_tiles(q, tn)
     y = lax.map(lambda cs: _gemv_lut_rows(xe, xo, cs[0], cs[1], q.format, q.block_size),
                 (codes, scales)).reshape(-1)
-    if rc.shape[0]:
+    if r:
       y = jnp.concatenate([y, _gemv_lut_rows(xe, xo, rc, rs, q.format, q.block_size)])
   return y.reshape(*x.shape[:-1], n).astype(out_dtype)
 
@@ -101,29 +127,32 @@ def matmul_xla(x: jax.Array, q: QuantizedArray, *, precision=None,
                preferred_element_type=None, tile_elements: int = TILE_ELEMENTS) -> jax.Array:
   """`x @ W`, x (..., in) -> (..., out): dequantize (by output tiles), then dot_general.
 
-  A single activation row (GEMV) with a 4-bit format takes a lookup-table path
-  instead: per byte position, the 256 possible partial products are tabulated from
-  x, and each code byte is one lookup (about 2x faster on CPU, accumulates in f32).
+  A single activation row (GEMV) with a 4-bit format in the rows layout takes a
+  lookup-table path instead: per byte position, the 256 possible partial products
+  are tabulated from x, and each code byte is one lookup (about 2x faster on CPU,
+  accumulates in f32). A flat-layout weight is dequantized in tiles of whole blocks
+  of its flattened storage.
   """
   k, n = q.kernel_shape
   dt = q.dtype if x.dtype == q.dtype else x.dtype
-  if q.format in F.FOUR_BIT and int(np.prod(x.shape[:-1])) == 1:
+  if (q.format in F.FOUR_BIT and q.layout == "rows"
+      and int(np.prod(x.shape[:-1])) == 1):
     return _gemv_lut(x, q, tile_elements, preferred_element_type or x.dtype)
   kw = {"precision": precision, "preferred_element_type": preferred_element_type}
   dims = (((x.ndim - 1,), (1,)), ((), ()))
-  tn = _tile_rows(n, k, tile_elements)
+  tn = _tile_rows_for(q, tile_elements)
   if tn >= n:
     return lax.dot_general(x, q.dequantize_t(dt), dims, **kw)
-  (codes, scales), (rc, rs) = _split_tiles(q, tn)
+  (codes, scales), (rc, rs), _, r = _split_tiles(q, tn)
 
   def tile(cs):
-    return lax.dot_general(x, _dequant_rows(q, cs[0], cs[1], dt), dims, **kw)
+    return lax.dot_general(x, _dequant_rows(q, cs[0], cs[1], dt, tn), dims, **kw)
 
   ys = lax.map(tile, (codes, scales))                 # (T, ..., tn)
   y = jnp.moveaxis(ys, 0, -2).reshape(*x.shape[:-1], -1)
-  if rc.shape[0]:
-    y = jnp.concatenate([y, lax.dot_general(x, _dequant_rows(q, rc, rs, dt), dims, **kw)],
-                        axis=-1)
+  if r:
+    y = jnp.concatenate(
+        [y, lax.dot_general(x, _dequant_rows(q, rc, rs, dt, r), dims, **kw)], axis=-1)
   return y
 
 
@@ -134,23 +163,22 @@ def matmul_t_xla(y: jax.Array, q: QuantizedArray, *, precision=None,
   dt = q.dtype if y.dtype == q.dtype else y.dtype
   kw = {"precision": precision, "preferred_element_type": preferred_element_type}
   dims = (((y.ndim - 1,), (0,)), ((), ()))
-  tn = _tile_rows(n, k, tile_elements)
+  tn = _tile_rows_for(q, tile_elements)
   if tn >= n:
     return lax.dot_general(y, q.dequantize_t(dt), dims, **kw)
-  (codes, scales), (rc, rs) = _split_tiles(q, tn)
-  t = codes.shape[0]
+  (codes, scales), (rc, rs), t, r = _split_tiles(q, tn)
   yt = jnp.moveaxis(y[..., :t * tn].reshape(*y.shape[:-1], t, tn), -2, 0)
   out_dtype = preferred_element_type or y.dtype
 
   def step(acc, args):
     c, s, yy = args
-    part = lax.dot_general(yy, _dequant_rows(q, c, s, dt), dims, **kw)
+    part = lax.dot_general(yy, _dequant_rows(q, c, s, dt, tn), dims, **kw)
     return acc + part.astype(acc.dtype), None
 
   acc = jnp.zeros((*y.shape[:-1], k), jnp.float32)
   acc, _ = lax.scan(step, acc, (codes, scales, yt))
-  if rc.shape[0]:
-    acc = acc + lax.dot_general(y[..., t * tn:], _dequant_rows(q, rc, rs, dt), dims,
+  if r:
+    acc = acc + lax.dot_general(y[..., t * tn:], _dequant_rows(q, rc, rs, dt, r), dims,
                                 **kw).astype(jnp.float32)
   return acc.astype(out_dtype)
 
@@ -159,11 +187,19 @@ def _platform() -> str:
   return jax.default_backend()
 
 
-def _resolve(backend: str) -> str:
+def _resolve(backend: str, q: QuantizedArray | None = None) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"qz.matmul: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
   if backend == "auto":
-    return "pallas" if _platform() in ("gpu", "cuda", "rocm", "tpu") else "xla"
+    # the Pallas kernels read the rows layout only; "auto" sends a flat weight to XLA
+    accel = _platform() in ("gpu", "cuda", "rocm", "tpu")
+    return "pallas" if accel and (q is None or q.layout == "rows") else "xla"
+  if backend == "pallas" and q is not None and q.layout != "rows":
+    raise ValueError(
+        f"qz.matmul: backend 'pallas' reads the rows layout (blocks along each row); this "
+        f"weight {q.shape} ({q.format}, block {q.block_size}) has the {q.layout!r} layout "
+        "(bitsandbytes' blocks across rows, in_features not a multiple of the block); "
+        "use backend='xla' or 'auto'")
   return backend
 
 
@@ -219,8 +255,9 @@ def matmul(x: jax.Array, q: QuantizedArray, backend: str = "auto", *,
     x: (..., in) floating activations.
     q: an unbatched `QuantizedArray` with logical shape (in, out) (use `jax.vmap`
       for stacked weights).
-    backend: "auto" (Pallas on GPU/TPU, XLA elsewhere), "xla" or "pallas"
-      ("pallas" on CPU runs the kernel in the interpreter).
+    backend: "auto" (Pallas on GPU/TPU, XLA elsewhere and for a flat-layout `q`),
+      "xla" or "pallas" ("pallas" on CPU runs the kernel in the interpreter; it
+      refuses a flat-layout `q` with a ValueError).
     tiles: `QMatmulTiles` for the Pallas kernels.
     interpret: force (or forbid) Pallas interpret mode; default: on off GPU/TPU.
     precision, preferred_element_type: as `lax.dot_general`.
@@ -242,7 +279,7 @@ def matmul(x: jax.Array, q: QuantizedArray, backend: str = "auto", *,
                      f"W {q.shape}: the last axis of x must be {q.kernel_shape[0]}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"qz.matmul: x must be floating, got {np.dtype(x.dtype).name}")
-  backend = _resolve(backend)
+  backend = _resolve(backend, q)
   return _qmatmul(x, q, backend, tiles or _pallas.QMatmulTiles(), interpret, precision,
                   preferred_element_type)
 
@@ -311,13 +348,25 @@ def _gather_rule(prim, q, indices, *, dimension_numbers, slice_sizes, **params):
       or tuple(dn.offset_dims) != (indices.ndim - 1,)):
     return NotImplemented
   ids = jnp.clip(indices[..., 0], 0, vocab - 1).astype(jnp.int32)
+  if q.layout == "flat":
+    if vocab * dim >= 2 ** 31:
+      return NotImplemented            # flat indices would overflow int32
+    # kernel element (v, d) is storage element (d, v): flat index d * vocab + v
+    flat = jnp.arange(dim, dtype=jnp.int32).reshape(dim, *([1] * ids.ndim)) * vocab + ids[None]
+    s = q.scales()[flat // q.block_size]                 # (dim, *ids)
+    if q.format == "int8":
+      vals = F.code_values(q.codes[flat], q.format)
+    else:
+      byte = q.codes[flat // 2]
+      vals = F.code_values(jnp.where(flat % 2 == 0, byte >> 4, byte & jnp.uint8(15)),
+                           q.format)
+    return jnp.moveaxis((vals * s).astype(q.dtype), 0, -1)
   scales = q.scales()                                    # (dim, vocab_pad / block)
   s = scales[:, ids // q.block_size]                     # (dim, *ids)
   if q.format == "int8":
     c = q.codes[:, ids]
     vals = c.astype(jnp.float32) * jnp.float32(1.0 / 127.0)
   else:
-    from quantization import _formats as F
     byte = q.codes[:, ids // 2]
     nib = jnp.where(ids % 2 == 0, byte >> 4, byte & jnp.uint8(15))
     vals = F.code_values(nib, q.format)
