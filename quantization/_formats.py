@@ -255,7 +255,7 @@ def code_values(codes: jax.Array, fmt: str) -> jax.Array:
   """float32 value in [-1, 1] of each (unpacked) code (`VALUES`: FP4 code 8 is -0.0)."""
   if fmt == "int8":
     return codes.astype(jnp.float32) * jnp.float32(1.0 / 127.0)
-  return jnp.asarray(VALUES[fmt]).at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")
+  return jnp.asarray(VALUES[fmt]).at[codes.astype(jnp.uint8)].get(mode="promise_in_bounds")
 
 
 def pack_nibbles(codes: jax.Array) -> jax.Array:
