@@ -319,8 +319,8 @@ _NIBBLE_SHIFTS = np.array([4, 0, 12, 8, 20, 16, 28, 24], np.uint32)   # element 
 _BYTE_SHIFTS = np.array([0, 8, 16, 24], np.uint32)
 # Below this many elements the transposes are left to XLA (fused into the decode).
 _SMALL = 1 << 16
-# Columns of the small transposes per step (cache blocking).
-_TRANSPOSE_TILE = 1 << 18
+# Elements of the small transposes per step (cache blocking).
+_TRANSPOSE_TILE = 1 << 17
 
 
 def _words(codes):
@@ -329,24 +329,31 @@ def _words(codes):
   return c[:, 0::4] | (c[:, 1::4] << 8) | (c[:, 2::4] << 16) | (c[:, 3::4] << 24)
 
 
-def _transpose_in_memory(x):
-  """x.T for a 2-D `x`, written out row-major by a loop over column chunks.
+def _transposed(x, fn=lambda rows: rows):
+  """`fn(x).T` for a 2-D `x` (`fn` maps a block of rows to as many rows), written out
+  row-major by a loop over blocks of rows of `x`.
 
   Left to itself XLA turns a transpose into a layout change and fuses it into the
-  consumer, which then reads `x` with a stride per element (measured 3-6x slower
-  than decoding from a transposed copy); a loop's result keeps its layout.
+  consumer, which then reads its input with a stride per element (measured 3-6x slower
+  than decoding from a transposed copy); a loop's result keeps its layout. Applying
+  `fn` inside the loop keeps its (larger) result in cache.
   """
-  n, m = x.shape
-  if n == 1 or m == 1:
-    return x.reshape(m, n)
-  want = max(1, _TRANSPOSE_TILE // n)
-  c = max(d for d in range(1, m // 2 + 1) if m % d == 0 and d <= want)  # >= 2 steps
+  n = x.shape[0]
+  row = jax.eval_shape(fn, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
+  m, out_dtype = row.shape[1], row.dtype
+  if n < 2:
+    return fn(x).reshape(m, n)
+  r = min(max(1, _TRANSPOSE_TILE // max(m, 1)), n // 2)    # >= 2 steps
+  steps = n // r
 
   def step(t, buf):
-    part = lax.dynamic_slice_in_dim(x, t * c, c, axis=1)
-    return lax.dynamic_update_slice_in_dim(buf, part.T, t * c, axis=0)
+    part = fn(lax.dynamic_slice_in_dim(x, t * r, r, axis=0))
+    return lax.dynamic_update_slice_in_dim(buf, part.T, t * r, axis=1)
 
-  return lax.fori_loop(0, m // c, step, jnp.zeros((m, n), x.dtype))
+  out = lax.fori_loop(0, steps, step, jnp.zeros((m, n), out_dtype))
+  if n % r:
+    out = lax.dynamic_update_slice_in_dim(out, fn(x[steps * r:]).T, steps * r, axis=1)
+  return out
 
 
 def _select_values(nib, fmt: str):
@@ -377,8 +384,11 @@ def _decode_words(words_t, scales_t, *, fmt, block, dtype):
 def _dequantize_k_2d(codes, scales, *, fmt, block, pad, dtype):
   n, nbytes = codes.shape
   kp = nbytes * _per_byte(fmt)
-  t = (lambda x: x.T) if kp * n <= _SMALL else _transpose_in_memory
-  w = _decode_words(t(_words(codes)), t(scales), fmt=fmt, block=block, dtype=dtype)
+  if kp * n <= _SMALL:
+    words_t, scales_t = _words(codes).T, scales.T
+  else:
+    words_t, scales_t = _transposed(codes, _words), _transposed(scales)
+  w = _decode_words(words_t, scales_t, fmt=fmt, block=block, dtype=dtype)
   return w[:kp - pad] if pad else w
 
 
