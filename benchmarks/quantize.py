@@ -1,4 +1,5 @@
-"""NF4 quantization throughput on CPU: ours (jitted, bit-exact) vs bitsandbytes, side by side.
+"""NF4 quantization and dequantization on CPU: ours (jitted, bit-exact) vs bitsandbytes,
+side by side in one run.
 
 Quantizes one float32 matrix (PyTorch layout (out, in) for bitsandbytes; our kernel is
 its transpose) with block 64, with and without double quantization, and prints the
@@ -11,8 +12,18 @@ offset (and so the absmax codes) may differ from bitsandbytes' in the last bit;
 the 4-bit codes and block absmax are always equal. The "bytes equal" column reports
 what was seen.
 
+Dequantization: `qz.dequantize(q)` (the kernel `(in, out)`, what a model computes with)
+and `q.dequantize_t()` (PyTorch's `(out, in)`, the layout bitsandbytes returns) against
+bitsandbytes' CPU `dequantize_4bit` of the same weight (its output is `(out, in)`), with
+and without double quantization; the ratio is bnb time / our time (target >= 1). Calls
+alternate between the contenders so a loaded machine slows them alike. The "bits equal"
+column compares every float32 bit pattern with bnb's result. "previous" is the
+implementation before the byte-pair table and the kernel-layout decode (unpack nibbles,
+look up, multiply, transpose), rebuilt here for comparison.
+
     python benchmarks/quantize.py               # 4096 x 4096
     python benchmarks/quantize.py --dim 1024    # smaller
+    python benchmarks/quantize.py --only dequantize
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import quantization as qz
+from quantization import _formats as F
 
 
 def _time(fn, reps):
@@ -39,26 +51,33 @@ def _time(fn, reps):
   return statistics.median(ts)
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--dim", type=int, default=4096)
-  ap.add_argument("--reps", type=int, default=5)
-  args = ap.parse_args()
-  d = args.dim
-  rng = np.random.default_rng(0)
-  wt = (rng.standard_normal((d, d)) * 0.02).astype(np.float32)        # (out, in)
-  w = jnp.asarray(wt.T)                                              # our kernel (in, out)
-  print(f"NF4 quantization of a {d}x{d} float32 matrix, block 64, CPU "
-        f"({os.cpu_count()} cores, jax {jax.__version__})")
-  try:
-    import bitsandbytes.functional as bf
-    import torch
-    torch_w = torch.from_numpy(wt)
-    have_bnb = True
-  except Exception as e:  # noqa: BLE001
-    print(f"bitsandbytes unavailable: {e}")
-    have_bnb = False
+def _time_alternating(fns, reps):
+  """Median wall time of each function, calls interleaved (a, b, c, a, b, c, ...)."""
+  for fn in fns:
+    fn()
+    fn()                                         # compile, then warm caches
+  ts = [[] for _ in fns]
+  for _ in range(reps):
+    for i, fn in enumerate(fns):
+      t = time.perf_counter()
+      fn()
+      ts[i].append(time.perf_counter() - t)
+  return [statistics.median(t) for t in ts]
 
+
+@jax.jit
+def _previous_materialize(codes, scales):
+  """The dequantization before this change: unpack the nibbles, look each up in the
+  16-entry table, multiply by the block scale (storage layout), transpose."""
+  vals = jnp.asarray(F.VALUES["nf4"])[F.unpack_nibbles(codes).astype(jnp.int32)]
+  n, kp = vals.shape
+  w = (vals.reshape(n, kp // 64, 64) * scales[..., None]).reshape(n, kp)
+  return w.T
+
+
+def quantize_section(args, wt, w, bf, torch_w):
+  d = args.dim
+  print(f"NF4 quantization of a {d}x{d} float32 matrix, block 64")
   head = f"{'double quant':<13} {'ours s':>9} {'ours Mp/s':>10} {'bnb s':>9} {'bnb Mp/s':>9} " \
          f"{'bnb/ours':>9} {'bytes equal':>12}"
   print(head)
@@ -70,7 +89,7 @@ def main():
       return q
     t_ours = _time(ours, args.reps)
     row = f"{dq!s:<13} {t_ours:>9.4f} {d * d / t_ours / 1e6:>10.1f}"
-    if have_bnb:
+    if bf is not None:
       def theirs(dq=dq):
         return bf.quantize_4bit(torch_w, blocksize=64, compress_statistics=dq, quant_type="nf4")
       t_bnb = _time(theirs, args.reps)
@@ -84,6 +103,68 @@ def main():
         same += f", offset d={float(q.offset) - float(st.offset):.1e}"
       row += f" {t_bnb:>9.4f} {d * d / t_bnb / 1e6:>9.1f} {t_bnb / t_ours:>9.2f}x {same:>12}"
     print(row)
+
+
+def dequantize_section(args, wt, bf, torch_w):
+  d = args.dim
+  print(f"NF4 dequantization of a {d}x{d} weight to float32, block 64 (ms, median of "
+        f"{args.reps}; ratio = bnb / ours)")
+  head = (f"{'double quant':<13} {'bnb':>8} {'qz.dequantize':>14} {'ratio':>7} {'dequantize_t':>13} "
+          f"{'ratio':>7} {'previous':>9} {'ratio':>7} {'bits equal':>11}")
+  print(head)
+  print("-" * len(head))
+  for dq in (False, True):
+    packed, st = bf.quantize_4bit(torch_w, blocksize=64, compress_statistics=dq,
+                                  quant_type="nf4")
+    # the state bnb made, read as a QuantizedArray (the bytes are the same as ours)
+    sd = {"w": packed, **{f"w.{k}": v for k, v in st.as_dict(packed=True).items()}}
+    q = qz.from_bnb_state_dict(sd)["w"]
+    ref = bf.dequantize_4bit(packed, st).numpy()
+    same = (np.array_equal(np.asarray(qz.dequantize(q)).view(np.uint32), ref.T.view(np.uint32))
+            and np.array_equal(np.asarray(q.dequantize_t()).view(np.uint32),
+                               ref.view(np.uint32)))
+    scales = q.scales()
+    t_bnb, t_mat, t_t, t_prev = _time_alternating([
+        lambda: bf.dequantize_4bit(packed, st),
+        lambda: jax.block_until_ready(qz.dequantize(q)),
+        lambda: jax.block_until_ready(q.dequantize_t()),
+        lambda: jax.block_until_ready(_previous_materialize(q.codes, q.scales())),
+    ], args.reps)
+    del scales
+    ms = lambda t: f"{t * 1e3:.1f}"  # noqa: E731
+    print(f"{dq!s:<13} {ms(t_bnb):>8} {ms(t_mat):>14} {t_bnb / t_mat:>6.2f}x {ms(t_t):>13} "
+          f"{t_bnb / t_t:>6.2f}x {ms(t_prev):>9} {t_bnb / t_prev:>6.2f}x "
+          f"{'yes' if same else 'NO':>11}")
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--dim", type=int, default=4096)
+  ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--only", choices=("quantize", "dequantize"), default=None)
+  args = ap.parse_args()
+  d = args.dim
+  rng = np.random.default_rng(0)
+  wt = (rng.standard_normal((d, d)) * 0.02).astype(np.float32)        # (out, in)
+  w = jnp.asarray(wt.T)                                              # our kernel (in, out)
+  print(f"CPU ({os.cpu_count()} cores, jax {jax.__version__})")
+  try:
+    import bitsandbytes.functional as bf
+    import torch
+    torch_w = torch.from_numpy(wt)
+    print(f"bitsandbytes {__import__('bitsandbytes').__version__}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)")
+  except Exception as e:  # noqa: BLE001
+    print(f"bitsandbytes unavailable: {e}")
+    bf = torch_w = None
+  if args.only != "dequantize":
+    quantize_section(args, wt, w, bf, torch_w)
+    print()
+  if args.only != "quantize":
+    if bf is None:
+      print("dequantization: needs bitsandbytes for the comparison")
+    else:
+      dequantize_section(args, wt, bf, torch_w)
   print("measured on a shared, loaded machine; median of", args.reps, "runs after a warm-up")
 
 

@@ -2,9 +2,13 @@
 
 Storage layout. A kernel `W` used as `x @ W` has trailing axes `(in, out)`; any
 leading axes are batch axes (stacked layers under `scan`) shared by every child.
-Blocks run along the contracting axis `in`. The codes are stored in PyTorch's
-`(out, in)` layout, row-major, so for a 2-D kernel the bytes are exactly those
-bitsandbytes writes for the weight `W.T` (when `in` is a multiple of the block):
+The codes are stored in PyTorch's `(out, in)` order, row-major, in one of two layouts
+(the static `layout` field):
+
+"rows" (the default of `quantize_array` / `quantize`): blocks run along the
+contracting axis `in`, each row padded to a whole number of blocks. For a 2-D kernel
+whose `in` is a multiple of the block the bytes are exactly those bitsandbytes writes
+for the weight `W.T`:
 
     codes:          (*batch, out, in_pad // 2) uint8   nf4 / fp4 / int4, two codes per
                     byte, the even element in the high nibble (bitsandbytes' order)
@@ -15,12 +19,30 @@ bitsandbytes writes for the weight `W.T` (when `in` is a multiple of the block):
 
 `in_pad` is `in` rounded up to a multiple of the block; the padding (zeros) is
 recorded in the static `pad` field and never shows in the logical array.
+
+"flat": bitsandbytes' own layout for any shape. The `(out, in)` weight is flattened
+(`numel = out * in`) and cut into blocks of `block` consecutive values, which run
+across rows when `in` is not a multiple of the block; the last block may be partial.
+No padding (`pad == 0`):
+
+    codes:          (*batch, ceil(numel / 2)) uint8   4-bit formats (an odd numel ends
+                    with the code of 0.0 in the last low nibble, as bitsandbytes)
+                    (*batch, numel)            int8    int8
+    absmax:         (*batch, ceil(numel / block)) float32, or uint8 with double quant
+    nested_absmax:  (*batch, ceil(ceil(numel / block) / 256)) float32   double quant only
+    offset:         (*batch,) float32                                    double quant only
+
+`qz.from_bnb_state_dict` reads a layer whose `in` is not a multiple of the block in
+this layout; `quantize_array(..., layout="flat")` makes it from a weight. It
+dequantizes and multiplies (XLA) like the rows layout; the Pallas kernels read only
+the rows layout.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -28,10 +50,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 import lora_jax as lj
 from lora_jax import extend
 from quantization import _formats as F
+
+LAYOUTS = ("rows", "flat")
 
 
 def _concrete(x) -> bool:
@@ -43,23 +68,39 @@ def _has_shape(x) -> bool:
   return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, bool)
 
 
+def _per_byte(fmt: str) -> int:
+  return 1 if fmt == "int8" else 2
+
+
+def check_layout(layout, where: str = "quantize_array") -> str:
+  if layout not in LAYOUTS:
+    raise ValueError(f"{where}: unknown layout {layout!r}; known layouts: "
+                     f"{', '.join(LAYOUTS)}")
+  return layout
+
+
 class QuantizedArray(lj.ImplicitArray):
   """A blockwise-quantized kernel `(*batch, in, out)`; `materialize()` dequantizes it.
 
   Attributes:
-    codes: packed codes, `(*batch, out, in_pad // 2)` uint8 (4-bit formats) or
-      `(*batch, out, in_pad)` int8.
-    absmax: per-block scales `(*batch, out, in_pad // block_size)`, float32, or
-      uint8 codes of the dynamic 8-bit map with double quantization.
+    codes: packed codes. Layout "rows": `(*batch, out, in_pad // 2)` uint8 (4-bit
+      formats) or `(*batch, out, in_pad)` int8. Layout "flat": `(*batch,
+      ceil(out * in / 2))` uint8 or `(*batch, out * in)` int8.
+    absmax: per-block scales, float32, or uint8 codes of the dynamic 8-bit map with
+      double quantization: `(*batch, out, in_pad // block_size)` ("rows") or
+      `(*batch, ceil(out * in / block_size))` ("flat").
     nested_absmax: `(*batch, n_nested)` float32 scales of the absmax codes
       (double quantization), else None.
     offset: `(*batch,)` float32 mean subtracted from absmax (double quantization),
       else None.
     format: "nf4", "fp4", "int4" or "int8". Static.
-    block_size: values per block along `in`. Static.
+    block_size: values per block (along `in` for "rows", along the flattened
+      `(out, in)` weight for "flat"). Static.
     kernel_shape: logical `(in, out)`. Static.
     dtype: logical dtype (the dtype of the weight that was quantized). Static.
-    pad: zeros appended to `in` to fill the last block. Static.
+    pad: zeros appended to `in` to fill the last block ("rows"; 0 for "flat"). Static.
+    layout: "rows" (blocks per row, padded) or "flat" (bitsandbytes' blocks over the
+      flattened weight, for any shape). Static.
   """
 
   codes: Any = extend.frozen()
@@ -71,6 +112,7 @@ class QuantizedArray(lj.ImplicitArray):
   kernel_shape: tuple = extend.static(())
   dtype: Any = extend.static(jnp.float32)
   pad: int = extend.static(0)
+  layout: str = extend.static("rows")
 
   def __check_init__(self):
     where = "QuantizedArray"
@@ -79,6 +121,7 @@ class QuantizedArray(lj.ImplicitArray):
       object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
     except TypeError:
       raise TypeError(f"{where}: dtype {self.dtype!r} is not a dtype") from None
+    check_layout(self.layout, where)
     for name in ("codes", "absmax"):
       if not _has_shape(getattr(self, name)):
         raise TypeError(f"{where}: {name} must be an array, got "
@@ -101,20 +144,35 @@ class QuantizedArray(lj.ImplicitArray):
     if len(self.kernel_shape) != 2:
       raise ValueError(f"{where}: kernel_shape must be (in, out), got {self.kernel_shape}")
     k, n = self.kernel_shape
-    kp = k + self.pad
-    per_byte = 1 if self.format == "int8" else 2
-    if kp % self.block_size or kp % per_byte:
-      raise ValueError(f"{where}: in {k} + pad {self.pad} is not a multiple of block "
-                       f"{self.block_size}")
-    want = (n, kp // per_byte)
-    if tuple(self.codes.shape[-2:]) != want:
-      raise ValueError(f"{where}: codes {tuple(self.codes.shape)} do not fit kernel "
-                       f"{self.kernel_shape} (format {self.format}, pad {self.pad}); "
-                       f"expected trailing {want}")
-    batch = tuple(self.codes.shape[:-2])
-    if tuple(self.absmax.shape) != (*batch, n, kp // self.block_size):
+    per_byte = _per_byte(self.format)
+    if self.layout == "flat":
+      if self.pad:
+        raise ValueError(f"{where}: the flat layout has no padding, got pad {self.pad} "
+                         f"(kernel {self.kernel_shape})")
+      numel = k * n
+      want = (-(-numel // per_byte),)
+      if tuple(self.codes.shape[-1:]) != want:
+        raise ValueError(f"{where}: codes {tuple(self.codes.shape)} do not fit kernel "
+                         f"{self.kernel_shape} (format {self.format}, flat layout); "
+                         f"expected trailing {want}")
+      batch = tuple(self.codes.shape[:-1])
+      want_abs = (*batch, -(-numel // self.block_size))
+    else:
+      kp = k + self.pad
+      if kp % self.block_size or kp % per_byte:
+        raise ValueError(f"{where}: in {k} + pad {self.pad} is not a multiple of block "
+                         f"{self.block_size}")
+      want = (n, kp // per_byte)
+      if tuple(self.codes.shape[-2:]) != want:
+        raise ValueError(f"{where}: codes {tuple(self.codes.shape)} do not fit kernel "
+                         f"{self.kernel_shape} (format {self.format}, pad {self.pad}); "
+                         f"expected trailing {want}")
+      batch = tuple(self.codes.shape[:-2])
+      want_abs = (*batch, n, kp // self.block_size)
+    if tuple(self.absmax.shape) != want_abs:
       raise ValueError(f"{where}: absmax {tuple(self.absmax.shape)} does not fit codes "
-                       f"{tuple(self.codes.shape)}; expected {(*batch, n, kp // self.block_size)}")
+                       f"{tuple(self.codes.shape)} ({self.layout} layout); expected "
+                       f"{want_abs}")
     if (self.nested_absmax is None) != (self.offset is None):
       raise ValueError(f"{where}: nested_absmax and offset must both be set (double "
                        "quantization) or both be None")
@@ -122,32 +180,47 @@ class QuantizedArray(lj.ImplicitArray):
   # --- logical array
   @property
   def nbatch(self) -> int:
-    return len(self.codes.shape) - 2
+    return len(self.codes.shape) - (1 if self.layout == "flat" else 2)
 
   @property
   def shape(self) -> tuple[int, ...]:
-    return tuple(self.codes.shape[:-2]) + self.kernel_shape
+    return tuple(self.codes.shape[:self.nbatch]) + self.kernel_shape
 
   @property
   def double_quant(self) -> bool:
     return self.nested_absmax is not None
 
   def scales(self) -> jax.Array:
-    """float32 per-block scales `(*batch, out, in_pad // block)` (double quant decoded)."""
+    """float32 per-block scales, shaped like `absmax` (double quant decoded):
+    `(*batch, out, in_pad // block)` ("rows") or `(*batch, n_blocks)` ("flat")."""
     if not self.double_quant:
       return self.absmax.astype(jnp.float32)
-    return _decode_scales(self.absmax, self.nested_absmax, self.offset)
+    return _decode_scales(self.absmax, self.nested_absmax, self.offset, nbatch=self.nbatch)
 
   def dequantize_t(self, dtype=jnp.float32) -> jax.Array:
     """The dequantized weight in storage layout `(*batch, out, in)` (PyTorch's), as `dtype`.
 
-    Values are `table[code] * absmax` in float32, as bitsandbytes computes them.
+    Values are `VALUES[code] * absmax` in float32, as bitsandbytes computes them
+    (bit for bit), then cast to `dtype`.
     """
+    dtype = jnp.dtype(dtype)
+    if self.layout == "flat":
+      return _dequantize_flat_t(self.codes, self.scales(), fmt=self.format,
+                                block=self.block_size, kernel_shape=self.kernel_shape,
+                                dtype=dtype)
     return _dequantize_t(self.codes, self.scales(), fmt=self.format, block=self.block_size,
-                         pad=self.pad, dtype=jnp.dtype(dtype))
+                         pad=self.pad, dtype=dtype)
 
   def materialize(self) -> jax.Array:
-    return jnp.swapaxes(self.dequantize_t(jnp.float32), -1, -2).astype(self.dtype)
+    """The dequantized kernel `(*batch, in, out)` in `self.dtype` (the same values as
+    `dequantize_t`, transposed; the "rows" layout is decoded straight into this
+    layout, without a float transpose)."""
+    if self.layout == "flat":
+      return _materialize_flat(self.codes, self.scales(), fmt=self.format,
+                               block=self.block_size, kernel_shape=self.kernel_shape,
+                               dtype=self.dtype)
+    return _dequantize_k(self.codes, self.scales(), fmt=self.format, block=self.block_size,
+                         pad=self.pad, dtype=self.dtype)
 
   # --- rows of the storage layout, for the tiled matmuls (quantization/_matmul.py)
   def for_rows(self) -> "QuantizedArray":
@@ -157,22 +230,47 @@ class QuantizedArray(lj.ImplicitArray):
       return self
     return self.replace_children(absmax=self.scales(), nested_absmax=None, offset=None)
 
+  @property
+  def row_step(self) -> int:
+    """Tiles of output rows must hold a multiple of this many rows: 1 for the rows
+    layout; for the flat layout `block / gcd(in, block)`, so that a tile starts and
+    ends on a block of the flattened weight."""
+    if self.layout != "flat":
+      return 1
+    return self.block_size // math.gcd(self.kernel_shape[0], self.block_size)
+
   def rows(self, start, size: int) -> "QuantizedArray":
     """Output rows `[start, start + size)` (start may be traced) of an unbatched leaf
-    from `for_rows()`."""
-    cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=0)  # noqa: E731
-    new = self.replace_children(codes=cut(self.codes), absmax=cut(self.absmax))
+    from `for_rows()`. Flat layout: `start` is a multiple of `row_step`, and `size` too
+    unless the tile runs to the last row (whose last block may be partial)."""
+    if self.layout == "flat":
+      k = self.kernel_shape[0]
+      pb = _per_byte(self.format)
+      codes = jax.lax.dynamic_slice_in_dim(self.codes, start * k // pb,
+                                           -(-size * k // pb), axis=0)
+      absmax = jax.lax.dynamic_slice_in_dim(self.absmax, start * k // self.block_size,
+                                            -(-size * k // self.block_size), axis=0)
+    else:
+      cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=0)  # noqa: E731
+      codes, absmax = cut(self.codes), cut(self.absmax)
+    new = self.replace_children(codes=codes, absmax=absmax)
     object.__setattr__(new, "kernel_shape", (self.kernel_shape[0], size))
     return new
 
   def partition_specs(self, spec):
-    """Children split like the kernel `(*batch, in, out)`: codes and absmax, stored
-    `(*batch, out, in)`, take the kernel's `out` and `in` entries swapped; the small
-    nested scales and offset are replicated along their own axis."""
+    """Children split like the kernel `(*batch, in, out)`. "rows": codes and absmax,
+    stored `(*batch, out, in)`, take the kernel's `out` and `in` entries swapped; the
+    small nested scales and offset are replicated along their own axis. "flat": a
+    block may span two rows, so the weight cannot be split by rows or columns: every
+    child keeps the batch entries and is replicated along its own axis."""
     from jax.sharding import PartitionSpec as PS
     s = tuple(spec)
     batch, (s_in, s_out) = s[:self.nbatch], s[self.nbatch:]
     dq = self.double_quant
+    if self.layout == "flat":
+      return self.replace_children(
+          codes=PS(*batch, None), absmax=PS(*batch, None),
+          nested_absmax=PS(*batch, None) if dq else None, offset=PS(*batch) if dq else None)
     return self.replace_children(
         codes=PS(*batch, s_out, s_in), absmax=PS(*batch, s_out, s_in),
         nested_absmax=PS(*batch, None) if dq else None, offset=PS(*batch) if dq else None)
@@ -182,9 +280,9 @@ class QuantizedArray(lj.ImplicitArray):
                for x in jax.tree.leaves(self))
 
 
-@jax.jit
-def _decode_scales(absmax, nested, offset):
-  batch = tuple(absmax.shape[:-2])
+@functools.partial(jax.jit, static_argnames=("nbatch",))
+def _decode_scales(absmax, nested, offset, *, nbatch):
+  batch = tuple(absmax.shape[:nbatch])
   flat = absmax.reshape(*batch, -1)
   fn = F.double_dequantize
   for _ in batch:
@@ -192,15 +290,152 @@ def _decode_scales(absmax, nested, offset):
   return fn(flat, nested, offset).reshape(absmax.shape)
 
 
+# ----------------------------------------------------------------------------
+# dequantize
+
+def _code_values(codes, fmt: str):
+  """float32 values of packed codes (..., nbytes) -> (..., nbytes * per_byte): one
+  lookup per byte in a (256, 2) table for the 4-bit formats (both nibbles at once)."""
+  if fmt == "int8":
+    return F.code_values(codes, fmt)
+  pairs = jnp.asarray(F.byte_pair_table(fmt))
+  # uint8 indices: no negative-index wrapping in the gather
+  vals = pairs.at[codes.astype(jnp.uint8)].get(mode="promise_in_bounds")  # (..., nbytes, 2)
+  return vals.reshape(*codes.shape[:-1], codes.shape[-1] * 2)
+
+
 @functools.partial(jax.jit, static_argnames=("fmt", "block", "pad", "dtype"))
 def _dequantize_t(codes, scales, *, fmt, block, pad, dtype):
-  vals = F.code_values(codes if fmt == "int8" else F.unpack_nibbles(codes), fmt)
+  """Rows layout: codes (..., out, in_pad / per byte), scales (..., out, in_pad / block)
+  -> (..., out, in) in `dtype`."""
+  vals = _code_values(codes, fmt)
   kp = vals.shape[-1]
   vals = vals.reshape(*vals.shape[:-1], kp // block, block)
   w = (vals * scales[..., None]).reshape(*vals.shape[:-2], kp)
   if pad:
     w = w[..., :kp - pad]
   return w.astype(dtype)
+
+
+def _dequantize_flat(codes, scales, *, fmt, block, numel, dtype):
+  """Flat layout: codes (..., ceil(numel / per byte)), scales (..., ceil(numel / block))
+  -> (..., numel) in `dtype`: value `i` is `VALUES[code i] * scale[i // block]`."""
+  vals = _code_values(codes, fmt)[..., :numel]
+  nblk = scales.shape[-1]
+  full = nblk * block
+  if full != numel:
+    vals = jnp.pad(vals, [(0, 0)] * (vals.ndim - 1) + [(0, full - numel)])
+  w = (vals.reshape(*vals.shape[:-1], nblk, block) * scales[..., None])
+  w = w.reshape(*w.shape[:-2], full)
+  if full != numel:
+    w = w[..., :numel]
+  return w.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "block", "kernel_shape", "dtype"))
+def _dequantize_flat_t(codes, scales, *, fmt, block, kernel_shape, dtype):
+  k, n = kernel_shape
+  w = _dequantize_flat(codes, scales, fmt=fmt, block=block, numel=k * n, dtype=dtype)
+  return w.reshape(*w.shape[:-1], n, k)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "block", "kernel_shape", "dtype"))
+def _materialize_flat(codes, scales, *, fmt, block, kernel_shape, dtype):
+  k, n = kernel_shape
+  w = _dequantize_flat(codes, scales, fmt=fmt, block=block, numel=k * n, dtype=jnp.float32)
+  return jnp.swapaxes(w.reshape(*w.shape[:-1], n, k), -1, -2).astype(dtype)
+
+
+# Kernel-layout decoding of the rows layout. Four code bytes of a row are gathered into
+# one uint32 word (byte j at bits 8j), the (out, words) word matrix is transposed (a
+# quarter of the elements a byte transpose would move), and each word decodes into the
+# 8 (4-bit) or 4 (int8) consecutive `in` rows it holds, written contiguously along `out`
+# by one fused (multi-threaded) loop.
+_NIBBLE_SHIFTS = np.array([4, 0, 12, 8, 20, 16, 28, 24], np.uint32)   # element r of a word
+_BYTE_SHIFTS = np.array([0, 8, 16, 24], np.uint32)
+# Below this many elements the transposes are left to XLA (fused into the decode).
+_SMALL = 1 << 16
+# Elements of the small transposes per step (cache blocking).
+_TRANSPOSE_TILE = 1 << 17
+
+
+def _words(codes):
+  """(out, nbytes) uint8/int8 codes, nbytes % 4 == 0 -> (out, nbytes / 4) uint32."""
+  c = lax.bitcast_convert_type(codes, jnp.uint8).astype(jnp.uint32)
+  return c[:, 0::4] | (c[:, 1::4] << 8) | (c[:, 2::4] << 16) | (c[:, 3::4] << 24)
+
+
+def _transposed(x, fn=lambda rows: rows):
+  """`fn(x).T` for a 2-D `x` (`fn` maps a block of rows to as many rows), written out
+  row-major by a loop over blocks of rows of `x`.
+
+  Left to itself XLA turns a transpose into a layout change and fuses it into the
+  consumer, which then reads its input with a stride per element (measured 3-6x slower
+  than decoding from a transposed copy); a loop's result keeps its layout. Applying
+  `fn` inside the loop keeps its (larger) result in cache.
+  """
+  n = x.shape[0]
+  row = jax.eval_shape(fn, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
+  m, out_dtype = row.shape[1], row.dtype
+  if n < 2:
+    return fn(x).reshape(m, n)
+  r = min(max(1, _TRANSPOSE_TILE // max(m, 1)), n // 2)    # >= 2 steps
+  steps = n // r
+
+  def step(t, buf):
+    part = fn(lax.dynamic_slice_in_dim(x, t * r, r, axis=0))
+    return lax.dynamic_update_slice_in_dim(buf, part.T, t * r, axis=1)
+
+  out = lax.fori_loop(0, steps, step, jnp.zeros((m, n), out_dtype))
+  if n % r:
+    out = lax.dynamic_update_slice_in_dim(out, fn(x[steps * r:]).T, steps * r, axis=1)
+  return out
+
+
+def _select_values(nib, fmt: str):
+  """float32 `VALUES[fmt][nib]` for uint32 nibbles, as a tree of 15 selects on the
+  nibble's bits (vectorizes, unlike a gather from the 16-entry table; exact)."""
+  level = [jnp.float32(v) for v in F.VALUES[fmt]]
+  for bit in range(4):
+    on = (nib & jnp.uint32(1 << bit)) != 0
+    level = [jnp.where(on, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+  return level[0]
+
+
+def _decode_words(words_t, scales_t, *, fmt, block, dtype):
+  """words_t (W, out) uint32, scales_t (W * per_word / block, out) float32 ->
+  (W * per_word, out) kernel rows in `dtype`."""
+  r, n = words_t.shape
+  if fmt == "int8":
+    b = (words_t[:, None, :] >> jnp.asarray(_BYTE_SHIFTS)[None, :, None]) & jnp.uint32(255)
+    vals = F.code_values(lax.bitcast_convert_type(b.astype(jnp.uint8), jnp.int8), fmt)
+  else:
+    nib = (words_t[:, None, :] >> jnp.asarray(_NIBBLE_SHIFTS)[None, :, None]) & jnp.uint32(15)
+    vals = _select_values(nib, fmt)
+  rows = vals.shape[0] * vals.shape[1]
+  w = vals.reshape(rows // block, block, n) * scales_t[:, None, :]
+  return w.reshape(rows, n).astype(dtype)
+
+
+def _dequantize_k_2d(codes, scales, *, fmt, block, pad, dtype):
+  n, nbytes = codes.shape
+  kp = nbytes * _per_byte(fmt)
+  if kp * n <= _SMALL:
+    words_t, scales_t = _words(codes).T, scales.T
+  else:
+    words_t, scales_t = _transposed(codes, _words), _transposed(scales)
+  w = _decode_words(words_t, scales_t, fmt=fmt, block=block, dtype=dtype)
+  return w[:kp - pad] if pad else w
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "block", "pad", "dtype"))
+def _dequantize_k(codes, scales, *, fmt, block, pad, dtype):
+  """Rows layout -> the kernel `(..., in, out)` in `dtype`, decoded in kernel layout
+  (bit for bit the transpose of `_dequantize_t`)."""
+  fn = functools.partial(_dequantize_k_2d, fmt=fmt, block=block, pad=pad, dtype=dtype)
+  for _ in range(codes.ndim - 2):
+    fn = jax.vmap(fn)
+  return fn(codes, scales)
 
 
 # ----------------------------------------------------------------------------
@@ -224,16 +459,36 @@ def _quantize_2d(w: jax.Array, *, fmt: str, block_size: int, double_quant: bool)
   return codes, q.reshape(absmax.shape), nested, offset
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "block_size", "double_quant"))
-def _quantize_leaf(w: jax.Array, *, fmt: str, block_size: int, double_quant: bool):
+def _quantize_flat_2d(w: jax.Array, *, fmt: str, block_size: int, double_quant: bool):
+  """w: (in, out) float32 kernel -> flat-layout (codes, absmax, nested, offset): the
+  PyTorch weight `w.T` flattened and quantized exactly as bitsandbytes' `quantize_4bit`."""
+  x = w.T.reshape(-1)
+  codes, absmax = F.quantize_flat(x, fmt, block_size)
+  if fmt != "int8":
+    if codes.shape[0] % 2:                            # bnb pads with the code of 0.0
+      codes = jnp.concatenate([codes, F.codes_of_scaled(jnp.zeros((1,), jnp.float32), fmt)])
+    codes = (codes[0::2] << 4) | codes[1::2]
+  if not double_quant:
+    return codes, absmax, None, None
+  q, nested, offset = F.double_quantize(absmax)
+  return codes, q, nested, offset
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "block_size", "double_quant", "layout"))
+def _quantize_leaf(w: jax.Array, *, fmt: str, block_size: int, double_quant: bool,
+                   layout: str = "rows"):
   """w: (*batch, in, out) -> (codes, absmax, nested, offset, number of NaN/inf values)."""
   k = w.shape[-2]
-  pad = (-k) % block_size
   wf = w.astype(jnp.float32)
-  if pad:
-    wf = jnp.pad(wf, [(0, 0)] * (wf.ndim - 2) + [(0, pad), (0, 0)])
-  fn = functools.partial(_quantize_2d, fmt=fmt, block_size=block_size,
-                         double_quant=double_quant)
+  if layout == "flat":
+    fn = functools.partial(_quantize_flat_2d, fmt=fmt, block_size=block_size,
+                           double_quant=double_quant)
+  else:
+    pad = (-k) % block_size
+    if pad:
+      wf = jnp.pad(wf, [(0, 0)] * (wf.ndim - 2) + [(0, pad), (0, 0)])
+    fn = functools.partial(_quantize_2d, fmt=fmt, block_size=block_size,
+                           double_quant=double_quant)
   for _ in range(w.ndim - 2):
     fn = jax.vmap(fn)
   bad = jnp.sum(~jnp.isfinite(w))
@@ -250,24 +505,31 @@ def _quantize_leaf(w: jax.Array, *, fmt: str, block_size: int, double_quant: boo
 
 
 def quantize_array(w: jax.Array, fmt: str = "nf4", block_size: int = 64,
-                   double_quant: bool = False, *, path: str = "array") -> QuantizedArray:
-  """Quantize one kernel `(*batch, in, out)` blockwise along `in`.
+                   double_quant: bool = False, *, path: str = "array",
+                   layout: str = "rows") -> QuantizedArray:
+  """Quantize one kernel `(*batch, in, out)` blockwise.
 
   Args:
     w: floating kernel; leading axes (stacked layers) are quantized independently,
-      each exactly as bitsandbytes quantizes the 2-D PyTorch weight `w[i].T`.
+      each exactly as bitsandbytes quantizes the 2-D PyTorch weight `w[i].T` (with
+      "rows", when `in` is a multiple of the block; with "flat", for any shape).
     fmt: "nf4", "fp4", "int4" or "int8". block_size: 32 .. 4096, a power of two.
     double_quant: also quantize the absmax values (bitsandbytes' double quant).
     path: name used in error messages.
+    layout: "rows" (default): blocks along `in`, each row zero-padded to whole
+      blocks (what the Pallas kernels read). "flat": bitsandbytes' layout, blocks
+      over the flattened `(out, in)` weight, running across rows when `in` is not a
+      multiple of the block; what `qz.to_bnb_state_dict` needs for such a weight.
 
   Raises:
-    TypeError: non-floating `w`. ValueError: fewer than 2 axes, NaN or inf values
-    (checked when `w` is concrete, i.e. outside `jit`; under `jit` such a weight
-    quantizes to a leaf whose scales are all NaN, so it dequantizes to NaN everywhere,
-    and `jax.experimental.checkify` reports it).
+    TypeError: non-floating `w`. ValueError: fewer than 2 axes, an unknown layout,
+    NaN or inf values (checked when `w` is concrete, i.e. outside `jit`; under `jit`
+    such a weight quantizes to a leaf whose scales are all NaN, so it dequantizes to
+    NaN everywhere, and `jax.experimental.checkify` reports it).
   """
   F.check_format(fmt, path)
   block_size = F.check_block_size(block_size, path)
+  check_layout(layout, path)
   if not _has_shape(w):
     raise TypeError(f"{path}: expected an array, got {type(w).__name__}")
   if not jnp.issubdtype(w.dtype, jnp.floating):
@@ -278,7 +540,8 @@ def quantize_array(w: jax.Array, fmt: str = "nf4", block_size: int = 64,
                      "at least 2 axes (in, out)")
   *_, k, n = w.shape
   codes, absmax, nested, offset, bad = _quantize_leaf(
-      jnp.asarray(w), fmt=fmt, block_size=block_size, double_quant=double_quant)
+      jnp.asarray(w), fmt=fmt, block_size=block_size, double_quant=double_quant,
+      layout=layout)
   if isinstance(bad, jax.core.Tracer):
     # Under jit the values are unknown here: a NaN/inf weight makes every scale of the
     # leaf NaN (so it dequantizes to NaN, never to a finite wrong value), and
@@ -291,7 +554,8 @@ def quantize_array(w: jax.Array, fmt: str = "nf4", block_size: int = 64,
                      f"{tuple(w.shape)}; refusing to quantize (absmax would be inf/NaN)")
   return QuantizedArray(codes=codes, absmax=absmax, nested_absmax=nested, offset=offset,
                         format=fmt, block_size=block_size, kernel_shape=(k, n),
-                        dtype=jnp.dtype(w.dtype), pad=(-k) % block_size)
+                        dtype=jnp.dtype(w.dtype),
+                        pad=0 if layout == "flat" else (-k) % block_size, layout=layout)
 
 
 # ----------------------------------------------------------------------------

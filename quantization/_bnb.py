@@ -10,9 +10,12 @@ A `Linear4bit` named `P` saves, for its weight (PyTorch layout `(out, in)`):
     P.weight.quant_state.bitsandbytes__nf4  uint8: JSON {quant_type, blocksize, dtype, shape,
                                             nested_blocksize, nested_dtype, nested_offset}
 
-Our `QuantizedArray` stores the same bytes in the same order, so conversion is a
-reshape both ways; its logical shape is the kernel `(in, out)` (the transposed
-PyTorch weight), as every kernel in lora_jax.
+bitsandbytes' blocks run over the flattened weight (`out * in` values), so when `in`
+is not a multiple of the block they cross rows and the last one may be partial.
+A layer whose `in` is a multiple of the block is read into a `QuantizedArray` with
+the "rows" layout, any other into the "flat" layout; both hold the same bytes in the
+same order, so conversion is a reshape both ways. Its logical shape is the kernel
+`(in, out)` (the transposed PyTorch weight), as every kernel in lora_jax.
 """
 
 from __future__ import annotations
@@ -69,9 +72,10 @@ def _one(sd: Mapping[str, Any], base: str, fmt: str) -> QuantizedArray:
   if len(shape) != 2:
     raise ValueError(f"{base}: only 2-D (out, in) weights are supported, got shape {shape}")
   out, inn = shape
-  if inn % block:
-    raise ValueError(f"{base}: in_features {inn} is not a multiple of blocksize {block}; "
-                     "bitsandbytes' blocks then straddle rows, which lora_jax does not store")
+  if out < 1 or inn < 1:
+    raise ValueError(f"{base}: empty weight shape {shape}")
+  # bitsandbytes' blocks straddle rows unless in_features is a multiple of the block
+  layout = "rows" if inn % block == 0 else "flat"
   if qs["dtype"] not in _DTYPES:
     raise ValueError(f"{base}: unsupported dtype {qs['dtype']!r}; known: {sorted(_DTYPES)}")
   qmap = _np(_need(sd, f"{base}.quant_map", base)).astype(np.float32).reshape(-1)
@@ -80,13 +84,15 @@ def _one(sd: Mapping[str, Any], base: str, fmt: str) -> QuantizedArray:
                      "maps are not supported")
   codes = _np(_need(sd, base, base))
   codes = np.ascontiguousarray(codes).view(np.uint8).reshape(-1)
-  if codes.size != out * inn // 2:
+  numel = out * inn
+  if codes.size != -(-numel // 2):
     raise ValueError(f"{base}: {codes.size} code bytes for shape {shape}; expected "
-                     f"{out * inn // 2}")
-  nblk = inn // block
+                     f"{-(-numel // 2)}")
+  nblk = -(-numel // block)
   absmax = _np(_need(sd, f"{base}.absmax", base)).reshape(-1)
-  if absmax.size != out * nblk:
-    raise ValueError(f"{base}: absmax has {absmax.size} values; expected {out * nblk}")
+  if absmax.size != nblk:
+    raise ValueError(f"{base}: absmax has {absmax.size} values; expected {nblk} "
+                     f"(shape {shape}, blocksize {block})")
   nested = offset = None
   if "nested_offset" in qs or f"{base}.nested_absmax" in sd:
     nested = _np(_need(sd, f"{base}.nested_absmax", base)).astype(np.float32).reshape(-1)
@@ -97,15 +103,20 @@ def _one(sd: Mapping[str, Any], base: str, fmt: str) -> QuantizedArray:
       raise ValueError(f"{base}: quant state has nested_absmax but no 'nested_offset'")
     if not np.array_equal(nmap, F.DYNAMIC8):
       raise ValueError(f"{base}: nested_quant_map differs from bitsandbytes' dynamic map")
+    if nested.size != -(-nblk // F.NESTED_BLOCK):
+      raise ValueError(f"{base}: nested_absmax has {nested.size} values; expected "
+                       f"{-(-nblk // F.NESTED_BLOCK)} for {nblk} blocks")
     absmax = absmax.astype(np.uint8)
     offset = jnp.asarray(np.float32(qs["nested_offset"]))
     nested = jnp.asarray(nested)
   else:
     absmax = absmax.astype(np.float32)
+  if layout == "rows":
+    codes, absmax = codes.reshape(out, inn // 2), absmax.reshape(out, inn // block)
   return QuantizedArray(
-      codes=jnp.asarray(codes.reshape(out, inn // 2)),
-      absmax=jnp.asarray(absmax.reshape(out, nblk)), nested_absmax=nested, offset=offset,
-      format=fmt, block_size=block, kernel_shape=(inn, out), dtype=_DTYPES[qs["dtype"]])
+      codes=jnp.asarray(codes), absmax=jnp.asarray(absmax), nested_absmax=nested,
+      offset=offset, format=fmt, block_size=block, kernel_shape=(inn, out),
+      dtype=_DTYPES[qs["dtype"]], layout=layout)
 
 
 def from_bnb_state_dict(sd: Mapping[str, Any]) -> dict[str, Any]:
@@ -120,13 +131,15 @@ def from_bnb_state_dict(sd: Mapping[str, Any]) -> dict[str, Any]:
   Returns:
     A flat dict: each quantized weight `P.weight` maps to a `QuantizedArray` of
     logical shape `(in, out)` (the kernel, transposed from PyTorch's `(out, in)`)
-    and the weight's dtype; its companion keys (`.absmax`, `.quant_map`,
+    and the weight's dtype, in the "rows" layout when `in` is a multiple of the
+    block and in the "flat" layout (bitsandbytes' blocks across rows) otherwise;
+    its companion keys (`.absmax`, `.quant_map`,
     `.nested_*`, `.quant_state.*`) are consumed; every other entry is returned
     unchanged (still in PyTorch layout).
 
   Raises:
     ValueError naming the weight: a missing companion key, a custom quant map,
-    a block size out of range, rows not a multiple of the block.
+    a block size out of range, code or absmax sizes that do not fit the shape.
   """
   bases = {}
   for key in sd:
@@ -170,7 +183,9 @@ def _to_one(base: str, q: QuantizedArray) -> dict[str, np.ndarray]:
     raise ValueError(f"{base}: stacked QuantizedArray {q.shape}; write one layer at a time")
   if q.pad:
     raise ValueError(f"{base}: in_features {q.kernel_shape[0]} is padded by {q.pad} to the "
-                     f"block {q.block_size}; bitsandbytes stores such weights differently")
+                     f"block {q.block_size} (rows layout); bitsandbytes' blocks run across "
+                     "rows instead: quantize the weight with qz.quantize_array(..., "
+                     "layout='flat') to write it")
   inn, out = q.kernel_shape
   sd = {base: np.asarray(q.codes).reshape(-1, 1),
         f"{base}.absmax": np.asarray(q.absmax).reshape(-1),
@@ -190,8 +205,9 @@ def to_bnb_state_dict(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Inverse of `from_bnb_state_dict`: a flat dict with `QuantizedArray` values -> bnb keys.
 
   Args:
-    tree: {"P.weight": QuantizedArray (nf4/fp4, unbatched, unpadded), ...}; other
-      values are passed through as numpy arrays.
+    tree: {"P.weight": QuantizedArray (nf4/fp4, unbatched; the rows layout
+      without padding, or the flat layout), ...}; other values are passed through
+      as numpy arrays.
 
   Returns:
     {name: numpy array} with the keys and byte layout `Linear4bit.state_dict()`

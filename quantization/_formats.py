@@ -6,6 +6,10 @@ get_4bit_type`, `create_dynamic_map`), stored as float32:
 - NF4: 16 quantiles of N(0, 1) scaled to [-1, 1] (QLoRA), sorted, index = code.
 - FP4: 1 sign, 2 exponent, 1 mantissa bit, bias 2, listed in bit-pattern order
   (`0b0000 = +0`, `0b0001 = 0.0625/12`, ...; bit 3 is the sign), divided by 12.
+  Code 8 is +0.0 in the table (bitsandbytes' `quant_map`), but bitsandbytes'
+  dequantization kernels (CPU and CUDA) compute `sign * 0 * absmax`, so code 8
+  dequantizes to -0.0: `VALUES` holds the values we dequantize to, `TABLES` the
+  tables (quant maps) as bitsandbytes stores them.
 - int4: symmetric, code `c` in 1..15 stands for `(c - 8) / 7` (code 0 is unused).
 - int8: symmetric, int8 code `q` in -127..127 stands for `q / 127`.
 - DYNAMIC8: the signed 8-bit dynamic map used to quantize absmax values in
@@ -35,8 +39,9 @@ NF4 = np.array([
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
 
+# bitsandbytes writes `-0` for code 8 in Python, which is the integer 0: +0.0.
 _FP4_RAW = np.array([0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
-                     -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0], np.float32)
+                     0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0], np.float32)
 FP4 = (_FP4_RAW / np.float32(12.0)).astype(np.float32)
 
 INT4 = np.array([-8.0 / 7.0] + [(c - 8) / 7.0 for c in range(1, 16)], np.float32)
@@ -118,6 +123,19 @@ DYNAMIC8 = np.array([
 
 TABLES = {"nf4": NF4, "fp4": FP4, "int4": INT4}
 
+_FP4_VALUES = FP4.copy()
+_FP4_VALUES[8] = np.float32(-0.0)      # sign bit set: bitsandbytes' kernels give -0.0
+# float32 value each 4-bit code dequantizes to (before the absmax multiply).
+VALUES = {"nf4": NF4, "fp4": _FP4_VALUES, "int4": INT4}
+
+
+def byte_pair_table(fmt: str) -> np.ndarray:
+  """(256, 2) float32: the values of the high and the low nibble of every code byte
+  (a byte holds the even element in its high nibble), so one lookup decodes a byte."""
+  v = VALUES[fmt]
+  b = np.arange(256)
+  return np.stack([v[b >> 4], v[b & 15]], axis=-1).astype(np.float32)
+
 
 def _sorted_bounds(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Midpoints of the sorted table (float32, as bitsandbytes computes them) and the
@@ -179,7 +197,13 @@ def quantize_blocks(blocks: jax.Array, fmt: str, axis: int = -1) -> tuple[jax.Ar
   """
   absmax = jnp.max(jnp.abs(blocks), axis=axis)
   scaled = blocks * jnp.expand_dims(_inv_absmax(absmax), axis)
-  scaled = jnp.clip(scaled, -1.0, 1.0)
+  return codes_of_scaled(jnp.clip(scaled, -1.0, 1.0), fmt), absmax
+
+
+def codes_of_scaled(scaled: jax.Array, fmt: str) -> jax.Array:
+  """Codes of float32 values already scaled into [-1, 1]: uint8 4-bit codes (0..15,
+  unpacked; nf4/fp4 bucketized against the table's midpoints as bitsandbytes does,
+  ties to the lower code) or int8 for "int8"; same shape as `scaled`."""
   if fmt in ("nf4", "fp4"):
     mids, order = BOUNDS[fmt]
     # torch.bucketize(right=False): the number of midpoints strictly below the value.
@@ -187,21 +211,51 @@ def quantize_blocks(blocks: jax.Array, fmt: str, axis: int = -1) -> tuple[jax.Ar
     for m in mids:
       pos = pos + (scaled > m).astype(jnp.uint8)
     if fmt == "nf4":
-      return pos, absmax
-    return jnp.asarray(order)[pos], absmax
+      return pos
+    return jnp.asarray(order)[pos]
   if fmt == "int4":
     q = jnp.round(scaled * jnp.float32(7.0)).astype(jnp.int32)
-    return (q + 8).astype(jnp.uint8), absmax
+    return (q + 8).astype(jnp.uint8)
   if fmt == "int8":
-    return jnp.round(scaled * jnp.float32(127.0)).astype(jnp.int8), absmax
+    return jnp.round(scaled * jnp.float32(127.0)).astype(jnp.int8)
   raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
 
 
+# bitsandbytes clamps the absmax of a trailing partial block at 1e-38 and stores it so.
+BNB_MIN_ABSMAX = np.float32(1e-38)
+
+
+def quantize_flat(x: jax.Array, fmt: str, block: int) -> tuple[jax.Array, jax.Array]:
+  """bitsandbytes' `quantize_4bit` of a flattened weight, blocks running over it.
+
+  Args:
+    x: float32 (n,), the weight flattened in PyTorch's (out, in) row-major order.
+  Returns:
+    codes: (n,) unpacked codes (uint8, or int8 for "int8"); absmax: float32
+    (ceil(n / block),). Full blocks scale by `1 / absmax`; a trailing partial block
+    divides by its absmax clamped at 1e-38 and stores that clamped absmax, exactly
+    as bitsandbytes does.
+  """
+  n = x.shape[0]
+  full = n // block * block
+  codes, absmax = quantize_blocks(x[:full].reshape(full // block, block), fmt)
+  codes = codes.reshape(full)
+  if full == n:
+    return codes, absmax
+  tail = x[full:]
+  am = jnp.max(jnp.abs(tail))
+  safe = jnp.where(am > 0, am, jnp.float32(1.0))
+  scaled = jnp.where(am > 0, tail / safe, jnp.zeros_like(tail))
+  tail_codes = codes_of_scaled(jnp.clip(scaled, -1.0, 1.0), fmt)
+  am = jnp.where(am > 0, am, jnp.asarray(BNB_MIN_ABSMAX))
+  return jnp.concatenate([codes, tail_codes]), jnp.concatenate([absmax, am[None]])
+
+
 def code_values(codes: jax.Array, fmt: str) -> jax.Array:
-  """float32 value in [-1, 1] of each (unpacked) code."""
+  """float32 value in [-1, 1] of each (unpacked) code (`VALUES`: FP4 code 8 is -0.0)."""
   if fmt == "int8":
     return codes.astype(jnp.float32) * jnp.float32(1.0 / 127.0)
-  return jnp.asarray(TABLES[fmt])[codes.astype(jnp.int32)]
+  return jnp.asarray(VALUES[fmt]).at[codes.astype(jnp.uint8)].get(mode="promise_in_bounds")
 
 
 def pack_nibbles(codes: jax.Array) -> jax.Array:

@@ -22,7 +22,7 @@ from jax import lax
 from jax.extend.core import primitives as P
 
 import lora_jax as lj
-from quantization import _array, _pallas
+from quantization import _pallas
 from quantization import _formats as F
 from quantization._array import QuantizedArray
 from quantization._group import GroupQuantizedArray
@@ -41,6 +41,17 @@ def _tile_rows(n: int, k: int, max_elements: int) -> int:
   return max(8, (max_elements // max(k, 1)) // 8 * 8)
 
 
+def _aligned_tile_rows(q, max_elements: int) -> int:
+  """Output rows per tile, a multiple of the kind's `row_step` (a flat-layout
+  `QuantizedArray` tile must start and end on a block of its flattened weight)."""
+  k, n = q.kernel_shape
+  tn = _tile_rows(n, k, max_elements)
+  step = int(getattr(q, "row_step", 1))
+  if tn >= n or step <= 1:
+    return tn
+  return min(max(step, tn // step * step), n)
+
+
 def _row_tiles(q, tn: int):
   """(leaf ready for `rows`, number of full tiles of `tn` output rows, remainder rows)."""
   n = q.kernel_shape[1]
@@ -49,7 +60,7 @@ def _row_tiles(q, tn: int):
 
 def _byte_tables(fmt: str):
   """(256,) float32 values of the high and the low nibble of every code byte."""
-  t = F.TABLES[fmt]
+  t = F.VALUES[fmt]
   b = np.arange(256)
   return jnp.asarray(t[b >> 4]), jnp.asarray(t[b & 15])
 
@@ -75,7 +86,7 @@ def _gemv_lut(x, q: QuantizedArray, tile_elements: int, out_dtype):
   k, n = q.kernel_shape
   x1 = jnp.pad(x.reshape(k).astype(jnp.float32), (0, q.pad))
   xe, xo = x1[0::2], x1[1::2]
-  tn = _tile_rows(n, k, tile_elements)
+  tn = _aligned_tile_rows(q, tile_elements)
   lut = lambda qq: _gemv_lut_rows(xe, xo, qq.codes, qq.absmax, q.format, q.block_size)  # noqa: E731
   qd, t, r = _row_tiles(q, tn)
   if t <= 1 and not (t == 1 and r):
@@ -91,18 +102,18 @@ def matmul_xla(x: jax.Array, q, *, precision=None,
   """`x @ W`, x (..., in) -> (..., out), for any quantized kind: dequantize by tiles of
   output rows (`q.rows`), then dot_general; at most one tile is dense at a time.
 
-  A single activation row (GEMV) with a 4-bit `QuantizedArray` takes a lookup-table
-  path instead: per byte position, the 256 possible partial products are tabulated
+  A single activation row (GEMV) with a 4-bit rows-layout `QuantizedArray` takes a
+  lookup-table path instead: per byte position, the 256 possible partial products are tabulated
   from x, and each code byte is one lookup (about 2x faster on CPU, accumulates in f32).
   """
   k, n = q.kernel_shape
   dt = q.dtype if x.dtype == q.dtype else x.dtype
-  if (isinstance(q, QuantizedArray) and q.format in F.FOUR_BIT
+  if (isinstance(q, QuantizedArray) and q.format in F.FOUR_BIT and q.layout == "rows"
       and int(np.prod(x.shape[:-1])) == 1):
     return _gemv_lut(x, q, tile_elements, preferred_element_type or x.dtype)
   kw = {"precision": precision, "preferred_element_type": preferred_element_type}
   dims = (((x.ndim - 1,), (1,)), ((), ()))
-  tn = _tile_rows(n, k, tile_elements)
+  tn = _aligned_tile_rows(q, tile_elements)
   if tn >= n:
     return lax.dot_general(x, q.dequantize_t(dt), dims, **kw)
   qd, t, r = _row_tiles(q, tn)
@@ -126,7 +137,7 @@ def matmul_t_xla(y: jax.Array, q, *, precision=None,
   dt = q.dtype if y.dtype == q.dtype else y.dtype
   kw = {"precision": precision, "preferred_element_type": preferred_element_type}
   dims = (((y.ndim - 1,), (0,)), ((), ()))
-  tn = _tile_rows(n, k, tile_elements)
+  tn = _aligned_tile_rows(q, tile_elements)
   if tn >= n:
     return lax.dot_general(y, q.dequantize_t(dt), dims, **kw)
   qd, t, r = _row_tiles(q, tn)
@@ -150,7 +161,7 @@ def _platform() -> str:
   return jax.default_backend()
 
 
-def _resolve(backend: str) -> str:
+def _resolve(backend: str, q: QuantizedArray | None = None) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"qz.matmul: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
   if backend == "auto":
@@ -159,13 +170,20 @@ def _resolve(backend: str) -> str:
 
 
 def _forward(x, q, backend, tiles, interpret, precision, preferred_element_type):
-  if backend == "xla" or (backend == "auto-pallas" and not isinstance(q, QuantizedArray)):
-    # group-wise kinds have no Pallas kernel yet: "auto" takes the XLA path for them
+  has_kernel = isinstance(q, QuantizedArray) and q.layout == "rows"
+  if backend == "xla" or (backend == "auto-pallas" and not has_kernel):
+    # group-wise kinds and bnb's flat layout have no Pallas kernel: "auto" takes XLA
     return matmul_xla(x, q, precision=precision,
                       preferred_element_type=preferred_element_type)
   if not isinstance(q, QuantizedArray):
     raise ValueError(f"qz.matmul: backend 'pallas' has kernels for QuantizedArray "
                      f"(nf4/fp4/int4/int8) only, not {type(q).__name__}; use 'xla' or 'auto'")
+  if q.layout != "rows":
+    raise ValueError(
+        f"qz.matmul: backend 'pallas' reads the rows layout (blocks along each row); this "
+        f"weight {q.shape} ({q.format}, block {q.block_size}) has the {q.layout!r} layout "
+        "(bitsandbytes' blocks across rows, in_features not a multiple of the block); "
+        "use backend='xla' or 'auto'")
   platform = "tpu" if _platform() == "tpu" else "gpu"
   if interpret is None:
     interpret = _platform() not in ("gpu", "cuda", "rocm", "tpu")
@@ -215,9 +233,10 @@ def matmul(x: jax.Array, q, backend: str = "auto", *,
     q: an unbatched quantized kernel (`QuantizedArray`, `GroupQuantizedArray`, or a
       kind registered with `register_quantized_kind`) with logical shape (in, out)
       (use `jax.vmap` for stacked weights).
-    backend: "auto" (Pallas on GPU/TPU for `QuantizedArray`, XLA elsewhere and for the
-      other kinds), "xla" or "pallas" ("pallas" on CPU runs the kernel in the
-      interpreter).
+    backend: "auto" (Pallas on GPU/TPU for a rows-layout `QuantizedArray`, XLA
+      elsewhere, for bnb's flat layout and for the other kinds), "xla" or "pallas"
+      ("pallas" on CPU runs the kernel in the interpreter; it refuses the other kinds
+      and the flat layout with a ValueError).
     tiles: `QMatmulTiles` for the Pallas kernels.
     interpret: force (or forbid) Pallas interpret mode; default: on off GPU/TPU.
     precision, preferred_element_type: as `lax.dot_general`.
@@ -241,7 +260,7 @@ def matmul(x: jax.Array, q, backend: str = "auto", *,
                      f"W {q.shape}: the last axis of x must be {q.kernel_shape[0]}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"qz.matmul: x must be floating, got {np.dtype(x.dtype).name}")
-  backend = _resolve(backend)
+  backend = _resolve(backend, q)
   return _qmatmul(x, q, backend, tiles or _pallas.QMatmulTiles(), interpret, precision,
                   preferred_element_type)
 
@@ -338,13 +357,25 @@ def _gather_rule(prim, q, indices, *, dimension_numbers, slice_sizes, **params):
       or tuple(dn.offset_dims) != (indices.ndim - 1,)):
     return NotImplemented
   ids = jnp.clip(indices[..., 0], 0, vocab - 1).astype(jnp.int32)
+  if q.layout == "flat":
+    if vocab * dim >= 2 ** 31:
+      return NotImplemented            # flat indices would overflow int32
+    # kernel element (v, d) is storage element (d, v): flat index d * vocab + v
+    flat = jnp.arange(dim, dtype=jnp.int32).reshape(dim, *([1] * ids.ndim)) * vocab + ids[None]
+    s = q.scales()[flat // q.block_size]                 # (dim, *ids)
+    if q.format == "int8":
+      vals = F.code_values(q.codes[flat], q.format)
+    else:
+      byte = q.codes[flat // 2]
+      vals = F.code_values(jnp.where(flat % 2 == 0, byte >> 4, byte & jnp.uint8(15)),
+                           q.format)
+    return jnp.moveaxis((vals * s).astype(q.dtype), 0, -1)
   scales = q.scales()                                    # (dim, vocab_pad / block)
   s = scales[:, ids // q.block_size]                     # (dim, *ids)
   if q.format == "int8":
     c = q.codes[:, ids]
     vals = c.astype(jnp.float32) * jnp.float32(1.0 / 127.0)
   else:
-    from quantization import _formats as F
     byte = q.codes[:, ids // 2]
     nib = jnp.where(ids % 2 == 0, byte >> 4, byte & jnp.uint8(15))
     vals = F.code_values(nib, q.format)

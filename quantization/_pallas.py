@@ -51,7 +51,7 @@ def _lookup(codes, fmt: str):
   """float32 code values via a select chain (no gathers inside kernels)."""
   if fmt == "int8":
     return codes.astype(jnp.float32) * jnp.float32(1.0 / 127.0)
-  table = F.TABLES[fmt]
+  table = F.VALUES[fmt]
   c = codes.astype(jnp.int32)
   out = jnp.zeros(c.shape, jnp.float32)
   for i, v in enumerate(table):

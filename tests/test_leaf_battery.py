@@ -1,7 +1,7 @@
 """One conformance battery for every leaf kind.
 
-Each kind (LoRA, DoRA, QLoRA NF4, QDoRA, multi-LoRA, a quantized leaf alone, a fully
-trained `Trainable`, and a small kind defined here as a user would, through
+Each kind (LoRA, DoRA, QLoRA NF4, QDoRA, multi-LoRA, a quantized leaf alone in either
+layout, a fully trained `Trainable`, and a small kind defined here as a user would, through
 `lora_jax.extend`) is one factory. Every case runs on every kind that supports it,
 eager and under `jit`: `implicit(f)(params, x)` equals the reference computed on the
 dense weights (values, dtypes, shapes), gradients with respect to the trainable parts
@@ -142,6 +142,12 @@ KINDS = [
     Kind("qlora_nf4", _qlora, nd=False),
     Kind("qdora_nf4", _qdora, nd=False),
     Kind("quantized", lambda key, shape, axes="io": _qbase(key, shape), nd=False),
+    # bitsandbytes' layout: blocks over the flattened weight, crossing its rows; only the
+    # cases whose rules read the layout (control flow is the interpreter's, layout-blind)
+    Kind("quantized_flat", lambda key, shape, axes="io": qz.quantize_array(
+        _normal(key, shape), "fp4", 32, double_quant=True, layout="flat"), nd=False,
+         tags=frozenset({"dot", "dot_lhs", "out_contract", "convert", "gather", "stacked",
+                         "vmap"})),
     Kind("trainable", _trainable),
     Kind("column_scaled", _column_scaled, nd=False),
     # one weight per row: no dense form, so no user jvp/vjp rule can be fed one

@@ -24,9 +24,15 @@ def _normal(seed, shape, scale=0.02, dtype=jnp.float32):
 def test_tables_equal_bitsandbytes():
   torch = pytest.importorskip("torch")
   bf = pytest.importorskip("bitsandbytes.functional")
-  np.testing.assert_array_equal(F.NF4, bf.get_4bit_type("nf4", device="cpu").numpy())
-  np.testing.assert_array_equal(F.FP4, bf.get_4bit_type("fp4", device="cpu").numpy())
-  np.testing.assert_array_equal(F.DYNAMIC8, bf.create_dynamic_map().numpy())
+  bits = lambda t: np.asarray(t, np.float32).view(np.uint32)  # noqa: E731  (signed zeros)
+  np.testing.assert_array_equal(bits(F.NF4), bits(bf.get_4bit_type("nf4", device="cpu")))
+  np.testing.assert_array_equal(bits(F.FP4), bits(bf.get_4bit_type("fp4", device="cpu")))
+  np.testing.assert_array_equal(bits(F.DYNAMIC8), bits(bf.create_dynamic_map()))
+  # the values codes dequantize to: the tables, except FP4's code 8, which bitsandbytes'
+  # kernels dequantize to -0.0 (sign bit set) though its table holds +0.0
+  np.testing.assert_array_equal(bits(F.VALUES["nf4"]), bits(F.NF4))
+  assert bits(F.VALUES["fp4"])[8] == np.float32(-0.0).view(np.uint32) != bits(F.FP4)[8]
+  np.testing.assert_array_equal(np.delete(bits(F.VALUES["fp4"]), 8), np.delete(bits(F.FP4), 8))
   # FP4's sorted order (bucket -> code) is torch.argsort of the table, as bnb uses it.
   np.testing.assert_array_equal(F.BOUNDS["fp4"][1],
                                 torch.argsort(torch.from_numpy(F.FP4)).numpy())
