@@ -24,10 +24,18 @@ from test_merging_cli import load_dir, load_dir_f32, make_llama  # noqa: E402
 MK_BIN = os.path.dirname(sys.executable)
 
 
-def mergekit_yaml(cfg_path, out, *extra):
-  subprocess.run([os.path.join(MK_BIN, "mergekit-yaml"), str(cfg_path), str(out),
-                  "--no-copy-tokenizer", "--no-write-model-card", "--quiet", *extra],
-                 check=True, capture_output=True)
+def mergekit_yaml(cfg_path, out, *extra, subprocess_run=False):
+  """mergekit-yaml on a config: its click command in this process (the same entry point
+  and option parsing as the executable, without a ~12 CPU-s torch + mergekit import per
+  call), or with `subprocess_run` the installed `mergekit-yaml` executable itself."""
+  args = [str(cfg_path), str(out), "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
+          *extra]
+  if subprocess_run:
+    subprocess.run([os.path.join(MK_BIN, "mergekit-yaml"), *args], check=True,
+                   capture_output=True)
+  else:
+    from mergekit.scripts.run_yaml import main
+    main.main(args, prog_name="mergekit-yaml", standalone_mode=False)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +170,7 @@ def test_mergekit_flags_are_accepted_and_change_nothing(tmp_path):
          "models": [{"model": m1, "parameters": {"weight": 0.7, "density": 0.5}}]}
   path = write_yaml(tmp_path / "c.yml", cfg)
   mergekit_yaml(path, tmp_path / "mk", "--random-seed", "3", "--lazy-unpickle",
-                "--allow-crimes", "--out-shard-size", "1B")
+                "--allow-crimes", "--out-shard-size", "1B", subprocess_run=True)
   flags = ["--lazy-unpickle", "--allow-crimes", "--cuda", "--device", "cpu", "--random-seed",
            "3", "--write-model-card", "--trust-remote-code", "--lora-merge-cache",
            str(tmp_path / "cache"), "--transformers-cache", str(tmp_path / "tc"),

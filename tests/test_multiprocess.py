@@ -20,7 +20,9 @@ def _free_port():
 @pytest.mark.slow
 def test_two_process_sharded_lora_forward_and_grad():
   port, n = _free_port(), 2
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()   # keep conftest's compile flags
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env = dict(os.environ, XLA_FLAGS=" ".join(["--xla_force_host_platform_device_count=2", *flags]),
              JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen([sys.executable, WORKER, str(port), str(i), str(n)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
