@@ -26,25 +26,12 @@ import optax
 import lora_jax as lj
 import quantization as qz
 from lora_jax.models import llama
+from qlora import bigram_batch  # the same synthetic language as examples/qlora.py
 
-VOCAB, SEQ, BATCH, STEPS = 128, 32, 16, 40
+VOCAB, SEQ, BATCH, STEPS = 128, 32, 16, 40   # VOCAB: qlora.bigram_batch's
 TARGETS = r"layers/\d+/(self_attn|mlp)/\w+_proj/kernel"
 FORMATS = {3: qz.QuantConfig("int3", 64, symmetric=False, targets=TARGETS),
            2: qz.QuantConfig("int2", 32, symmetric=False, targets=TARGETS)}
-
-
-def bigram_batch(key, table, batch, seq):
-  """Token sequences from a fixed random bigram chain (a tiny synthetic language)."""
-  k0, k1 = jax.random.split(key)
-  first = jax.random.randint(k0, (batch,), 0, VOCAB)
-  keys = jax.random.split(k1, seq - 1)
-
-  def step(tok, k):
-    nxt = jax.random.categorical(k, table[tok])
-    return nxt, nxt
-
-  _, rest = jax.lax.scan(step, first, keys)
-  return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 
 def finetune(qbase, config, table, steps: int) -> list[float]:
