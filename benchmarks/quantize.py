@@ -16,10 +16,14 @@ Dequantization: `qz.dequantize(q)` (the kernel `(in, out)`, what a model compute
 and `q.dequantize_t()` (PyTorch's `(out, in)`, the layout bitsandbytes returns) against
 bitsandbytes' CPU `dequantize_4bit` of the same weight (its output is `(out, in)`), with
 and without double quantization; the ratio is bnb time / our time (target >= 1). Calls
-alternate between the contenders so a loaded machine slows them alike. The "bits equal"
+alternate between the contenders so a loaded machine slows them alike, each after a
+20 ms pause (OpenMP threads spin after bitsandbytes' call and would slow the next one). The "bits equal"
 column compares every float32 bit pattern with bnb's result. "previous" is the
 implementation before the byte-pair table and the kernel-layout decode (unpack nibbles,
-look up, multiply, transpose), rebuilt here for comparison.
+look up, multiply, transpose), rebuilt here for comparison. "floor" writes a constant
+into a fresh float32 array of the same size: the allocation and first-touch page
+faults every contender pays for its fresh 64 MiB output, which dominate at 4096 x 4096
+(a fill of an already mapped buffer is several times faster).
 
     python benchmarks/quantize.py               # 4096 x 4096
     python benchmarks/quantize.py --dim 1024    # smaller
@@ -29,6 +33,7 @@ look up, multiply, transpose), rebuilt here for comparison.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -51,14 +56,17 @@ def _time(fn, reps):
   return statistics.median(ts)
 
 
-def _time_alternating(fns, reps):
-  """Median wall time of each function, calls interleaved (a, b, c, a, b, c, ...)."""
+def _time_alternating(fns, reps, pause=0.02):
+  """Median wall time of each function, calls interleaved (a, b, c, a, b, c, ...), with
+  a short pause before each call: OpenMP worker threads (bitsandbytes', torch's) spin
+  for a while after their work and would otherwise slow whichever call comes next."""
   for fn in fns:
     fn()
     fn()                                         # compile, then warm caches
   ts = [[] for _ in fns]
   for _ in range(reps):
     for i, fn in enumerate(fns):
+      time.sleep(pause)
       t = time.perf_counter()
       fn()
       ts[i].append(time.perf_counter() - t)
@@ -73,6 +81,12 @@ def _previous_materialize(codes, scales):
   n, kp = vals.shape
   w = (vals.reshape(n, kp // 64, 64) * scales[..., None]).reshape(n, kp)
   return w.T
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _fill(v, d):
+  """A fresh (d, d) float32 array, every element written once."""
+  return jnp.broadcast_to(v, (d, d)) + v
 
 
 def quantize_section(args, wt, w, bf, torch_w):
@@ -110,7 +124,7 @@ def dequantize_section(args, wt, bf, torch_w):
   print(f"NF4 dequantization of a {d}x{d} weight to float32, block 64 (ms, median of "
         f"{args.reps}; ratio = bnb / ours)")
   head = (f"{'double quant':<13} {'bnb':>8} {'qz.dequantize':>14} {'ratio':>7} {'dequantize_t':>13} "
-          f"{'ratio':>7} {'previous':>9} {'ratio':>7} {'bits equal':>11}")
+          f"{'ratio':>7} {'previous':>9} {'ratio':>7} {'bits equal':>11} {'floor':>6}")
   print(head)
   print("-" * len(head))
   for dq in (False, True):
@@ -123,18 +137,18 @@ def dequantize_section(args, wt, bf, torch_w):
     same = (np.array_equal(np.asarray(qz.dequantize(q)).view(np.uint32), ref.T.view(np.uint32))
             and np.array_equal(np.asarray(q.dequantize_t()).view(np.uint32),
                                ref.view(np.uint32)))
-    scales = q.scales()
-    t_bnb, t_mat, t_t, t_prev = _time_alternating([
+    one = jnp.ones((), jnp.float32)
+    t_bnb, t_mat, t_t, t_prev, t_floor = _time_alternating([
         lambda: bf.dequantize_4bit(packed, st),
         lambda: jax.block_until_ready(qz.dequantize(q)),
         lambda: jax.block_until_ready(q.dequantize_t()),
         lambda: jax.block_until_ready(_previous_materialize(q.codes, q.scales())),
+        lambda: jax.block_until_ready(_fill(one, d)),
     ], args.reps)
-    del scales
     ms = lambda t: f"{t * 1e3:.1f}"  # noqa: E731
     print(f"{dq!s:<13} {ms(t_bnb):>8} {ms(t_mat):>14} {t_bnb / t_mat:>6.2f}x {ms(t_t):>13} "
           f"{t_bnb / t_t:>6.2f}x {ms(t_prev):>9} {t_bnb / t_prev:>6.2f}x "
-          f"{'yes' if same else 'NO':>11}")
+          f"{'yes' if same else 'NO':>11} {ms(t_floor):>6}")
 
 
 def main():
