@@ -672,7 +672,9 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
     `(LlamaConfig, params)`, PyTorch `(out, in)` weights transposed to `(in, out)`.
     A bitsandbytes 4-bit checkpoint (saved by transformers with `load_in_4bit`)
     gives `quantization.QuantizedArray` kernels (same bytes, NF4/FP4, double
-    quantization kept); run it with `lj.implicit(llama.forward)`.
+    quantization kept; a layer whose in_features is not a multiple of the block,
+    so that bnb's blocks cross rows, in the "flat" layout); run it with
+    `lj.implicit(llama.forward)`.
 
   Raises:
     FileNotFoundError for missing files; ValueError naming the tensor for
