@@ -375,10 +375,18 @@ def quantize_dynamic8(values: jax.Array, block: int = NESTED_BLOCK):
 
 
 def dequantize_dynamic8(codes: jax.Array, absmax: jax.Array, block: int = NESTED_BLOCK):
-  """codes uint8 (n,), absmax (ceil(n/block),) -> float32 (n,): code[q] * absmax."""
+  """codes uint8 (..., n), absmax (..., ceil(n/block)) -> float32 (..., n): code[q] * absmax.
+
+  Blocks are formed by padding and reshaping, so each scale multiplies its block by
+  broadcasting (a `repeat` of the scales measured ~20x slower on CPU)."""
   n = codes.shape[-1]
-  scale = jnp.repeat(absmax, block, axis=-1, total_repeat_length=absmax.shape[-1] * block)
-  return jnp.asarray(DYNAMIC8)[codes.astype(jnp.int32)] * scale[..., :n]
+  nb = absmax.shape[-1]
+  lead = codes.shape[:-1]
+  c = codes.astype(jnp.uint8)
+  if nb * block != n:
+    c = jnp.pad(c, [(0, 0)] * len(lead) + [(0, nb * block - n)])
+  vals = jnp.asarray(DYNAMIC8).at[c].get(mode="promise_in_bounds").reshape(*lead, nb, block)
+  return (vals * absmax[..., None]).reshape(*lead, nb * block)[..., :n]
 
 
 def double_quantize(absmax: jax.Array):

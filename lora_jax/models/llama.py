@@ -685,12 +685,14 @@ def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
     `(LlamaConfig, params)`, PyTorch `(out, in)` weights transposed to `(in, out)`.
     A bitsandbytes 4-bit checkpoint (saved by transformers with `load_in_4bit`)
     gives `quantization.QuantizedArray` kernels (same bytes, NF4/FP4, double
-    quantization kept); a compressed-tensors "pack-quantized" checkpoint (what
-    llm-compressor saves: GPTQ / RTN int2/3/4/8, groups or per channel, symmetric or
-    with zero points) gives `quantization.GroupQuantizedArray` kernels with the file's
-    packed words, scales and zero points, and the modules its `quantization_config`
-    ignores (lm_head, ...) dense. Run either with `lj.implicit(llama.forward)`;
-    quantized kernels compute in `dtype`, their scales keep the file's dtype.
+    quantization kept; a layer whose in_features is not a multiple of the block,
+    so that bnb's blocks cross rows, in the "flat" layout); a compressed-tensors
+    "pack-quantized" checkpoint (what llm-compressor saves: GPTQ / RTN int2/3/4/8,
+    groups or per channel, symmetric or with zero points) gives
+    `quantization.GroupQuantizedArray` kernels with the file's packed words, scales
+    and zero points, and the modules its `quantization_config` ignores (lm_head, ...)
+    dense. Run either with `lj.implicit(llama.forward)`; quantized kernels compute in
+    `dtype`, their scales keep the file's dtype.
 
   Raises:
     FileNotFoundError for missing files; ValueError naming the tensor for
