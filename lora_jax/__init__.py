@@ -10,6 +10,7 @@ from lora_jax._lora import (LoraConfig, combine, init, merge, split, summary,
                             trainable_mask, with_dropout_rng)
 from lora_jax._lora_weight import LoraWeight, LowRankWeight, check_factors
 from lora_jax._qalora import QALoraWeight
+from lora_jax._iec import IecLoraWeight
 from lora_jax._loraplus import loraplus, loraplus_labels
 from lora_jax import extend  # noqa: F401  (the public seam for leaf authors)
 from lora_jax._serving import MultiLoraWeight, set_adapter, stack_adapters, with_adapter_ids
@@ -28,5 +29,5 @@ __all__ = [
     "DoraWeight", "to_dora", "LLAMA_NAME_MAP", "load_adapter", "save_adapter",
     "MultiLoraWeight", "stack_adapters", "with_adapter_ids", "set_adapter",
     "partition_specs", "named_shardings", "shard", "to_standard_lora",
-    "Trainable", "loraplus", "loraplus_labels", "QALoraWeight",
+    "Trainable", "loraplus", "loraplus_labels", "QALoraWeight", "IecLoraWeight",
 ]

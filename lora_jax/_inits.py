@@ -30,6 +30,7 @@ import numpy as np
 
 from lora_jax import _paths
 from lora_jax._implicit import ImplicitArray, is_implicit
+from lora_jax._iec import to_lora
 from lora_jax._lora_weight import LoraWeight, LowRankWeight
 
 MUTATING_INITS = ("pissa", "olora")   # and "pissa_niter_<n>" (randomized SVD)
@@ -97,13 +98,17 @@ def residual(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, axes: str) 
   return (w.astype(jnp.float32) - delta.delta()).astype(w.dtype)
 
 
-def to_standard_lora(trained: Any, initial: Any) -> Any:
-  """A PiSSA/OLoRA adapter as a plain LoRA adapter on the original base.
+def to_standard_lora(trained: Any, initial: Any = None) -> Any:
+  """A PiSSA/OLoRA adapter as a plain LoRA adapter on the original base; an IEC
+  adapter as a plain LoRA adapter.
 
   Args:
     trained: the params after training, whose `LoraWeight`s sit on the residual base.
     initial: the params right after `lj.init(..., LoraConfig(init="pissa" | "olora"))`
-      (same structure; the residual base and the initial factors `a0`, `b0`).
+      (same structure; the residual base and the initial factors `a0`, `b0`). None:
+      only convert `IecLoraWeight` leaves to their exact `LoraWeight` form
+      (`as_lora()`: effective factors, same rank), which PEFT, vLLM, the serving
+      bank and the adapter merges hold; other leaves are returned unchanged.
 
   Returns:
     `params` whose `LoraWeight`s have `w = residual + scale * a0 @ b0` (the original
@@ -112,6 +117,10 @@ def to_standard_lora(trained: Any, initial: Any) -> Any:
     writes what PEFT writes with `path_initial_model_for_weight_conversion`
     (r and lora_alpha doubled).
   """
+  trained = to_lora(trained)
+  if initial is None:
+    return trained
+  initial = to_lora(initial)
   is_lw = lambda x: isinstance(x, LowRankWeight)  # noqa: E731
   init_leaves = dict(_paths.leaves_with_paths(initial, is_leaf=is_lw))
 

@@ -17,6 +17,7 @@ from lora_jax._implicit import ImplicitArray, is_implicit, materialize
 from lora_jax._inits import is_mutating, mutating_factors, residual
 from lora_jax._lora_weight import LoraWeight, check_factors
 from lora_jax._qalora import QALoraWeight
+from lora_jax._iec import IecLoraWeight, check_iec_shape
 from lora_jax._trainable import Trainable
 
 INITS = ("default", "gaussian", "zeros", "pissa", "olora")
@@ -58,6 +59,13 @@ class LoraConfig:
       "gaussian" or "zeros"; not with `use_dora`.
     qalora_group_size: `L`, inputs pooled per row of `a` (PEFT `qalora_group_size`,
       default 16 as PEFT's).
+    use_iec: IR-QLoRA's information elastic connection: targets become
+      `lj.IecLoraWeight`s with two trained scalars per layer, `beta_a` on the mean of
+      each of `r` input groups and `beta_b` on `h` repeated over `r` output groups
+      (both 0 at init, so a fresh adapter is plain LoRA). Needs "io" kernels (stacked
+      "lio" too) whose input and output sizes the rank divides; not with `use_dora`
+      or `use_qalora`; any `init`. Pair it with an ICQ base
+      (`qz.QuantConfig(format="nf4", icq=True)`) for IR-QLoRA.
   """
 
   rank: int = 8
@@ -74,8 +82,14 @@ class LoraConfig:
   modules_to_save: str | Sequence[str] | None = None
   use_qalora: bool = False
   qalora_group_size: int = 16
+  use_iec: bool = False
 
   def __post_init__(self):
+    if self.use_iec and (self.use_dora or self.use_qalora):
+      raise ValueError("LoraConfig: use_iec=True with "
+                       f"{'use_dora' if self.use_dora else 'use_qalora'}=True is not "
+                       "supported: the elastic connection is defined on plain LoRA "
+                       "factors (IR-QLoRA)")
     L = self.qalora_group_size
     if isinstance(L, bool) or not isinstance(L, (int, np.integer)) or L < 1:
       raise ValueError(f"LoraConfig.qalora_group_size must be a positive int, got {L!r}")
@@ -225,6 +239,8 @@ def init(key: jax.Array, params: Any, cfg: LoraConfig, *, fn: Callable | None = 
                        f"(layout {lay!r})")
     dtype = cfg.dtype or leaf.dtype
     fan_in = int(np.prod(ins))
+    if cfg.use_iec:
+      check_iec_shape(shape, axes, r, f"{path} (layout {lay!r})")
     if cfg.use_qalora:
       L = int(cfg.qalora_group_size)
       if axes != "io":
@@ -244,7 +260,7 @@ def init(key: jax.Array, params: Any, cfg: LoraConfig, *, fn: Callable | None = 
       w = residual(leaf, a, b, cfg.scale_for(path), axes)
       lw = LoraWeight(w=w, a=a.astype(dtype), b=b.astype(dtype), scale=cfg.scale_for(path),
                       axes=axes, dropout=float(cfg.dropout))
-      return dora_from_lora(lw) if cfg.use_dora else lw
+      return _finish(lw)
     if cfg.init == "default":
       # PEFT: kaiming_uniform_(A, a=sqrt(5)) on A (r, in) -> U(-1/sqrt(in), 1/sqrt(in)).
       bound = 1.0 / math.sqrt(fan_in)
@@ -260,7 +276,16 @@ def init(key: jax.Array, params: Any, cfg: LoraConfig, *, fn: Callable | None = 
                           group_size=int(cfg.qalora_group_size))
     lw = LoraWeight(w=leaf, a=a.astype(dtype), b=b, scale=cfg.scale_for(path),
                     axes=axes, dropout=float(cfg.dropout))
-    return dora_from_lora(lw) if cfg.use_dora else lw
+    return _finish(lw)
+
+  def _finish(lw: LoraWeight):
+    if cfg.use_dora:
+      return dora_from_lora(lw)
+    if cfg.use_iec:
+      zero = jnp.zeros(lw.w.shape[:lw.nbatch], lw.a.dtype)
+      return IecLoraWeight(w=lw.w, a=lw.a, b=lw.b, scale=lw.scale, axes=lw.axes,
+                           dropout=lw.dropout, beta_a=zero, beta_b=zero)
+    return lw
 
   return _paths.map_with_path(make, params, is_leaf=is_implicit)
 

@@ -60,6 +60,7 @@ from lora_jax.checkpoint import NameTable, inside, read_json, read_safetensors
 from lora_jax._implicit import ImplicitArray, is_implicit
 from lora_jax._lora_weight import LoraWeight, LowRankWeight
 from lora_jax._qalora import QALoraWeight
+from lora_jax._iec import IecLoraWeight, check_iec_shape
 from lora_jax._trainable import Trainable
 
 CONFIG_NAME = "adapter_config.json"
@@ -94,6 +95,9 @@ _SUFFIXES = {
     ".lora_magnitude_vector": "m", ".lora_magnitude_vector.weight": "m",
     ".lora_embedding_A": "EA", ".lora_embedding_B": "EB",
     ".base_layer.weight": "W",    # PEFT's save_embedding_layers: the base weight, saved
+    # IR-QLoRA's elastic connection: the reference implementation's parameter names
+    # (what PEFT's save_pretrained writes for its IRQLoraLinear4bit modules)
+    ".lora_default_A_scale": "IA", ".lora_default_B_scale": "IB",
 }
 
 
@@ -283,10 +287,58 @@ def _lora_updates(cfg: dict, modules: dict, wfile) -> dict[str, "WeightUpdate"]:
                        f"{tuple(B.shape)} has rank {B.shape[1]}")
     ak = alphas.first(module)
     alpha = float(alpha_pattern[ak]) if ak is not None else float(cfg["lora_alpha"])
+    betas = _iec_betas(parts, key, wfile, cfg, emb, group, use_dora)
+    if betas is not None and not cfg.get("use_iec"):
+      # the reference implementation's files: raw factors beside the betas
+      A, B = iec_effective_torch(A, B, *betas)
     out[module] = WeightUpdate("embedding" if emb else "lora", a=A, b=B, m=parts.get("m"),
                                scale=alpha / math.sqrt(r) if rslora else alpha / r,
-                               base=parts.get("W"), group_size=group)
+                               base=parts.get("W"), group_size=group, iec=betas)
   return out
+
+
+def _iec_betas(parts: dict, key: str, wfile, cfg: dict, emb: bool, group: int,
+               use_dora: bool) -> tuple[float, float] | None:
+  """IEC's `(beta_a, beta_b)` of one module, or None. `use_iec` in the config (ours)
+  needs both in every module; a file without it holding them is the reference
+  implementation's (PEFT's save of IR-QLoRA modules)."""
+  have = [k for k in ("IA", "IB") if k in parts]
+  if not have:
+    if cfg.get("use_iec"):
+      raise ValueError(f"{wfile}: {key}: use_iec=True in {CONFIG_NAME} but the module has no "
+                       "lora_default_A_scale / lora_default_B_scale")
+    return None
+  if len(have) != 2:
+    raise ValueError(f"{wfile}: {key}: IEC needs both lora_default_A_scale and "
+                     f"lora_default_B_scale; found only {'A' if have == ['IA'] else 'B'}")
+  if emb or group or use_dora:
+    raise ValueError(f"{wfile}: {key}: IEC scales on a "
+                     f"{'embedding' if emb else 'QA-LoRA' if group else 'DoRA'} module are "
+                     "not supported (the elastic connection is defined on Linear LoRA)")
+  vals = []
+  for k in ("IA", "IB"):
+    v = np.asarray(parts[k])
+    if v.size != 1 or not np.issubdtype(v.dtype, np.floating) or not np.isfinite(v).all():
+      raise ValueError(f"{wfile}: {key}.lora_default_{k[1]}_scale has shape {v.shape} dtype "
+                       f"{v.dtype}; expected one finite float")
+    vals.append(float(v.reshape(())))
+  return vals[0], vals[1]
+
+
+def iec_effective_torch(A: np.ndarray, B: np.ndarray, beta_a: float, beta_b: float):
+  """IEC's effective LoRA factors in PyTorch layout, float32: lora_A `(r, in)` plus
+  `beta_a` times the group-mean matrix, lora_B `(out, r)` plus `beta_b` times the
+  repeat matrix (see `lj.IecLoraWeight`)."""
+  r, k = A.shape
+  n = B.shape[0]
+  if k % r or n % r:
+    raise ValueError(f"IEC: rank {r} does not divide in={k} and out={n} (lora_A "
+                     f"{tuple(A.shape)}, lora_B {tuple(B.shape)})")
+  eye = np.eye(r, dtype=np.float32)
+  mean = np.repeat(eye, k // r, axis=1) / np.float32(k // r)       # (r, in)
+  rep = np.repeat(eye, n // r, axis=0)                              # (out, r)
+  return (np.asarray(A, np.float32) + np.float32(beta_a) * mean,
+          np.asarray(B, np.float32) + np.float32(beta_b) * rep)
 
 
 def _qalora_group(cfg: dict) -> int:
@@ -303,6 +355,7 @@ class _Entry:
   scale: float
   rank: int
   w: np.ndarray | None = None   # a saved base weight that differs from the base's (ours)
+  iec: tuple[float, float] | None = None   # IEC (beta_a, beta_b); a, b are effective
 
 
 def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | None = None,
@@ -323,6 +376,10 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
     `base_params` with each adapted kernel replaced by a `LoraWeight` (or a
     `DoraWeight` when `use_dora`): `a = lora_A.T` `(in, r)`, `b = lora_B.T` `(r, out)`,
     scale `alpha / r` (rsLoRA: `alpha / sqrt(r)`), `m = lora_magnitude_vector`.
+    IR-QLoRA's elastic connection (`lora_default_A_scale` / `lora_default_B_scale`
+    tensors) gives `IecLoraWeight`s: from our files (`use_iec` in the config, lora_A /
+    lora_B holding the effective factors) and from the reference implementation's
+    (raw factors).
     Stacked parameters get stacked factors: a layer PEFT did not adapt gets zero
     factors (DoRA magnitude `||W||`), which leaves it unchanged; layers of
     different rank are zero-padded to the largest, and a layer whose scale differs
@@ -404,16 +461,21 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
                        + (f" layer {lidx}" if lidx >= 0 else ""))
     w = _saved_base(up.base, base, target, lidx, key, wfile)
     entries[target][lidx] = _Entry(a=np.asarray(A).T, b=np.asarray(B).T, m=m, scale=scale,
-                                   rank=r, w=w)
+                                   rank=r, w=w, iec=up.iec)
 
   built: dict[str, LoraWeight] = {}
   for target, per in entries.items():
     base = leaves[target]
     dt = dtype or base.dtype
+    use_iec = any(e.iec is not None for e in per.values())
+    if use_iec and not all(e.iec is not None for e in per.values()):
+      raise ValueError(f"{wfile}: {target}: some layers have IEC scales and some not")
     if -1 in per:
       e = per[-1]
       w = base if e.w is None else jnp.asarray(e.w)
-      built[target] = _make(w, e.a, e.b, e.m, e.scale, dt, group)
+      built[target] = _make(w, e.a, e.b, e.m, e.scale, dt, group,
+                            None if e.iec is None else (np.float32(e.iec[0]), np.float32(e.iec[1])),
+                            target)
       continue
     for li, e in per.items():
       if e.w is not None:
@@ -427,6 +489,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
     a = np.zeros((L, din // group if group else din, r), np.float32)
     b = np.zeros((L, r, dout), np.float32)
     m = np.zeros((L, dout), np.float32) if use_dora else None
+    betas = (np.zeros(L, np.float32), np.zeros(L, np.float32)) if use_iec else None
     dense = base.materialize() if isinstance(base, ImplicitArray) else base
     wnorm = (np.sqrt(np.sum(np.square(np.asarray(dense, np.float32)), axis=1))
              if use_dora else None)
@@ -437,9 +500,11 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
         b[li, :e.rank] = e.b if e.scale == scale else e.b * np.float32(e.scale / scale)
         if use_dora:
           m[li] = e.m
+        if use_iec:
+          betas[0][li], betas[1][li] = e.iec
       elif use_dora:
         m[li] = wnorm[li]
-    built[target] = _make(base, a, b, m, scale, dt, group)
+    built[target] = _make(base, a, b, m, scale, dt, group, betas, target)
 
   for target, value in _full_weights(full, leaves, name_map, wfile).items():
     if target in built:
@@ -499,6 +564,7 @@ class WeightUpdate:
   value: np.ndarray | None = None   # "full": the saved tensor
   base: np.ndarray | None = None    # a saved base weight (PEFT's save_embedding_layers)
   group_size: int = 0          # QA-LoRA's L: lora_A is (r, in / L), pooled inputs
+  iec: tuple[float, float] | None = None   # IEC (beta_a, beta_b); a, b are then effective
 
   def apply(self, w: np.ndarray) -> np.ndarray:
     """The updated weight, computed in float32 and cast to `w`'s dtype (PyTorch layout).
@@ -590,9 +656,26 @@ def _full_weights(full: dict, leaves: dict, name_map: NameTable, wfile) -> dict:
   return {t: jnp.asarray(v).astype(leaves[t].dtype) for t, v in out.items()}
 
 
-def _make(base, a, b, m, scale, dt, group: int = 0) -> LowRankWeight:
+def _make(base, a, b, m, scale, dt, group: int = 0, iec=None, target: str = "") -> LowRankWeight:
+  """The leaf for loaded factors; with `iec = (beta_a, beta_b)` (scalars, or `(L,)`
+  per stacked layer), `a` and `b` are IEC's effective factors and the raw ones are
+  recovered as `a_eff - beta_a * P`, `b_eff - beta_b * R`."""
+  if iec is not None:
+    r = np.shape(a)[-1]
+    check_iec_shape(np.shape(base), "io", r, f"{target}: loaded IEC adapter")
+    lead = np.shape(base)[:-2]
+    ba, bb = (np.asarray(v, np.float32).reshape(lead) for v in iec)
+    k, n = np.shape(base)[-2:]
+    eye = np.eye(r, dtype=np.float32)
+    mean = np.repeat(eye, k // r, axis=0) / np.float32(k // r)     # (in, r)
+    rep = np.repeat(eye, n // r, axis=1)                            # (r, out)
+    a = np.asarray(a, np.float32) - ba[..., None, None] * mean
+    b = np.asarray(b, np.float32) - bb[..., None, None] * rep
   a = jnp.asarray(np.asarray(a, np.float32)).astype(dt)
   b = jnp.asarray(np.asarray(b, np.float32)).astype(dt)
+  if iec is not None:
+    return IecLoraWeight(w=base, a=a, b=b, scale=float(scale), axes="io",
+                         beta_a=jnp.asarray(ba).astype(dt), beta_b=jnp.asarray(bb).astype(dt))
   if group:
     return QALoraWeight(w=base, a=a, b=b, scale=float(scale), axes="io", group_size=group)
   if m is None:
@@ -617,7 +700,11 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
     path: output directory (created if missing), written atomically: the new files go
       to a temporary sibling directory that replaces `path` in one rename (other files
       already in `path` are kept); an interrupted save leaves the old adapter intact.
-    params: parameters holding `LoraWeight` / `DoraWeight` leaves (unrolled or stacked).
+    params: parameters holding `LoraWeight` / `DoraWeight` / `QALoraWeight` /
+      `IecLoraWeight` leaves (unrolled or stacked). An IEC adapter is written as the
+      LoRA PEFT computes exactly (its effective factors as lora_A / lora_B) plus the
+      betas under the reference implementation's names and `"use_iec": true`, which
+      PEFT ignores (with a warning) and `lj.load_adapter` reads back.
     cfg: optional `lj.LoraConfig`: its `rank`, `alpha` and `rslora` become PEFT's
       `r`, `lora_alpha` and `use_rslora`; modules whose rank or alpha differ go
       to `rank_pattern` / `alpha_pattern`. Without it, the most common rank and
@@ -654,8 +741,12 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
     if isinstance(leaf, QALoraWeight) and lpath.split("/")[-1] == "embedding":
       raise ValueError(f"{lpath}: a QALoraWeight on an embedding has no PEFT layout "
                        "(PEFT's QA-LoRA adapts Linear layers only)")
+    iec = isinstance(leaf, IecLoraWeight)
+    if iec and lpath.split("/")[-1] == "embedding":
+      raise ValueError(f"{lpath}: an IecLoraWeight on an embedding has no PEFT layout "
+                       "(IR-QLoRA's elastic connection adapts Linear layers)")
     kinds.add((isinstance(leaf, DoraWeight),
-               int(leaf.group_size) if isinstance(leaf, QALoraWeight) else 0))
+               int(leaf.group_size) if isinstance(leaf, QALoraWeight) else 0, iec))
     dropout = max(dropout, float(leaf.dropout))
     nb = leaf.nbatch
     if leaf.axes != "io" or nb > 1:
@@ -668,8 +759,14 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
                        + "; pass save_adapter(..., name_map=...)")
     r = leaf.rank
     alpha = leaf.scale * (math.sqrt(r) if rslora else r)
-    a = np.asarray(jnp.asarray(leaf.a))
-    b = np.asarray(jnp.asarray(leaf.b))
+    if iec:   # PEFT gets the exact function: IEC's effective factors, betas beside them
+      ea, eb = leaf.effective_factors()
+      a = np.asarray(ea.astype(leaf.a.dtype))
+      b = np.asarray(eb.astype(leaf.b.dtype))
+      betas = [np.asarray(jnp.asarray(v)) for v in (leaf.beta_a, leaf.beta_b)]
+    else:
+      a = np.asarray(jnp.asarray(leaf.a))
+      b = np.asarray(jnp.asarray(leaf.b))
     m = np.asarray(jnp.asarray(leaf.m)) if isinstance(leaf, DoraWeight) else None
     emb = lpath.split("/")[-1] == "embedding"
     layers = range(leaf.shape[0]) if nb else [None]
@@ -686,15 +783,18 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
         tensors[key + ".lora_B.weight"] = np.ascontiguousarray(sb.T)
       if m is not None:
         tensors[key + ".lora_magnitude_vector"] = np.ascontiguousarray(m[li] if nb else m)
+      if iec:
+        for name, v in zip(("A", "B"), betas):
+          tensors[f"{key}.lora_default_{name}_scale"] = np.reshape(v[li] if nb else v, (1,))
       mods[module] = (r, alpha)
   if not mods:
     raise ValueError("save_adapter: params hold no LoraWeight leaves")
   if len(kinds) > 1:
-    names = sorted(("DoRA" if d else f"QA-LoRA (group {g})" if g else "plain LoRA")
-                   for d, g in kinds)
+    names = sorted(("DoRA" if d else f"QA-LoRA (group {g})" if g else "IEC" if i
+                    else "plain LoRA") for d, g, i in kinds)
     raise ValueError(f"save_adapter: params mix {', '.join(names)} leaves; PEFT's use_dora / "
-                     "use_qalora / qalora_group_size apply to the whole adapter")
-  use_dora, qalora_group = kinds.pop()
+                     "use_qalora / qalora_group_size (and use_iec) apply to the whole adapter")
+  use_dora, qalora_group, use_iec = kinds.pop()
 
   if cfg is not None:
     r0, alpha0 = int(cfg.rank), float(cfg.alpha)
@@ -737,6 +837,11 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
       "base_model_name_or_path": base_model_name_or_path, "layers_to_transform": None,
       "layers_pattern": None, "revision": None,
   }
+  if use_iec:
+    # not a PEFT key (PEFT ignores it with a warning, and the betas' tensors too, and
+    # computes the same function from the effective lora_A / lora_B); our loader
+    # takes the raw factors back as effective - beta * (mean | repeat)
+    config["use_iec"] = True
   # one directory swap: the factors and the config they need are replaced together
   with checkpoint.atomic_directory(path, keep_other_files=True) as tmp:
     checkpoint.write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt"})

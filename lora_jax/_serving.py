@@ -32,6 +32,7 @@ from lora_jax._implicit import (ImplicitArray, base, bind, data, frozen, is_impl
                                 register_dot_rule, register_rule, static)
 from lora_jax._dora import DoraWeight
 from lora_jax._fingerprint import base_fingerprint
+from lora_jax._iec import to_lora as iec_to_lora
 from lora_jax._lora_weight import LoraWeight, LowRankWeight
 from lora_jax._trainable import Trainable
 
@@ -161,7 +162,8 @@ def _traced(x) -> bool:
 
 
 def stack_adapters(trees: Sequence[Any]) -> Any:
-  """Stack LoRA/DoRA trees from `lj.init`/`lj.load_adapter` (one base) into one served tree.
+  """Stack LoRA/DoRA trees from `lj.init`/`lj.load_adapter` (one base) into one served tree
+  (IEC leaves enter as their exact LoRA form, `IecLoraWeight.as_lora()`).
 
   Each adapted kernel becomes a `MultiLoraWeight` whose bank holds every adapter's
   factors (ranks zero-padded to the largest); plain leaves are shared.
@@ -173,6 +175,8 @@ def stack_adapters(trees: Sequence[Any]) -> Any:
   """
   if not trees:
     raise ValueError("stack_adapters needs at least one adapter tree")
+  # an IEC adapter is a plain LoRA with its effective factors (exact, same rank)
+  trees = [iec_to_lora(t) for t in trees]
   for k, t in enumerate(trees):
     for path, x in _paths.leaves_with_paths(t, is_leaf=is_implicit):
       _servable(path, x, k)
@@ -273,7 +277,7 @@ def set_adapter(served: Any, slot: int | jax.Array, tree: Any) -> Any:
   unchanged (and `checkify` reports it). The new adapter's base is checked against the
   served one (same object, or equal fingerprint) when concrete.
   """
-  new = dict(_paths.leaves_with_paths(tree, is_leaf=is_implicit))
+  new = dict(_paths.leaves_with_paths(iec_to_lora(tree), is_leaf=is_implicit))
   for path, x in new.items():
     _servable(path, x, "new")
   multis = [x for _, x in _paths.leaves_with_paths(served, is_leaf=_is_multi) if _is_multi(x)]

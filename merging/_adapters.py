@@ -169,6 +169,8 @@ def merge_adapters(adapters, method="svd", weights=None, *, rank=None, density=N
   if rank is not None and (not isinstance(rank, (int, np.integer)) or rank <= 0):
     raise ValueError(f"merge_adapters: rank must be a positive int, got {rank!r}")
 
+  # an IEC adapter is a plain LoRA with its effective factors (exact, same rank)
+  adapters = [lj.to_standard_lora(ad) for ad in adapters]
   for i, ad in enumerate(adapters):
     for path, x in leaves_with_paths(ad, is_leaf=lj.is_implicit):
       if not (lj.is_implicit(x) and x.trainable_fields) or _is_lora(x):

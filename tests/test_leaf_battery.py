@@ -116,6 +116,36 @@ def _multi(key, shape, axes="io"):
   return served["w"]
 
 
+def _divisor(n, *prefer):
+  return next((d for d in prefer if n % d == 0), 1)
+
+
+def _qalora(key, shape, axes="io", base=None):
+  """QA-LoRA: `a` has one row per group of 2 (or 3) inputs; group 1 where neither divides."""
+  kw, ka, kb = jax.random.split(key, 3)
+  *batch, k, n = shape
+  g = _divisor(k, 2, 3)
+  w = _normal(kw, shape) if base is None else base
+  return lj.QALoraWeight(w=w, a=_normal(ka, (*batch, k // g, 2)),
+                         b=_normal(kb, (*batch, 2, n), 0.5), scale=0.7, group_size=g)
+
+
+def _group_base(key, shape):
+  """A group-wise int4 kernel with zero points (groups of 2 or 3 inputs, or per channel)."""
+  k = shape[-2]
+  return qz.quantize_group_array(_normal(key, shape), bits=4, group_size=_divisor(k, 2, 3, k),
+                                 symmetric=False)
+
+
+def _iec(key, shape, axes="io", base=None):
+  """IEC at rank 1 (the rank must divide in and out): mean of all inputs, repeat to all."""
+  lw = _lora(key, shape, axes, rank=1)
+  batch = shape[:-2]
+  ka, kb = jax.random.split(jax.random.fold_in(key, 5))
+  return lj.IecLoraWeight(w=lw.w if base is None else base, a=lw.a, b=lw.b, scale=lw.scale,
+                          axes=axes, beta_a=_normal(ka, batch), beta_b=_normal(kb, batch))
+
+
 def _trainable(key, shape, axes="io"):
   return lj.Trainable(_normal(key, shape))
 
@@ -148,6 +178,13 @@ KINDS = [
         _normal(key, shape), "fp4", 32, double_quant=True, layout="flat"), nd=False,
          tags=frozenset({"dot", "dot_lhs", "out_contract", "convert", "gather", "stacked",
                          "vmap"})),
+    Kind("group_int4", lambda key, shape, axes="io": _group_base(key, shape), nd=False),
+    Kind("qalora", _qalora, nd=False),
+    Kind("qalora_int4", lambda key, shape, axes="io": _qalora(
+        key, shape, base=_group_base(jax.random.fold_in(key, 3), shape)), nd=False),
+    Kind("iec", _iec, nd=False),
+    Kind("iec_nf4", lambda key, shape, axes="io": _iec(
+        key, shape, base=_qbase(jax.random.fold_in(key, 3), shape)), nd=False),
     Kind("trainable", _trainable),
     Kind("column_scaled", _column_scaled, nd=False),
     # one weight per row: no dense form, so no user jvp/vjp rule can be fed one
