@@ -38,8 +38,10 @@ def loraplus_labels(adapter: Any, embedding_targets: str | None = r".*embed.*") 
   strings with `adapter`'s structure (None where `adapter` has None)."""
   pattern = None if embedding_targets is None else re.compile(embedding_targets)
 
-  def by_rank(x):
-    return "b" if getattr(x, "ndim", 2) == 1 else "a"
+  def by_rank(x, nbatch=0):
+    # PEFT: a 1-D parameter is in group B (DoRA's magnitude, IEC's [1]-shaped betas);
+    # a stacked leaf's children carry its layer axes in front, which do not count
+    return "b" if getattr(x, "ndim", 2) - nbatch <= 1 else "a"
 
   def label(path, leaf):
     if leaf is None:
@@ -57,7 +59,10 @@ def loraplus_labels(adapter: Any, embedding_targets: str | None = r".*embed.*") 
         elif isinstance(leaf, LowRankWeight) and name in ("a", "b"):
           kids[name] = name
         else:
-          kids[name] = jax.tree.map(by_rank, child)
+          # stacked axes from `a` (*batch, *in, r): in an adapter tree the base is None
+          nb = (len(leaf.a.shape) - 1 - leaf.axes.count("i")
+                if isinstance(leaf, LowRankWeight) and leaf.a is not None else 0)
+          kids[name] = jax.tree.map(lambda c: by_rank(c, nb), child)
       # every other child (the frozen base, rng) is None in an adapter tree
       rest = {n: jax.tree.map(lambda _: None, getattr(leaf, n)) for n in leaf.data_fields
               if n not in kids}

@@ -39,7 +39,8 @@ def loftq(key: jax.Array, params: Any, lora_cfg: lj.LoraConfig,
     iters: alternating rounds (PEFT's `loftq_iter`), >= 1.
 
   Returns:
-    `params` with each target a QLoRA `LoraWeight` whose base is quantized.
+    `params` with each target a QLoRA `LoraWeight` whose base is quantized (an
+    `IecLoraWeight` with betas 0 when `lora_cfg.use_iec`).
   """
   if getattr(lora_cfg, "use_qalora", False):
     raise ValueError("loftq: use_qalora=True is not supported: LoftQ's factors are a "
@@ -49,7 +50,7 @@ def loftq(key: jax.Array, params: Any, lora_cfg: lj.LoraConfig,
   if int(iters) < 1:
     raise ValueError(f"loftq: iters={iters!r} must be >= 1")
   shaped = lj.init(key, params, lj.LoraConfig(**{**lora_cfg.__dict__, "init": "zeros",
-                                                 "use_dora": False}))
+                                                 "use_dora": False, "use_iec": False}))
   is_lw = lambda x: isinstance(x, lj.LoraWeight)  # noqa: E731
 
   def one(path, lw):
@@ -68,7 +69,12 @@ def loftq(key: jax.Array, params: Any, lora_cfg: lj.LoraConfig,
                               "pissa")
       if i + 1 < iters:
         target = wf - s * (a @ b)
-    return lj.LoraWeight(w=q, a=a.astype(lw.a.dtype), b=b.astype(lw.b.dtype), scale=s,
-                         axes=lw.axes, dropout=lw.dropout)
+    out = lj.LoraWeight(w=q, a=a.astype(lw.a.dtype), b=b.astype(lw.b.dtype), scale=s,
+                        axes=lw.axes, dropout=lw.dropout)
+    if getattr(lora_cfg, "use_iec", False):   # LoftQ's start, then IEC's betas at 0
+      zero = jnp.zeros(tuple(lw.shape[:lw.nbatch]), lw.a.dtype)
+      return lj.IecLoraWeight(w=q, a=out.a, b=out.b, scale=s, axes=lw.axes,
+                              dropout=lw.dropout, beta_a=zero, beta_b=zero)
+    return out
 
   return extend.map_with_path(one, shaped, is_leaf=is_lw)

@@ -353,3 +353,13 @@ def test_config_and_shape_errors():
   with pytest.raises(ValueError, match="beta_a has shape"):
     lj.IecLoraWeight(w=jnp.zeros((K, N)), a=jnp.zeros((K, R)), b=jnp.zeros((R, N)),
                      beta_a=jnp.zeros((2,)), beta_b=jnp.zeros(()))
+
+
+def test_loftq_with_iec_starts_from_loftq_with_betas_at_zero():
+  w = {"w": jax.random.normal(jax.random.key(29), (K, N)) * 0.05}
+  qc = qz.QuantConfig(format="nf4", block_size=32)
+  plain = qz.loftq(jax.random.key(0), w, lj.LoraConfig(rank=R, targets="w"), qc)["w"]
+  iec = qz.loftq(jax.random.key(0), w, lj.LoraConfig(rank=R, targets="w", use_iec=True), qc)["w"]
+  assert type(iec) is lj.IecLoraWeight and float(iec.beta_a) == 0.0
+  np.testing.assert_array_equal(np.asarray(iec.a), np.asarray(plain.a))
+  np.testing.assert_array_equal(np.asarray(iec.materialize()), np.asarray(plain.materialize()))

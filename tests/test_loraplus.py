@@ -39,6 +39,22 @@ def test_sgd_updates_scale_as_promised():
   np.testing.assert_allclose(e.b, -1e-6)
 
 
+def test_stacked_dora_magnitudes_and_iec_betas_are_group_b():
+  """Per layer these are 1-D (PEFT's lora_magnitude_vector (out,), IR-QLoRA's betas
+  [1]), so group B, also when layers are stacked in front."""
+  w = {"w": jax.random.normal(jax.random.key(4), (3, 8, 8))}
+  dora = lj.init(jax.random.key(5), w, lj.LoraConfig(rank=2, targets="w", use_dora=True,
+                                                      layouts={"w": "lio"}))
+  iec = lj.init(jax.random.key(5), w, lj.LoraConfig(rank=2, targets="w", use_iec=True,
+                                                     layouts={"w": "lio"}))
+  assert lj.loraplus_labels(lj.split(dora)[0])["w"].m == "b"
+  labels = lj.loraplus_labels(lj.split(iec)[0])["w"]
+  assert (labels.a, labels.b, labels.beta_a, labels.beta_b) == ("a", "b", "b", "b")
+  single = lj.init(jax.random.key(5), {"w": w["w"][0]}, lj.LoraConfig(
+      rank=2, targets="w", use_iec=True))
+  assert lj.loraplus_labels(lj.split(single)[0])["w"].beta_a == "b"
+
+
 def test_schedules_and_adam_keep_the_ratio(standard_promotion):
   adapter = _adapter()
   grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape), adapter)
