@@ -358,8 +358,17 @@ class _Entry:
   iec: tuple[float, float] | None = None   # IEC (beta_a, beta_b); a, b are effective
 
 
+def _family_table(config: Any, name_map: NameMap | None) -> NameTable:
+  """The name table: `name_map` if given, else the family of a model config
+  (`lora_jax.models.DecoderConfig`), else Llama's."""
+  if name_map is None and config is not None:
+    from lora_jax.models.families import family    # models build on this module
+    return family(str(getattr(config, "model_type", "llama")), "config").names
+  return checkpoint.as_table(name_map, checkpoint.LLAMA)
+
+
 def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | None = None,
-                 *, dtype=None) -> Any:
+                 *, dtype=None, config: Any = None) -> Any:
   """Read a PEFT LoRA / rsLoRA / DoRA adapter onto `base_params`.
 
   Args:
@@ -369,8 +378,10 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
       unrolled or stacked layers), e.g. from `llama.load_hf`. A quantized kernel
       becomes the `w` of its `LoraWeight`: QLoRA.
     name_map: a `checkpoint.NameTable` or `(peft_template, path_template)` pairs;
-      default `LLAMA_NAME_MAP`.
+      default: the family table of `config`, or `LLAMA_NAME_MAP`.
     dtype: dtype of the factors; default each base weight's dtype.
+    config: the base model's config (`models.load_hf`'s), whose family's name table
+      maps PEFT module names to parameter paths.
 
   Returns:
     `base_params` with each adapted kernel replaced by a `LoraWeight` (or a
@@ -391,7 +402,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
       unsupported PEFT options, keys that map to no parameter, shape mismatches
       (an adapter for another base). Nothing is returned half-loaded.
   """
-  name_map = checkpoint.as_table(name_map, checkpoint.LLAMA)
+  name_map = _family_table(config, name_map)
   root = pathlib.Path(path)
   cfg, wfile, modules, full = _read_adapter(root)
   use_dora = bool(cfg.get("use_dora", False))
@@ -693,7 +704,7 @@ def _num(x: float):
 
 def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
                  name_map: NameMap | None = None, base_model_name_or_path: str | None = None,
-                 task_type: str | None = "CAUSAL_LM") -> None:
+                 task_type: str | None = "CAUSAL_LM", config: Any = None) -> None:
   """Write the LoRA / DoRA leaves of `params` as a PEFT adapter directory.
 
   Args:
@@ -714,13 +725,14 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
       default `LLAMA_NAME_MAP`.
     base_model_name_or_path: recorded in `adapter_config.json`.
     task_type: PEFT task type recorded in `adapter_config.json`.
+    config: the base model's config; its family's name table is the default `name_map`.
 
   Raises:
     ValueError: no LoRA leaves, a LoRA leaf whose path maps to no PEFT module, a
       kernel that is not 2-D `(in, out)` (or `(L, in, out)` stacked), a mix of
       DoRA and plain LoRA leaves.
   """
-  name_map = checkpoint.as_table(name_map, checkpoint.LLAMA)
+  name_map = _family_table(config, name_map)
   rslora = bool(getattr(cfg, "rslora", False)) if cfg is not None else False
   tensors: dict[str, np.ndarray] = {}
   mods: dict[str, tuple[int, float]] = {}

@@ -158,7 +158,8 @@ def test_long_padded_forward_runs_in_causal_blocks_and_matches_transformers(mode
   heads = config.num_attention_heads
   assert f"f32[2,{heads},{c},{c}]" in jaxpr           # scores of a (c, c) block
   assert f"f32[2,{heads},{T},{T}]" not in jaxpr       # never the full (T, T) scores
-  monkeypatch.setattr(llama, "CAUSAL_BLOCK_MIN_TOKENS", 10 ** 9)
+  from lora_jax.models import decoder
+  monkeypatch.setattr(decoder, "CAUSAL_BLOCK_MIN_TOKENS", 10 ** 9)
   dense = jax.jit(llama.forward, static_argnums=1)(params, config, jnp.asarray(ids),
                                                     attention_mask=jnp.asarray(mask))
   np.testing.assert_allclose(np.asarray(blocked)[keep], np.asarray(dense)[keep], atol=1e-5,

@@ -1,9 +1,17 @@
 """Reference models as pure functions over parameter pytrees.
 
-`from lora_jax.models import llama` gives a Llama-style decoder that loads and
-saves Hugging Face safetensors checkpoints (`llama.load_hf` / `llama.save_hf`).
+`from lora_jax import models`: `config, params = models.load_hf(path)` reads a Hugging
+Face checkpoint of any family in `models.FAMILIES` (dispatching on `model_type`);
+`models.forward`, `models.generate` and `models.save_hf` run and write it. The families
+are data (`lora_jax.models.families`) over one decoder (`lora_jax.models.decoder`);
+`from lora_jax.models import llama` keeps the Llama names (`llama.LlamaConfig`).
 """
 
-from lora_jax.models import llama
+from lora_jax.models import decoder, llama
+from lora_jax.models.decoder import (DecoderConfig, forward, generate, init_params, load_hf,
+                                     names, save_hf, stack_layers, unstack_layers)
+from lora_jax.models.families import FAMILIES, Family, family
 
-__all__ = ["llama"]
+__all__ = ["DecoderConfig", "FAMILIES", "Family", "decoder", "family", "forward", "generate",
+           "init_params", "llama", "load_hf", "names", "save_hf", "stack_layers",
+           "unstack_layers"]

@@ -1,0 +1,77 @@
+"""The model families the decoder reads, as data (mergekit keeps its architectures as
+data files, `mergekit/_data/architectures/*.json`; this is the same kind of table).
+
+A `Family` says, for one Hugging Face `model_type`:
+
+- `architectures`: what `config.json` names the causal-LM class (written by `save_hf`);
+- `features`: the decoder options this family always has (`qkv_bias`: biases on
+  q/k/v but not o; `qk_norm`: RMSNorm of each query / key head before the rotation);
+- `config_defaults`: the values transformers' config class assumes for keys a
+  `config.json` may leave out, where they differ from Llama's;
+- `sliding`: how the family's config selects sliding-window layers: "none", "all"
+  (Mistral: every layer when `sliding_window` is set), or "max_window_layers" (Qwen2/3:
+  with `use_sliding_window`, the layers from `max_window_layers` on), unless the
+  config lists `layer_types` itself;
+- `names`: its table of Hugging Face tensor names to parameter paths, the one the
+  checkpoint reader, PEFT adapter I/O, bnb-4bit and compressed-tensors loading and
+  `lora-jax merge` use (`checkpoint.NameTable`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from lora_jax import checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  model_type: str
+  architectures: tuple[str, ...]
+  names: checkpoint.NameTable
+  features: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  config_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  sliding: str = "none"
+  # config.json keys this family writes back (beyond the shared ones)
+  writes: tuple[str, ...] = ()
+
+
+def _qk_norm_names() -> checkpoint.NameTable:
+  """Llama's table with Qwen3's per-head norms in front (the first match wins, and a
+  `{norm}` placeholder would match q_proj too, so the two are spelled out)."""
+  pairs = tuple((f"model.layers.{{layer}}.self_attn.{n}", f"layers/{{layer}}/self_attn/{n}/scale")
+                for n in ("q_norm", "k_norm"))
+  return checkpoint.NameTable(modules=pairs + checkpoint.LLAMA.modules,
+                              ignore=checkpoint.LLAMA.ignore)
+
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("llama", ("LlamaForCausalLM",), checkpoint.LLAMA,
+           writes=("attention_bias", "mlp_bias", "pretraining_tp")),
+    Family("mistral", ("MistralForCausalLM",), checkpoint.LLAMA,
+           config_defaults={"sliding_window": 4096, "max_position_embeddings": 131072,
+                            "rope_theta": 10000.0, "rms_norm_eps": 1e-6},
+           sliding="all"),
+    Family("qwen2", ("Qwen2ForCausalLM",), checkpoint.LLAMA, features={"qkv_bias": True},
+           config_defaults={"sliding_window": 4096, "max_window_layers": 28,
+                            "max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
+           sliding="max_window_layers"),
+    Family("qwen3", ("Qwen3ForCausalLM",), _qk_norm_names(), features={"qk_norm": True},
+           config_defaults={"sliding_window": 4096, "max_window_layers": 28,
+                            "max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
+           sliding="max_window_layers", writes=("attention_bias",)),
+)}
+
+
+def family(model_type: str, where: str = "config.json") -> Family:
+  """The `Family` of a `model_type`; an unknown one is an error listing the known ones."""
+  f = FAMILIES.get(model_type)
+  if f is None:
+    raise ValueError(f"{where}: model_type {model_type!r} is not supported; supported model "
+                     f"types: {', '.join(sorted(FAMILIES))}")
+  return f
+
+
+__all__ = ["FAMILIES", "Family", "family"]

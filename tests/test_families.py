@@ -1,0 +1,201 @@
+"""The model families read as data (`lora_jax.models.FAMILIES`), against transformers.
+
+For each family a tiny random checkpoint is built with transformers at test time
+(non-trivial norm weights and biases, sliding windows shorter than the sequence, and
+more than one layer type where the family has them), saved, and read with
+`models.load_hf`; logits (eager attention), greedy generation, `save_hf` and PEFT
+adapters on all linear layers are compared with transformers / PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from lora_jax import models
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+
+# model_type -> (config class, model class, extra config): windows of 5 tokens against
+# sequences of 12, and for Qwen the layers from max_window_layers on sliding
+FAMILY_CASES = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5, "head_dim": 16}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True,
+                                                  "sliding_window": 5, "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"use_sliding_window": True,
+                                                  "sliding_window": 5, "max_window_layers": 2,
+                                                  "head_dim": 16, "tie_word_embeddings": True}),
+}
+
+
+def _hf_model(model_type, seed=0):
+  cls_cfg, cls_model, extra = FAMILY_CASES[model_type]
+  cfg = getattr(transformers, cls_cfg)(**{**TINY, **extra})
+  cfg._attn_implementation = "eager"
+  torch.manual_seed(seed)
+  m = getattr(transformers, cls_model)(cfg).eval()
+  with torch.no_grad():
+    for name, p in m.named_parameters():
+      if p.ndim == 2:
+        p.normal_(0.0, 0.1)
+      elif name.endswith("bias"):
+        p.normal_(0.0, 0.2)
+      else:
+        p.uniform_(0.5, 1.5)
+  return m
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+  out = {}
+  for k, mt in enumerate(FAMILY_CASES):
+    m = _hf_model(mt, seed=k)
+    path = tmp_path_factory.mktemp(mt)
+    m.save_pretrained(str(path), safe_serialization=True)
+    out[mt] = (m, path)
+  return out
+
+
+def _ids(shape, seed=0, vocab=96):
+  return np.random.RandomState(seed).randint(0, vocab, shape)
+
+
+def _hf_logits(m, ids, mask=None):
+  with torch.no_grad():
+    kw = {} if mask is None else {"attention_mask": torch.tensor(mask)}
+    return m(torch.tensor(ids), **kw).logits.numpy()
+
+
+_fwd = jax.jit(models.forward, static_argnums=1)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("model_type", list(FAMILY_CASES))
+def test_config_reads_the_family(checkpoints, model_type):
+  m, path = checkpoints[model_type]
+  config, params = models.load_hf(path)
+  assert config.model_type == model_type
+  hf = m.config
+  assert config.sliding_window == 5
+  if model_type == "mistral":
+    assert config.layer_types is None and config.window(0) == 5
+  else:
+    assert config.layer_types == tuple(hf.layer_types)
+    assert "full_attention" in config.layer_types and "sliding_attention" in config.layer_types
+  at = params["layers"][0]["self_attn"]
+  assert ("bias" in at["q_proj"]) == (model_type == "qwen2")
+  assert "bias" not in at["o_proj"]
+  assert ("q_norm" in at) == (model_type == "qwen3")
+  # the config written back reads in transformers as the same architecture
+  back = getattr(transformers, FAMILY_CASES[model_type][0])(**config.to_hf())
+  assert back.sliding_window == hf.sliding_window
+  assert list(getattr(back, "layer_types", []) or []) == list(getattr(hf, "layer_types", []) or [])
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "scan"])
+@pytest.mark.parametrize("model_type", list(FAMILY_CASES))
+def test_logits_match_transformers(checkpoints, model_type, stacked):
+  m, path = checkpoints[model_type]
+  config, params = models.load_hf(path, stacked=stacked)
+  ids = _ids((2, 12), seed=1)
+  mask = np.ones_like(ids)
+  mask[1, :4] = 0              # left padding
+  got = np.asarray(_fwd(params, config, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  want = _hf_logits(m, ids, mask)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(got[1, 4:], want[1, 4:], rtol=1e-4, atol=1e-4)
+  # the window matters here: full attention everywhere gives other logits
+  import dataclasses
+  full = dataclasses.replace(config, sliding_window=None, layer_types=None)
+  other = np.asarray(_fwd(params, full, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  assert np.abs(other[0, 6:] - want[0, 6:]).max() > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+@pytest.mark.parametrize("model_type", list(FAMILY_CASES))
+def test_greedy_generate_matches_transformers(checkpoints, model_type):
+  m, path = checkpoints[model_type]
+  config, params = models.load_hf(path, stacked=model_type == "qwen2")
+  ids = _ids((2, 6), seed=2)
+  mask = np.ones_like(ids)
+  ids[0, :2] = 0
+  mask[0, :2] = 0
+  n = 8                       # 6 + 8 tokens: past the window of 5
+  with torch.no_grad():
+    ref = m.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=n,
+                     do_sample=False, pad_token_id=0, eos_token_id=None)[:, 6:].numpy()
+  out = models.generate(params, config, jnp.asarray(ids), n, attention_mask=jnp.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(out), ref)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("model_type", list(FAMILY_CASES))
+def test_save_hf_loads_in_transformers(checkpoints, model_type, tmp_path):
+  m, path = checkpoints[model_type]
+  config, params = models.load_hf(path)
+  models.save_hf(tmp_path, config, params)
+  hf = json.loads((tmp_path / "config.json").read_text())
+  assert hf["model_type"] == model_type
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path),
+                                                           attn_implementation="eager").eval()
+  assert type(back).__name__ == FAMILY_CASES[model_type][1]
+  ids = _ids((1, 12), seed=3)
+  np.testing.assert_allclose(_hf_logits(back, ids), _hf_logits(m, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("model_type", list(FAMILY_CASES))
+def test_peft_adapter_on_all_linear_layers(checkpoints, model_type, tmp_path):
+  """PEFT's adapter (every projection) loads here with PEFT's logits; ours loads in PEFT."""
+  peft = pytest.importorskip("peft")
+  m, path = checkpoints[model_type]
+  pm = peft.get_peft_model(_hf_model(model_type, seed=list(FAMILY_CASES).index(model_type)),
+                           peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+  with torch.no_grad():
+    for name, p in pm.named_parameters():
+      if "lora_B" in name:
+        p.normal_(0.0, 0.1)
+  pm.eval()
+  pm.save_pretrained(str(tmp_path / "peft"))
+  config, base = models.load_hf(path)
+  params = lj.load_adapter(tmp_path / "peft", base, config=config)
+  ids = _ids((2, 12), seed=4)
+  got = np.asarray(jax.jit(lj.implicit(models.forward), static_argnums=1)(params, config,
+                                                                           jnp.asarray(ids)))
+  np.testing.assert_allclose(got, _hf_logits(pm, ids), rtol=1e-4, atol=1e-4)
+  lj.save_adapter(tmp_path / "ours", params, config=config)
+  again = peft.PeftModel.from_pretrained(_hf_model(model_type, list(FAMILY_CASES).index(
+      model_type)), str(tmp_path / "ours")).eval()
+  np.testing.assert_allclose(_hf_logits(again, ids), _hf_logits(pm, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_model_type_lists_the_supported_ones(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 8}))
+  with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; supported model "
+                                       r"types: llama, mistral, qwen2, qwen3"):
+    models.load_hf(tmp_path)
+
+
+@pytest.mark.interop
+def test_missing_bias_names_the_tensor_and_family(checkpoints, tmp_path):
+  import safetensors.numpy as stnp
+  m, path = checkpoints["qwen2"]
+  for f in path.iterdir():
+    if f.name != "model.safetensors":
+      (tmp_path / f.name).write_bytes(f.read_bytes())
+  t = stnp.load_file(str(path / "model.safetensors"))
+  del t["model.layers.1.self_attn.k_proj.bias"]
+  stnp.save_file(t, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"lacks tensors \['model\.layers\.1\.self_attn\.k_proj\.bias'\]"):
+    models.load_hf(tmp_path)
