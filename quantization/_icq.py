@@ -84,20 +84,31 @@ def _lower_median(blocks, valid):
   return jnp.take_along_axis(s, idx[..., None], axis=-1)[..., 0]
 
 
-def code_counts(scaled, valid, fmt: str):
-  """(..., 16) int32 histogram of the codes of `scaled` (values already divided by
-  their absmax; the last axis is the block) over the valid entries, by counting the
-  values above each midpoint (the codes themselves are never formed)."""
+def code_counts(rows, n_rows: int, valid, fmt: str):
+  """(nb, 16) int32 histogram of the codes of `n_rows` rows of values already divided
+  by their block's absmax: `rows(i)` is row `i` (nb,) of a (block, nb) array whose
+  columns are the blocks; `valid` (block, nb) bool or None.
+
+  Counts the values above each of the 15 midpoints (the codes themselves are never
+  formed), walking the block's rows in a loop: each row updates all blocks at once,
+  which XLA vectorizes (a reduction over the block axis measured 3-5x slower on CPU).
+  """
   mids, order = F.BOUNDS[fmt]
-  n = scaled.shape[-1] if valid is None else jnp.sum(valid, axis=-1, dtype=jnp.int32)
-  above = []
-  for m in mids:
-    hit = scaled > m
+  m = jnp.asarray(mids)[:, None]
+
+  def row(i, acc):
+    hit = rows(i)[None, :] > m
     if valid is not None:
-      hit = hit & valid
-    above.append(jnp.sum(hit, axis=-1, dtype=jnp.int32))
-  n = jnp.broadcast_to(jnp.asarray(n, jnp.int32), above[0].shape)
-  ge = [n] + above + [jnp.zeros_like(n)]
+      hit = hit & lax.dynamic_index_in_dim(valid, i, 0, keepdims=False)[None, :]
+    return acc + hit.astype(jnp.int32)
+
+  nb = jax.eval_shape(rows, 0).shape[0]
+  above = lax.fori_loop(0, n_rows, row, jnp.zeros((len(mids), nb), jnp.int32))
+  if valid is None:
+    n = jnp.full((nb,), n_rows, jnp.int32)
+  else:
+    n = jnp.sum(valid, axis=0, dtype=jnp.int32)
+  ge = [n] + [above[j] for j in range(len(mids))] + [jnp.zeros_like(n)]
   by_pos = [ge[p] - ge[p + 1] for p in range(16)]        # sorted position p
   if fmt == "nf4":
     return jnp.stack(by_pos, axis=-1)
@@ -117,13 +128,6 @@ def block_entropy(counts, block: int):
   return acc
 
 
-def _scaled(shifted, valid):
-  if valid is not None:
-    shifted = jnp.where(valid, shifted, jnp.float32(0.0))
-  absmax = jnp.max(jnp.abs(shifted), axis=-1)
-  return shifted * F._inv_absmax(absmax)[..., None]
-
-
 def search(blocks, valid, *, fmt: str, grid: np.ndarray, dtype):
   """Per-block float32 `tau` of ICQ's entropy search.
 
@@ -136,19 +140,30 @@ def search(blocks, valid, *, fmt: str, grid: np.ndarray, dtype):
 
   Returns:
     (nb,) float32 taus, `factor * absmax + tau0` in float32 for the best factor.
+
+  The factors are scanned keeping the best one so far, so memory stays a few copies
+  of the weight. Inside the scan the blocks are columns (`(block, nb)`), so the
+  histogram is a loop over rows that updates every block at once (`code_counts`).
   """
   tau0 = _lower_median(blocks, valid)
-  dev = _round(blocks - tau0[:, None], dtype)
-  if valid is not None:
-    dev = jnp.where(valid, dev, jnp.float32(0.0))
-  absmax0 = jnp.max(jnp.abs(dev), axis=-1)
+  bt = blocks.T                                          # (block, nb)
+  vt = None if valid is None else valid.T
+  # Rounding is monotone, so max |round(w - t)| over a block is reached at its largest
+  # or smallest (valid) value: the absmax of every shifted block from two values.
+  hi = jnp.max(blocks if valid is None else jnp.where(valid, blocks, -jnp.inf), axis=-1)
+  lo = jnp.min(blocks if valid is None else jnp.where(valid, blocks, jnp.inf), axis=-1)
+  spread = lambda t: jnp.maximum(jnp.abs(_round(hi - t, dtype)),  # noqa: E731
+                                 jnp.abs(_round(lo - t, dtype)))
+  absmax0 = spread(tau0)
   block = blocks.shape[-1]
 
   def step(carry, factor):
     best_e, best_f = carry
     tau = _round(F._no_fma(_round(factor * absmax0, dtype)) + tau0, dtype)
-    scaled = _scaled(_round(blocks - tau[:, None], dtype), valid)
-    e = block_entropy(code_counts(scaled, valid, fmt), block)
+    inv = F._inv_absmax(spread(tau))
+    rows = lambda i: _round(  # noqa: E731
+        lax.dynamic_index_in_dim(bt, i, 0, keepdims=False) - tau, dtype) * inv
+    e = block_entropy(code_counts(rows, block, vt, fmt), block)
     better = e > best_e                                  # strictly: ties keep the first
     return (jnp.where(better, e, best_e), jnp.where(better, factor, best_f)), None
 
