@@ -748,7 +748,7 @@ class QuantConfig:
     icq: "nf4" / "fp4" only: IR-QLoRA's information calibration quantization: each
       block is shifted by the tau that maximizes the entropy of its codes before
       quantization, and the taus are stored (8 bits per block plus a float32 per 256
-      blocks: NF4 at block 64 with double quant is 4.252 bits per parameter instead
+      blocks: NF4 at block 64 with double quant is 4.254 bits per parameter instead
       of 4.127). Default False.
     icq_range, icq_steps: the tau search grid (IR-QLoRA's `tau_lambda`, `tau_n`):
       `2 * icq_steps + 1` factors evenly spaced in `[-icq_range, icq_range] * SIGMA`
@@ -941,7 +941,7 @@ def summary(tree: Any) -> str:
   quantized leaves and over the whole tree (dense leaves count their own bits).
   NF4 with double quantization at block 64 stores 4 + 8/64 + 32/(64*256) = 4.127
   bits per parameter; without double quantization 4 + 32/64 = 4.5; ICQ's taus add
-  8/64 + 32/(64*256) more (4.252 with double quantization).
+  8/64 + 32/(64*256) more (4.254 with double quantization).
   """
   rows = []
   qn = qb = tn = tb = 0
