@@ -93,6 +93,13 @@ class QuantizedArray(lj.ImplicitArray):
       (double quantization), else None.
     offset: `(*batch,)` float32 mean subtracted from absmax (double quantization),
       else None.
+    tau: ICQ (IR-QLoRA's information calibration, `QuantConfig(icq=True)`) only, else
+      None: the per-block constant subtracted before quantization and added back
+      after, shaped like `absmax`: uint8 codes of the dynamic 8-bit map (with
+      `tau_absmax`), or float32 taus (decoded, `tau_absmax` None, as `for_rows`
+      leaves it).
+    tau_absmax: `(*batch, ceil(n_blocks / 256))` float32 scale of each group of 256
+      consecutive tau codes (blocks in storage order), or None.
     format: "nf4", "fp4", "int4" or "int8". Static.
     block_size: values per block (along `in` for "rows", along the flattened
       `(out, in)` weight for "flat"). Static.
@@ -107,6 +114,8 @@ class QuantizedArray(lj.ImplicitArray):
   absmax: Any = extend.frozen()
   nested_absmax: Any = extend.frozen(None)
   offset: Any = extend.frozen(None)
+  tau: Any = extend.frozen(None)
+  tau_absmax: Any = extend.frozen(None)
   format: str = extend.static("nf4")
   block_size: int = extend.static(64)
   kernel_shape: tuple = extend.static(())
@@ -176,6 +185,34 @@ class QuantizedArray(lj.ImplicitArray):
     if (self.nested_absmax is None) != (self.offset is None):
       raise ValueError(f"{where}: nested_absmax and offset must both be set (double "
                        "quantization) or both be None")
+    if self.tau is not None:
+      self._check_tau(where, batch)
+    elif self.tau_absmax is not None:
+      raise ValueError(f"{where}: tau_absmax {tuple(self.tau_absmax.shape)} without tau")
+
+  def _check_tau(self, where: str, batch: tuple) -> None:
+    from quantization import _icq
+    if self.format not in _icq.ICQ_FORMATS:
+      raise ValueError(f"{where}: ICQ taus apply to {', '.join(_icq.ICQ_FORMATS)}, not "
+                       f"format {self.format!r}")
+    if not _has_shape(self.tau) or tuple(self.tau.shape) != tuple(self.absmax.shape):
+      raise ValueError(f"{where}: tau {tuple(getattr(self.tau, 'shape', ()))} must be "
+                       f"shaped like absmax {tuple(self.absmax.shape)} (one per block)")
+    want_dt = np.dtype(np.float32 if self.tau_absmax is None else np.uint8)
+    if np.dtype(self.tau.dtype) != want_dt:
+      raise TypeError(f"{where}: tau has dtype {np.dtype(self.tau.dtype).name}; expected "
+                      f"{want_dt.name} ({'decoded taus' if self.tau_absmax is None else 'codes with tau_absmax'})")
+    if self.tau_absmax is not None:
+      nblk = int(np.prod(self.absmax.shape[len(batch):]))
+      want = (*batch, -(-nblk // _icq.TAU_GROUP))
+      if (not _has_shape(self.tau_absmax) or tuple(self.tau_absmax.shape) != want
+          or np.dtype(self.tau_absmax.dtype) != np.float32):
+        raise ValueError(f"{where}: tau_absmax {tuple(getattr(self.tau_absmax, 'shape', ()))} "
+                         f"must be float32 {want} (one scale per {_icq.TAU_GROUP} taus)")
+      if (_concrete(self.tau_absmax)
+          and not bool(np.all(np.isfinite(np.asarray(self.tau_absmax))))):
+        raise ValueError(f"{where}: tau_absmax {tuple(self.tau_absmax.shape)} holds NaN/inf "
+                         "scales; the weight would dequantize to NaN/inf")
 
   # --- logical array
   @property
@@ -190,6 +227,17 @@ class QuantizedArray(lj.ImplicitArray):
   def double_quant(self) -> bool:
     return self.nested_absmax is not None
 
+  @property
+  def icq(self) -> bool:
+    """True for a leaf with ICQ taus (`QuantConfig(icq=True)`)."""
+    return self.tau is not None
+
+  def taus(self) -> jax.Array | None:
+    """float32 per-block taus shaped like `absmax` (decoded), or None without ICQ."""
+    if self.tau is None or self.tau_absmax is None:
+      return self.tau
+    return _decode_taus(self.tau, self.tau_absmax, nbatch=self.nbatch)
+
   def scales(self) -> jax.Array:
     """float32 per-block scales, shaped like `absmax` (double quant decoded):
     `(*batch, out, in_pad // block)` ("rows") or `(*batch, n_blocks)` ("flat")."""
@@ -201,34 +249,38 @@ class QuantizedArray(lj.ImplicitArray):
     """The dequantized weight in storage layout `(*batch, out, in)` (PyTorch's), as `dtype`.
 
     Values are `VALUES[code] * absmax` in float32, as bitsandbytes computes them
-    (bit for bit), then cast to `dtype`.
+    (bit for bit), plus the block's tau with ICQ (rounded after the multiply and after
+    the add), then cast to `dtype`.
     """
     dtype = jnp.dtype(dtype)
     if self.layout == "flat":
-      return _dequantize_flat_t(self.codes, self.scales(), fmt=self.format,
+      return _dequantize_flat_t(self.codes, self.scales(), self.taus(), fmt=self.format,
                                 block=self.block_size, kernel_shape=self.kernel_shape,
                                 dtype=dtype)
-    return _dequantize_t(self.codes, self.scales(), fmt=self.format, block=self.block_size,
-                         pad=self.pad, dtype=dtype)
+    return _dequantize_t(self.codes, self.scales(), self.taus(), fmt=self.format,
+                         block=self.block_size, pad=self.pad, dtype=dtype)
 
   def materialize(self) -> jax.Array:
     """The dequantized kernel `(*batch, in, out)` in `self.dtype` (the same values as
     `dequantize_t`, transposed; the "rows" layout is decoded straight into this
     layout, without a float transpose)."""
     if self.layout == "flat":
-      return _materialize_flat(self.codes, self.scales(), fmt=self.format,
+      return _materialize_flat(self.codes, self.scales(), self.taus(), fmt=self.format,
                                block=self.block_size, kernel_shape=self.kernel_shape,
                                dtype=self.dtype)
-    return _dequantize_k(self.codes, self.scales(), fmt=self.format, block=self.block_size,
-                         pad=self.pad, dtype=self.dtype)
+    return _dequantize_k(self.codes, self.scales(), self.taus(), fmt=self.format,
+                         block=self.block_size, pad=self.pad, dtype=self.dtype)
 
   # --- rows of the storage layout, for the tiled matmuls (quantization/_matmul.py)
   def for_rows(self) -> "QuantizedArray":
-    """This leaf with its scales decoded once (float32 absmax, no double quant), so
-    that `rows` tiles slice plain arrays."""
-    if not self.double_quant:
-      return self
-    return self.replace_children(absmax=self.scales(), nested_absmax=None, offset=None)
+    """This leaf with its scales (and ICQ taus) decoded once (float32 absmax, no double
+    quant; float32 taus, no tau_absmax), so that `rows` tiles slice plain arrays."""
+    new = self
+    if self.double_quant:
+      new = new.replace_children(absmax=self.scales(), nested_absmax=None, offset=None)
+    if self.tau_absmax is not None:
+      new = new.replace_children(tau=self.taus(), tau_absmax=None)
+    return new
 
   @property
   def row_step(self) -> int:
@@ -248,12 +300,16 @@ class QuantizedArray(lj.ImplicitArray):
       pb = _per_byte(self.format)
       codes = jax.lax.dynamic_slice_in_dim(self.codes, start * k // pb,
                                            -(-size * k // pb), axis=0)
-      absmax = jax.lax.dynamic_slice_in_dim(self.absmax, start * k // self.block_size,
-                                            -(-size * k // self.block_size), axis=0)
+      cut = lambda x: jax.lax.dynamic_slice_in_dim(  # noqa: E731
+          x, start * k // self.block_size, -(-size * k // self.block_size), axis=0)
     else:
       cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=0)  # noqa: E731
-      codes, absmax = cut(self.codes), cut(self.absmax)
-    new = self.replace_children(codes=codes, absmax=absmax)
+      codes = cut(self.codes)
+    if self.tau_absmax is not None:
+      raise ValueError("QuantizedArray.rows: the ICQ taus are still coded; call for_rows() "
+                       "first")
+    new = self.replace_children(codes=codes, absmax=cut(self.absmax),
+                                tau=None if self.tau is None else cut(self.tau))
     object.__setattr__(new, "kernel_shape", (self.kernel_shape[0], size))
     return new
 
@@ -268,12 +324,14 @@ class QuantizedArray(lj.ImplicitArray):
     batch, (s_in, s_out) = s[:self.nbatch], s[self.nbatch:]
     dq = self.double_quant
     if self.layout == "flat":
-      return self.replace_children(
-          codes=PS(*batch, None), absmax=PS(*batch, None),
-          nested_absmax=PS(*batch, None) if dq else None, offset=PS(*batch) if dq else None)
+      blocks = PS(*batch, None)
+    else:
+      blocks = PS(*batch, s_out, s_in)
     return self.replace_children(
-        codes=PS(*batch, s_out, s_in), absmax=PS(*batch, s_out, s_in),
-        nested_absmax=PS(*batch, None) if dq else None, offset=PS(*batch) if dq else None)
+        codes=blocks, absmax=blocks,
+        nested_absmax=PS(*batch, None) if dq else None, offset=PS(*batch) if dq else None,
+        tau=None if self.tau is None else blocks,
+        tau_absmax=None if self.tau_absmax is None else PS(*batch, None))
 
   def nbytes(self) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
@@ -288,6 +346,24 @@ def _decode_scales(absmax, nested, offset, *, nbatch):
   for _ in batch:
     fn = jax.vmap(fn)
   return fn(flat, nested, offset).reshape(absmax.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("nbatch",))
+def _decode_taus(codes, tau_absmax, *, nbatch):
+  from quantization import _icq
+  batch = tuple(codes.shape[:nbatch])
+  return _icq.dequantize_taus(codes.reshape(*batch, -1), tau_absmax).reshape(codes.shape)
+
+
+def add_tau(w, t):
+  """Dequantized values `w` plus their ICQ taus `t` (broadcast; None: no ICQ), the
+  product that made `w` rounded first (no FMA), as the reference adds them."""
+  return w if t is None else F._no_fma(w) + t
+
+
+def _plus_tau(w, taus):
+  """Dequantized blocks `w` (..., nblk, block) plus their taus (..., nblk) or None."""
+  return add_tau(w, None if taus is None else taus[..., None])
 
 
 # ----------------------------------------------------------------------------
@@ -305,19 +381,19 @@ def _code_values(codes, fmt: str):
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "block", "pad", "dtype"))
-def _dequantize_t(codes, scales, *, fmt, block, pad, dtype):
+def _dequantize_t(codes, scales, taus, *, fmt, block, pad, dtype):
   """Rows layout: codes (..., out, in_pad / per byte), scales (..., out, in_pad / block)
-  -> (..., out, in) in `dtype`."""
+  (and ICQ taus like scales, or None) -> (..., out, in) in `dtype`."""
   vals = _code_values(codes, fmt)
   kp = vals.shape[-1]
   vals = vals.reshape(*vals.shape[:-1], kp // block, block)
-  w = (vals * scales[..., None]).reshape(*vals.shape[:-2], kp)
+  w = _plus_tau(vals * scales[..., None], taus).reshape(*vals.shape[:-2], kp)
   if pad:
     w = w[..., :kp - pad]
   return w.astype(dtype)
 
 
-def _dequantize_flat(codes, scales, *, fmt, block, numel, dtype):
+def _dequantize_flat(codes, scales, taus, *, fmt, block, numel, dtype):
   """Flat layout: codes (..., ceil(numel / per byte)), scales (..., ceil(numel / block))
   -> (..., numel) in `dtype`: value `i` is `VALUES[code i] * scale[i // block]`."""
   vals = _code_values(codes, fmt)[..., :numel]
@@ -325,7 +401,7 @@ def _dequantize_flat(codes, scales, *, fmt, block, numel, dtype):
   full = nblk * block
   if full != numel:
     vals = jnp.pad(vals, [(0, 0)] * (vals.ndim - 1) + [(0, full - numel)])
-  w = (vals.reshape(*vals.shape[:-1], nblk, block) * scales[..., None])
+  w = _plus_tau(vals.reshape(*vals.shape[:-1], nblk, block) * scales[..., None], taus)
   w = w.reshape(*w.shape[:-2], full)
   if full != numel:
     w = w[..., :numel]
@@ -333,16 +409,16 @@ def _dequantize_flat(codes, scales, *, fmt, block, numel, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "block", "kernel_shape", "dtype"))
-def _dequantize_flat_t(codes, scales, *, fmt, block, kernel_shape, dtype):
+def _dequantize_flat_t(codes, scales, taus, *, fmt, block, kernel_shape, dtype):
   k, n = kernel_shape
-  w = _dequantize_flat(codes, scales, fmt=fmt, block=block, numel=k * n, dtype=dtype)
+  w = _dequantize_flat(codes, scales, taus, fmt=fmt, block=block, numel=k * n, dtype=dtype)
   return w.reshape(*w.shape[:-1], n, k)
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "block", "kernel_shape", "dtype"))
-def _materialize_flat(codes, scales, *, fmt, block, kernel_shape, dtype):
+def _materialize_flat(codes, scales, taus, *, fmt, block, kernel_shape, dtype):
   k, n = kernel_shape
-  w = _dequantize_flat(codes, scales, fmt=fmt, block=block, numel=k * n, dtype=jnp.float32)
+  w = _dequantize_flat(codes, scales, taus, fmt=fmt, block=block, numel=k * n, dtype=jnp.float32)
   return jnp.swapaxes(w.reshape(*w.shape[:-1], n, k), -1, -2).astype(dtype)
 
 
@@ -402,9 +478,9 @@ def _select_values(nib, fmt: str):
   return level[0]
 
 
-def _decode_words(words_t, scales_t, *, fmt, block, dtype):
-  """words_t (W, out) uint32, scales_t (W * per_word / block, out) float32 ->
-  (W * per_word, out) kernel rows in `dtype`."""
+def _decode_words(words_t, scales_t, taus_t=None, *, fmt, block, dtype):
+  """words_t (W, out) uint32, scales_t (W * per_word / block, out) float32 (and ICQ
+  taus_t like scales_t, or None) -> (W * per_word, out) kernel rows in `dtype`."""
   r, n = words_t.shape
   if fmt == "int8":
     b = (words_t[:, None, :] >> jnp.asarray(_BYTE_SHIFTS)[None, :, None]) & jnp.uint32(255)
@@ -414,28 +490,31 @@ def _decode_words(words_t, scales_t, *, fmt, block, dtype):
     vals = _select_values(nib, fmt)
   rows = vals.shape[0] * vals.shape[1]
   w = vals.reshape(rows // block, block, n) * scales_t[:, None, :]
+  w = add_tau(w, None if taus_t is None else taus_t[:, None, :])
   return w.reshape(rows, n).astype(dtype)
 
 
-def _dequantize_k_2d(codes, scales, *, fmt, block, pad, dtype):
+def _dequantize_k_2d(codes, scales, taus, *, fmt, block, pad, dtype):
   n, nbytes = codes.shape
   kp = nbytes * _per_byte(fmt)
-  if kp * n <= _SMALL:
+  small = kp * n <= _SMALL
+  if small:
     words_t, scales_t = _words(codes).T, scales.T
   else:
     words_t, scales_t = _transposed(codes, _words), _transposed(scales)
-  w = _decode_words(words_t, scales_t, fmt=fmt, block=block, dtype=dtype)
+  taus_t = None if taus is None else (taus.T if small else _transposed(taus))
+  w = _decode_words(words_t, scales_t, taus_t, fmt=fmt, block=block, dtype=dtype)
   return w[:kp - pad] if pad else w
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "block", "pad", "dtype"))
-def _dequantize_k(codes, scales, *, fmt, block, pad, dtype):
+def _dequantize_k(codes, scales, taus, *, fmt, block, pad, dtype):
   """Rows layout -> the kernel `(..., in, out)` in `dtype`, decoded in kernel layout
   (bit for bit the transpose of `_dequantize_t`)."""
   fn = functools.partial(_dequantize_k_2d, fmt=fmt, block=block, pad=pad, dtype=dtype)
   for _ in range(codes.ndim - 2):
     fn = jax.vmap(fn)
-  return fn(codes, scales)
+  return fn(codes, scales, taus)
 
 
 # ----------------------------------------------------------------------------
@@ -462,37 +541,97 @@ def _quantize_2d(w: jax.Array, *, fmt: str, block_size: int, double_quant: bool)
 def _quantize_flat_2d(w: jax.Array, *, fmt: str, block_size: int, double_quant: bool):
   """w: (in, out) float32 kernel -> flat-layout (codes, absmax, nested, offset): the
   PyTorch weight `w.T` flattened and quantized exactly as bitsandbytes' `quantize_4bit`."""
-  x = w.T.reshape(-1)
-  codes, absmax = F.quantize_flat(x, fmt, block_size)
-  if fmt != "int8":
-    if codes.shape[0] % 2:                            # bnb pads with the code of 0.0
-      codes = jnp.concatenate([codes, F.codes_of_scaled(jnp.zeros((1,), jnp.float32), fmt)])
-    codes = (codes[0::2] << 4) | codes[1::2]
+  codes, absmax = _pack_flat(*F.quantize_flat(w.T.reshape(-1), fmt, block_size), fmt)
   if not double_quant:
     return codes, absmax, None, None
   q, nested, offset = F.double_quantize(absmax)
   return codes, q, nested, offset
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "block_size", "double_quant", "layout"))
+def _icq_blocks(w: jax.Array, *, block_size: int, layout: str):
+  """w: (in, out) float32 kernel -> (blocks (nb, block) of the PyTorch weight `w.T` in
+  storage order, zero-padded; valid mask (nb, block), or None without padding)."""
+  k, n = w.shape
+  wt = w.T
+  if layout == "flat":
+    numel = k * n
+    nb = -(-numel // block_size)
+    blocks = jnp.pad(wt.reshape(-1), (0, nb * block_size - numel)).reshape(nb, block_size)
+    if nb * block_size == numel:
+      return blocks, None
+    return blocks, (jnp.arange(nb * block_size) < numel).reshape(nb, block_size)
+  pad = (-k) % block_size
+  kp = k + pad
+  blocks = jnp.pad(wt, ((0, 0), (0, pad))).reshape(n * kp // block_size, block_size)
+  if not pad:
+    return blocks, None
+  valid = jnp.broadcast_to((jnp.arange(kp) < k).reshape(kp // block_size, block_size),
+                           (n, kp // block_size, block_size))
+  return blocks, valid.reshape(-1, block_size)
+
+
+def _quantize_icq_2d(w: jax.Array, *, fmt: str, block_size: int, double_quant: bool,
+                     layout: str, icq: tuple, dtype):
+  """w: (in, out) float32 kernel (values of `dtype`) -> (codes, absmax, nested, offset,
+  tau codes, tau_absmax) with ICQ: bitsandbytes' quantization of `W - tau` (padding
+  stays zero), taus from the entropy search (quantization/_icq.py)."""
+  from quantization import _icq
+  k, n = w.shape
+  blocks, valid = _icq_blocks(w, block_size=block_size, layout=layout)
+  grid = _icq.factor_grid(*icq)
+  tau = _icq.search(blocks, valid, fmt=fmt, grid=grid, dtype=dtype)
+  shifted = blocks - tau[:, None]
+  if valid is not None:
+    shifted = jnp.where(valid, shifted, jnp.float32(0.0))
+  tcodes, tau_absmax = _icq.quantize_taus(tau)
+  if layout == "flat":
+    codes, absmax = _pack_flat(*F.quantize_flat(shifted.reshape(-1)[:k * n], fmt, block_size),
+                               fmt)
+  else:
+    nblk = (k + (-k) % block_size) // block_size
+    codes, absmax = F.quantize_blocks(shifted.reshape(n, nblk, block_size), fmt)
+    codes = F.pack_nibbles(codes.reshape(n, nblk * block_size))
+    tcodes = tcodes.reshape(n, nblk)
+  if not double_quant:
+    return codes, absmax, None, None, tcodes, tau_absmax
+  q, nested, offset = F.double_quantize(absmax.reshape(-1))
+  return codes, q.reshape(absmax.shape), nested, offset, tcodes, tau_absmax
+
+
+def _pack_flat(codes, absmax, fmt: str):
+  """Flat-layout codes (n,) packed two per byte (an odd n ends with the code of 0.0,
+  as bitsandbytes pads), int8 left as is."""
+  if fmt != "int8":
+    if codes.shape[0] % 2:                            # bnb pads with the code of 0.0
+      codes = jnp.concatenate([codes, F.codes_of_scaled(jnp.zeros((1,), jnp.float32), fmt)])
+    codes = (codes[0::2] << 4) | codes[1::2]
+  return codes, absmax
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "block_size", "double_quant", "layout",
+                                             "icq"))
 def _quantize_leaf(w: jax.Array, *, fmt: str, block_size: int, double_quant: bool,
-                   layout: str = "rows"):
-  """w: (*batch, in, out) -> (codes, absmax, nested, offset, number of NaN/inf values)."""
+                   layout: str = "rows", icq: tuple | None = None):
+  """w: (*batch, in, out) -> (codes, absmax, nested, offset, tau codes, tau_absmax,
+  number of NaN/inf values); `icq` = (icq_range, icq_steps) or None (no taus)."""
   k = w.shape[-2]
   wf = w.astype(jnp.float32)
-  if layout == "flat":
-    fn = functools.partial(_quantize_flat_2d, fmt=fmt, block_size=block_size,
-                           double_quant=double_quant)
+  if icq is not None:
+    fn = functools.partial(_quantize_icq_2d, fmt=fmt, block_size=block_size,
+                           double_quant=double_quant, layout=layout, icq=icq, dtype=w.dtype)
+  elif layout == "flat":
+    fn = lambda x: (*_quantize_flat_2d(x, fmt=fmt, block_size=block_size,  # noqa: E731
+                                       double_quant=double_quant), None, None)
   else:
     pad = (-k) % block_size
     if pad:
       wf = jnp.pad(wf, [(0, 0)] * (wf.ndim - 2) + [(0, pad), (0, 0)])
-    fn = functools.partial(_quantize_2d, fmt=fmt, block_size=block_size,
-                           double_quant=double_quant)
+    fn = lambda x: (*_quantize_2d(x, fmt=fmt, block_size=block_size,  # noqa: E731
+                                  double_quant=double_quant), None, None)
   for _ in range(w.ndim - 2):
     fn = jax.vmap(fn)
   bad = jnp.sum(~jnp.isfinite(w))
-  codes, absmax, nested, offset = fn(wf)
+  codes, absmax, nested, offset, tcodes, tau_absmax = fn(wf)
   # A NaN/inf weight makes the whole leaf NaN (every scale), never a finite wrong value
   # (XLA's max skips NaN, so its block would otherwise quantize it to a finite code).
   # Outside jit, quantize_array raises before this result is used.
@@ -501,12 +640,13 @@ def _quantize_leaf(w: jax.Array, *, fmt: str, block_size: int, double_quant: boo
     nested, offset = poison(nested), poison(offset)
   else:
     absmax = poison(absmax)
-  return codes, absmax, nested, offset, bad
+  return codes, absmax, nested, offset, tcodes, poison(tau_absmax), bad
 
 
 def quantize_array(w: jax.Array, fmt: str = "nf4", block_size: int = 64,
                    double_quant: bool = False, *, path: str = "array",
-                   layout: str = "rows") -> QuantizedArray:
+                   layout: str = "rows", icq: bool = False, icq_range: float = 0.1,
+                   icq_steps: int = 100) -> QuantizedArray:
   """Quantize one kernel `(*batch, in, out)` blockwise.
 
   Args:
@@ -520,6 +660,14 @@ def quantize_array(w: jax.Array, fmt: str = "nf4", block_size: int = 64,
       blocks (what the Pallas kernels read). "flat": bitsandbytes' layout, blocks
       over the flattened `(out, in)` weight, running across rows when `in` is not a
       multiple of the block; what `qz.to_bnb_state_dict` needs for such a weight.
+    icq: nf4/fp4 only: IR-QLoRA's information calibration (quantization/_icq.py): per
+      block, subtract the tau (searched over `2 * icq_steps + 1` factors in
+      `[-icq_range, icq_range] * SIGMA` of the block's spread around its median) that
+      maximizes the entropy of the block's codes, and store the taus (8-bit codes, a
+      float32 scale per 256 blocks). With padding (the rows layout when `in` is not a
+      multiple of the block, the flat layout's partial last block) the median, spread
+      and entropy are those of the block's real values; the padding is zero after the
+      shift (as plain quantization pads with zeros).
 
   Raises:
     TypeError: non-floating `w`. ValueError: fewer than 2 axes, an unknown layout,
@@ -530,6 +678,9 @@ def quantize_array(w: jax.Array, fmt: str = "nf4", block_size: int = 64,
   F.check_format(fmt, path)
   block_size = F.check_block_size(block_size, path)
   check_layout(layout, path)
+  if icq:
+    from quantization import _icq
+    _icq.check_icq(fmt, icq_range, icq_steps, path)
   if not _has_shape(w):
     raise TypeError(f"{path}: expected an array, got {type(w).__name__}")
   if not jnp.issubdtype(w.dtype, jnp.floating):
@@ -539,9 +690,9 @@ def quantize_array(w: jax.Array, fmt: str = "nf4", block_size: int = 64,
     raise ValueError(f"{path}: cannot quantize shape {tuple(w.shape)}; a kernel needs "
                      "at least 2 axes (in, out)")
   *_, k, n = w.shape
-  codes, absmax, nested, offset, bad = _quantize_leaf(
+  codes, absmax, nested, offset, tau, tau_absmax, bad = _quantize_leaf(
       jnp.asarray(w), fmt=fmt, block_size=block_size, double_quant=double_quant,
-      layout=layout)
+      layout=layout, icq=(float(icq_range), int(icq_steps)) if icq else None)
   if isinstance(bad, jax.core.Tracer):
     # Under jit the values are unknown here: a NaN/inf weight makes every scale of the
     # leaf NaN (so it dequantizes to NaN, never to a finite wrong value), and
@@ -553,7 +704,7 @@ def quantize_array(w: jax.Array, fmt: str = "nf4", block_size: int = 64,
     raise ValueError(f"{path}: {int(bad)} NaN/inf value(s) in a weight of shape "
                      f"{tuple(w.shape)}; refusing to quantize (absmax would be inf/NaN)")
   return QuantizedArray(codes=codes, absmax=absmax, nested_absmax=nested, offset=offset,
-                        format=fmt, block_size=block_size, kernel_shape=(k, n),
+                        tau=tau, tau_absmax=tau_absmax, format=fmt, block_size=block_size, kernel_shape=(k, n),
                         dtype=jnp.dtype(w.dtype),
                         pad=0 if layout == "flat" else (-k) % block_size, layout=layout)
 
@@ -594,6 +745,15 @@ class QuantConfig:
       order of decreasing activation, groups stay contiguous, no `g_idx`: what
       llm-compressor's `actorder="weight"` does); "group" (groups formed in that order,
       with a `g_idx`, as GPTQ's `desc_act=True`).
+    icq: "nf4" / "fp4" only: IR-QLoRA's information calibration quantization: each
+      block is shifted by the tau that maximizes the entropy of its codes before
+      quantization, and the taus are stored (8 bits per block plus a float32 per 256
+      blocks: NF4 at block 64 with double quant is 4.254 bits per parameter instead
+      of 4.127). Default False.
+    icq_range, icq_steps: the tau search grid (IR-QLoRA's `tau_lambda`, `tau_n`):
+      `2 * icq_steps + 1` factors evenly spaced in `[-icq_range, icq_range] * SIGMA`
+      (`SIGMA` = 0.541, 1 / the N(0, 1) quantile of 0.9677) of the block's largest
+      deviation from its median. Defaults 0.1 and 100, IR-QLoRA's training setting.
   """
 
   format: str = "nf4"
@@ -602,6 +762,9 @@ class QuantConfig:
   targets: str | Sequence[str] | None = None
   symmetric: bool | None = None
   act_order: bool | str = False
+  icq: bool = False
+  icq_range: float = 0.1
+  icq_steps: int = 100
 
   def __post_init__(self):
     from quantization import _group as G
@@ -616,6 +779,14 @@ class QuantConfig:
       raise ValueError(f"QuantConfig: act_order must be False, True, 'weight' or 'group', "
                        f"got {self.act_order!r}")
     grouped = fmt in ("int2", "int3") or self.symmetric is not None or bool(self.act_order)
+    if not isinstance(self.icq, bool):
+      raise TypeError(f"QuantConfig: icq must be True or False, got {self.icq!r}")
+    if self.icq:
+      from quantization import _icq
+      if grouped:
+        raise ValueError(f"QuantConfig: icq=True calibrates the bitsandbytes 4-bit formats "
+                         f"({', '.join(_icq.ICQ_FORMATS)}), not group-wise {fmt}")
+      _icq.check_icq(fmt, self.icq_range, self.icq_steps, "QuantConfig")
     if grouped and fmt not in G.GROUP_FORMATS:
       raise ValueError(f"QuantConfig: format {fmt!r} has no group-wise integer form "
                        f"(symmetric / act_order apply to {', '.join(G.GROUP_FORMATS)})")
@@ -651,7 +822,8 @@ def quantize_kernel(w: jax.Array, cfg: QuantConfig, *, path: str = "array", g_id
   if cfg.group_wise:
     from quantization._group import quantize_group_array
     return quantize_group_array(w, cfg.bits, cfg.block_size, cfg.symmetric, g_idx, path=path)
-  return quantize_array(w, cfg.format, cfg.block_size, cfg.double_quant, path=path)
+  return quantize_array(w, cfg.format, cfg.block_size, cfg.double_quant, path=path,
+                        icq=cfg.icq, icq_range=cfg.icq_range, icq_steps=cfg.icq_steps)
 
 
 def is_quantized(x) -> bool:
@@ -754,7 +926,7 @@ def _scales_label(q) -> str:
   """How the scales are stored: absmax (+ double quant), or group-wise symmetric /
   with zero points (+ g_idx)."""
   if isinstance(q, QuantizedArray):
-    return "absmax+dq" if q.double_quant else "absmax"
+    return ("absmax+dq" if q.double_quant else "absmax") + ("+icq" if q.icq else "")
   zeros = getattr(q, "zeros", None)
   label = "sym" if zeros is None else "asym"
   return label + ("+g_idx" if getattr(q, "g_idx", None) is not None else "")
@@ -768,7 +940,8 @@ def summary(tree: Any) -> str:
   codes, scales, zero points and `g_idx` all count); then the total over
   quantized leaves and over the whole tree (dense leaves count their own bits).
   NF4 with double quantization at block 64 stores 4 + 8/64 + 32/(64*256) = 4.127
-  bits per parameter; without double quantization 4 + 32/64 = 4.5.
+  bits per parameter; without double quantization 4 + 32/64 = 4.5; ICQ's taus add
+  8/64 + 32/(64*256) more (4.254 with double quantization).
   """
   rows = []
   qn = qb = tn = tb = 0

@@ -181,6 +181,11 @@ def _to_one(base: str, q: QuantizedArray) -> dict[str, np.ndarray]:
                      "(only nf4 and fp4)")
   if q.nbatch:
     raise ValueError(f"{base}: stacked QuantizedArray {q.shape}; write one layer at a time")
+  if q.icq:
+    raise ValueError(f"{base}: this {q.format} weight {q.shape} has ICQ taus "
+                     "(QuantConfig(icq=True)); bitsandbytes' Linear4bit has no tau, so its "
+                     "state dict cannot hold it: quantize without icq to write a "
+                     "bitsandbytes checkpoint")
   if q.pad:
     raise ValueError(f"{base}: in_features {q.kernel_shape[0]} is padded by {q.pad} to the "
                      f"block {q.block_size} (rows layout); bitsandbytes' blocks run across "
@@ -205,9 +210,9 @@ def to_bnb_state_dict(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Inverse of `from_bnb_state_dict`: a flat dict with `QuantizedArray` values -> bnb keys.
 
   Args:
-    tree: {"P.weight": QuantizedArray (nf4/fp4, unbatched; the rows layout
-      without padding, or the flat layout), ...}; other values are passed through
-      as numpy arrays.
+    tree: {"P.weight": QuantizedArray (nf4/fp4, unbatched, without ICQ taus; the
+      rows layout without padding, or the flat layout), ...}; other values are
+      passed through as numpy arrays.
 
   Returns:
     {name: numpy array} with the keys and byte layout `Linear4bit.state_dict()`

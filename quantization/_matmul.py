@@ -24,7 +24,7 @@ from jax.extend.core import primitives as P
 import lora_jax as lj
 from quantization import _pallas
 from quantization import _formats as F
-from quantization._array import QuantizedArray
+from quantization._array import QuantizedArray, add_tau
 from quantization._group import GroupQuantizedArray
 
 BACKENDS = ("auto", "xla", "pallas")
@@ -65,12 +65,13 @@ def _byte_tables(fmt: str):
   return jnp.asarray(t[b >> 4]), jnp.asarray(t[b & 15])
 
 
-def _gemv_lut_rows(xe, xo, codes, scales, fmt: str, block: int):
+def _gemv_lut_rows(xe, xo, codes, scales, fmt: str, block: int, taus=None):
   """One activation row against packed rows: xe, xo (K_pad/2,) f32; codes (r, K_pad/2).
 
   Builds, per byte position j, the 256 possible products `xe[j] * T[hi] + xo[j] * T[lo]`
   (a (K_pad/2, 256) table), so each code byte costs one lookup and one add; the
-  weight itself is never dequantized.
+  weight itself is never dequantized. ICQ taus (r, nblk) add `tau * sum(x over the
+  block)` per block.
   """
   hi, lo = _byte_tables(fmt)
   table = xe[:, None] * hi[None, :] + xo[:, None] * lo[None, :]          # (K/2, 256)
@@ -78,6 +79,9 @@ def _gemv_lut_rows(xe, xo, codes, scales, fmt: str, block: int):
   terms = table[pos, codes.astype(jnp.int32)]                            # (r, K/2)
   r, half = codes.shape
   per_block = terms.reshape(r, half // (block // 2), block // 2).sum(-1)  # (r, nblk)
+  if taus is not None:
+    xsum = (xe + xo).reshape(-1, block // 2).sum(-1)                     # (nblk,)
+    return jnp.sum(per_block * scales + xsum[None, :] * taus, axis=-1)
   return jnp.sum(per_block * scales, axis=-1)                            # (r,)
 
 
@@ -87,7 +91,8 @@ def _gemv_lut(x, q: QuantizedArray, tile_elements: int, out_dtype):
   x1 = jnp.pad(x.reshape(k).astype(jnp.float32), (0, q.pad))
   xe, xo = x1[0::2], x1[1::2]
   tn = _aligned_tile_rows(q, tile_elements)
-  lut = lambda qq: _gemv_lut_rows(xe, xo, qq.codes, qq.absmax, q.format, q.block_size)  # noqa: E731
+  lut = lambda qq: _gemv_lut_rows(xe, xo, qq.codes, qq.absmax, q.format, q.block_size,  # noqa: E731
+                                  qq.tau)
   qd, t, r = _row_tiles(q, tn)
   if t <= 1 and not (t == 1 and r):
     return lut(qd).reshape(*x.shape[:-1], n).astype(out_dtype)
@@ -170,9 +175,9 @@ def _resolve(backend: str, q: QuantizedArray | None = None) -> str:
 
 
 def _forward(x, q, backend, tiles, interpret, precision, preferred_element_type):
-  has_kernel = isinstance(q, QuantizedArray) and q.layout == "rows"
+  has_kernel = isinstance(q, QuantizedArray) and q.layout == "rows" and not q.icq
   if backend == "xla" or (backend == "auto-pallas" and not has_kernel):
-    # group-wise kinds and bnb's flat layout have no Pallas kernel: "auto" takes XLA
+    # group-wise kinds, bnb's flat layout and ICQ have no Pallas kernel: "auto" takes XLA
     return matmul_xla(x, q, precision=precision,
                       preferred_element_type=preferred_element_type)
   if not isinstance(q, QuantizedArray):
@@ -184,6 +189,11 @@ def _forward(x, q, backend, tiles, interpret, precision, preferred_element_type)
         f"weight {q.shape} ({q.format}, block {q.block_size}) has the {q.layout!r} layout "
         "(bitsandbytes' blocks across rows, in_features not a multiple of the block); "
         "use backend='xla' or 'auto'")
+  if q.icq:
+    raise ValueError(
+        f"qz.matmul: backend 'pallas' has no kernel for ICQ taus (QuantConfig(icq=True)); "
+        f"this weight {q.shape} ({q.format}, block {q.block_size}) has them: use "
+        "backend='xla' or 'auto'")
   platform = "tpu" if _platform() == "tpu" else "gpu"
   if interpret is None:
     interpret = _platform() not in ("gpu", "cuda", "rocm", "tpu")
@@ -233,10 +243,10 @@ def matmul(x: jax.Array, q, backend: str = "auto", *,
     q: an unbatched quantized kernel (`QuantizedArray`, `GroupQuantizedArray`, or a
       kind registered with `register_quantized_kind`) with logical shape (in, out)
       (use `jax.vmap` for stacked weights).
-    backend: "auto" (Pallas on GPU/TPU for a rows-layout `QuantizedArray`, XLA
-      elsewhere, for bnb's flat layout and for the other kinds), "xla" or "pallas"
-      ("pallas" on CPU runs the kernel in the interpreter; it refuses the other kinds
-      and the flat layout with a ValueError).
+    backend: "auto" (Pallas on GPU/TPU for a rows-layout `QuantizedArray` without ICQ
+      taus, XLA elsewhere, for bnb's flat layout, ICQ and the other kinds), "xla" or "pallas"
+      ("pallas" on CPU runs the kernel in the interpreter; it refuses the other kinds,
+      the flat layout and ICQ leaves with a ValueError).
     tiles: `QMatmulTiles` for the Pallas kernels.
     interpret: force (or forbid) Pallas interpret mode; default: on off GPU/TPU.
     precision, preferred_element_type: as `lax.dot_general`.
@@ -363,15 +373,17 @@ def _gather_rule(prim, q, indices, *, dimension_numbers, slice_sizes, **params):
     # kernel element (v, d) is storage element (d, v): flat index d * vocab + v
     flat = jnp.arange(dim, dtype=jnp.int32).reshape(dim, *([1] * ids.ndim)) * vocab + ids[None]
     s = q.scales()[flat // q.block_size]                 # (dim, *ids)
+    t = None if not q.icq else q.taus()[flat // q.block_size]
     if q.format == "int8":
       vals = F.code_values(q.codes[flat], q.format)
     else:
       byte = q.codes[flat // 2]
       vals = F.code_values(jnp.where(flat % 2 == 0, byte >> 4, byte & jnp.uint8(15)),
                            q.format)
-    return jnp.moveaxis((vals * s).astype(q.dtype), 0, -1)
+    return jnp.moveaxis(add_tau(vals * s, t).astype(q.dtype), 0, -1)
   scales = q.scales()                                    # (dim, vocab_pad / block)
   s = scales[:, ids // q.block_size]                     # (dim, *ids)
+  t = None if not q.icq else q.taus()[:, ids // q.block_size]
   if q.format == "int8":
     c = q.codes[:, ids]
     vals = c.astype(jnp.float32) * jnp.float32(1.0 / 127.0)
@@ -379,8 +391,9 @@ def _gather_rule(prim, q, indices, *, dimension_numbers, slice_sizes, **params):
     byte = q.codes[:, ids // 2]
     nib = jnp.where(ids % 2 == 0, byte >> 4, byte & jnp.uint8(15))
     vals = F.code_values(nib, q.format)
-  rows = (vals * s).astype(q.dtype)                      # (dim, *ids)
+  rows = add_tau(vals * s, t).astype(q.dtype)         # (dim, *ids)
   return jnp.moveaxis(rows, 0, -1)
+
 
 
 __all__ = ["BACKENDS", "QUANTIZED_KINDS", "matmul", "matmul_t_xla", "matmul_xla",
