@@ -166,6 +166,8 @@ class Kind:
   rowwise: bool = False             # multi-LoRA: one weight per batch row
 
 
+_COMPOSED = frozenset({"dot", "dot_lhs", "convert", "stacked"})
+
 KINDS = [
     Kind("lora", _lora),
     Kind("dora", _dora),
@@ -180,11 +182,15 @@ KINDS = [
                          "vmap"})),
     Kind("group_int4", lambda key, shape, axes="io": _group_base(key, shape), nd=False),
     Kind("qalora", _qalora, nd=False),
-    Kind("qalora_int4", lambda key, shape, axes="io": _qalora(
-        key, shape, base=_group_base(jax.random.fold_in(key, 3), shape)), nd=False),
     Kind("iec", _iec, nd=False),
+    # the compositions: only the cases where the low-rank rule hands x @ w to the
+    # quantized base's own rule (the rest is covered by each kind alone)
+    Kind("qalora_int4", lambda key, shape, axes="io": _qalora(
+        key, shape, base=_group_base(jax.random.fold_in(key, 3), shape)), nd=False,
+         tags=_COMPOSED),
     Kind("iec_nf4", lambda key, shape, axes="io": _iec(
-        key, shape, base=_qbase(jax.random.fold_in(key, 3), shape)), nd=False),
+        key, shape, base=_qbase(jax.random.fold_in(key, 3), shape)), nd=False,
+         tags=_COMPOSED),
     Kind("trainable", _trainable),
     Kind("column_scaled", _column_scaled, nd=False),
     # one weight per row: no dense form, so no user jvp/vjp rule can be fed one
