@@ -54,8 +54,12 @@ from lora_jax._implicit import ImplicitArray, implicit
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
+SANDWICH_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# transformers' ACT2FN names; "gelu_pytorch_tanh" is GELU's tanh approximation
+ACTIVATIONS = {"silu": jax.nn.silu,
+               "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 # LoRA layouts for stacked (scanned) layers: the leading axis is the layer axis.
 STACKED_LAYOUTS = {r"layers/.*/kernel": "lio"}
@@ -103,6 +107,12 @@ class DecoderConfig:
   qk_norm: bool = False
   sliding_window: int | None = None
   layer_types: tuple[str, ...] | None = None
+  norm_offset: bool = False
+  embed_scale: bool = False
+  sandwich_norms: bool = False
+  query_pre_attn_scalar: float | None = None
+  attn_logit_softcapping: float | None = None
+  final_logit_softcapping: float | None = None
 
   def __post_init__(self):
     from lora_jax.models.families import family
@@ -131,9 +141,9 @@ class DecoderConfig:
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"DecoderConfig: rope_type {self.rope_type!r} is not supported; "
                        f"expected one of {ROPE_TYPES}")
-    if self.hidden_act != "silu":
+    if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"DecoderConfig: hidden_act {self.hidden_act!r} is not supported; "
-                       "expected 'silu'")
+                       f"expected one of {tuple(ACTIVATIONS)}")
     if self.head_dim % 2:
       raise ValueError(f"DecoderConfig: head_dim={self.head_dim} must be even for rotary embeddings")
 
@@ -178,9 +188,14 @@ class DecoderConfig:
         max_position_embeddings=max_pos,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         attention_bias=bool(d.get("attention_bias", False)),
-        mlp_bias=bool(d.get("mlp_bias", False)), hidden_act=str(d.get("hidden_act", "silu")),
+        mlp_bias=bool(d.get("mlp_bias", False)),
+        hidden_act=str(d.get("hidden_activation") or d.get("hidden_act") or "silu"),
         bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
-        pad_token_id=d.get("pad_token_id"), model_type=str(mt), **dict(fam.features))
+        pad_token_id=d.get("pad_token_id"), model_type=str(mt), **dict(fam.features),
+        **{k: (None if d.get(k) is None else float(d[k])) for k in _FLOAT_OPTIONS
+           if k in fam.writes})
+    if kw["hidden_act"] == "gelu" and fam.features.get("norm_offset"):
+      kw["hidden_act"] = "gelu_pytorch_tanh"      # Gemma's config maps "gelu" so
     kw["sliding_window"], kw["layer_types"] = _sliding_layers(d, fam.sliding,
                                                              int(kw["num_hidden_layers"]))
     return cls(**kw)
@@ -221,8 +236,18 @@ class DecoderConfig:
       types = self.layer_types or ("full_attention",) * self.num_hidden_layers
       out.update(use_sliding_window="sliding_attention" in types,
                  sliding_window=self.sliding_window, layer_types=list(types))
+    elif fam.sliding == "alternate":
+      out.update(sliding_window=self.sliding_window,
+                 layer_types=list(self.layer_types or ("full_attention",) * self.num_hidden_layers))
     for k in {"attention_bias", "mlp_bias", "pretraining_tp"} - set(fam.writes):
       out.pop(k)
+    for k in _FLOAT_OPTIONS:
+      if k in fam.writes:
+        v = getattr(self, k)
+        # transformers types query_pre_attn_scalar as an int
+        out[k] = int(v) if k == "query_pre_attn_scalar" and v is not None and v == int(v) else v
+    if "hidden_activation" in fam.writes:
+      out["hidden_activation"] = self.hidden_act
     return out
 
   def window(self, layer: int) -> int | None:
@@ -230,6 +255,9 @@ class DecoderConfig:
     if self.layer_types is not None:
       return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
     return self.sliding_window
+
+
+_FLOAT_OPTIONS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 
 
 def _sliding_layers(d: Mapping[str, Any], rule: str, n: int):
@@ -241,6 +269,13 @@ def _sliding_layers(d: Mapping[str, Any], rule: str, n: int):
     return None, None
   if rule == "all":                        # Mistral: every layer, when set
     return (None if window is None else int(window)), None
+  if rule == "alternate":                  # Gemma 2: even layers (0, 2, ...) slide
+    if types is None:
+      types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    types = tuple(types)
+    if window is None or "sliding_attention" not in types:
+      return None, None
+    return int(window), types
   if not d.get("use_sliding_window", False):   # Qwen2/3
     window = None
   if types is None:
@@ -265,10 +300,16 @@ def _kernel_shapes(c: DecoderConfig) -> dict[str, tuple[int, int]]:
           "down_proj": (c.intermediate_size, H)}
 
 
+def layer_norms(c: DecoderConfig) -> tuple[str, ...]:
+  """The RMSNorms of one layer: Llama's two, or Gemma 2's four (a norm after attention
+  and one before and after the MLP)."""
+  return NORMS + SANDWICH_NORMS if c.sandwich_norms else NORMS
+
+
 def layer_shapes(c: DecoderConfig) -> dict[tuple, tuple]:
   """Every parameter of one decoder layer: its path inside the layer -> shape."""
   H, lin = c.hidden_size, _kernel_shapes(c)
-  out: dict[tuple, tuple] = {(n, "scale"): (H,) for n in NORMS}
+  out: dict[tuple, tuple] = {(n, "scale"): (H,) for n in layer_norms(c)}
   for grp, names in (("self_attn", ATTN_PROJ), ("mlp", MLP_PROJ)):
     for n in names:
       out[(grp, n, "kernel")] = lin[n]
@@ -405,6 +446,18 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   return jnp.reshape(scale.astype(x.dtype), (1,) * (y.ndim - 1) + scale.shape) * y
 
 
+def _norm(c: DecoderConfig, x: jax.Array, p: Mapping[str, Any]) -> jax.Array:
+  """The family's RMSNorm: Llama's (`scale * normed`, normed cast first), or Gemma's
+  `normed * (1 + scale)` all in float32, cast once (transformers' GemmaRMSNorm)."""
+  if not c.norm_offset:
+    return rms_norm(x, p["scale"], c.rms_norm_eps)
+  xf = x.astype(jnp.float32)
+  var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+  w = 1.0 + p["scale"].astype(jnp.float32)
+  y = xf * lax.rsqrt(var + jnp.float32(c.rms_norm_eps))
+  return (y * jnp.reshape(w, (1,) * (y.ndim - 1) + w.shape)).astype(x.dtype)
+
+
 def _linear(x, p):
   y = jnp.matmul(x, p["kernel"].astype(x.dtype))
   if "bias" in p:
@@ -442,7 +495,12 @@ def _attention(config: DecoderConfig, q, k, v, mask, causal: bool = False):
     # transformers' repeat_kv: query head h reads key/value head h // g. Plain
     # 4-D (b, h) batched dots run faster on XLA:CPU than a grouped 5-D einsum.
     k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-  scores = jnp.einsum("bthd,bshd->bhts", q, k) * jnp.asarray(hd ** -0.5, q.dtype)
+  qpas = config.query_pre_attn_scalar
+  scaling = (qpas if qpas else hd) ** -0.5
+  scores = jnp.einsum("bthd,bshd->bhts", q, k) * jnp.asarray(scaling, q.dtype)
+  cap = config.attn_logit_softcapping
+  if cap:                   # Gemma 2: tanh soft-capping before the mask, in q's dtype
+    scores = jnp.tanh(scores / jnp.asarray(cap, scores.dtype)) * jnp.asarray(cap, scores.dtype)
   scores = scores.astype(jnp.float32)
   scores = jnp.where(mask[:, None, :, :], scores, jnp.finfo(jnp.float32).min)
   # softmax in float32 as transformers; written out (the max is a constant shift,
@@ -463,14 +521,14 @@ def _layer(lp, config: DecoderConfig, h, cos, sin, mask, cache=None, layer=None,
   """
   c = config
   B, T, _ = h.shape
-  x = rms_norm(h, lp["input_layernorm"]["scale"], c.rms_norm_eps)
+  x = _norm(c, h, lp["input_layernorm"])
   at = lp["self_attn"]
   q = _linear(x, at["q_proj"]).reshape(B, T, c.num_attention_heads, c.head_dim)
   k = _linear(x, at["k_proj"]).reshape(B, T, c.num_key_value_heads, c.head_dim)
   v = _linear(x, at["v_proj"]).reshape(B, T, c.num_key_value_heads, c.head_dim)
   if c.qk_norm:     # Qwen3: RMSNorm over each head's dims, before the rotation
-    q = rms_norm(q, at["q_norm"]["scale"], c.rms_norm_eps)
-    k = rms_norm(k, at["k_norm"]["scale"], c.rms_norm_eps)
+    q = _norm(c, q, at["q_norm"])
+    k = _norm(c, k, at["k_norm"])
   q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
   if cache is not None:
     zero = jnp.zeros((), jnp.int32)
@@ -481,13 +539,20 @@ def _layer(lp, config: DecoderConfig, h, cos, sin, mask, cache=None, layer=None,
     k = lax.dynamic_index_in_dim(ck, layer, axis=0, keepdims=False).astype(q.dtype)
     v = lax.dynamic_index_in_dim(cv, layer, axis=0, keepdims=False).astype(q.dtype)
   attn = _attention(c, q, k, v, mask, causal=causal and cache is None)
-  h = h + _linear(attn, at["o_proj"])
-  x = rms_norm(h, lp["post_attention_layernorm"]["scale"], c.rms_norm_eps)
+  o = _linear(attn, at["o_proj"])
+  if c.sandwich_norms:      # Gemma 2: norm the attention output, then norm before the MLP
+    h = h + _norm(c, o, lp["post_attention_layernorm"])
+    x = _norm(c, h, lp["pre_feedforward_layernorm"])
+  else:
+    h = h + o
+    x = _norm(c, h, lp["post_attention_layernorm"])
   mp = lp["mlp"]
   gate = _linear(x, mp["gate_proj"])
   up = _linear(x, mp["up_proj"])
-  h = h + _linear(jax.nn.silu(gate) * up, mp["down_proj"])
-  return h, cache
+  y = _linear(ACTIVATIONS[c.hidden_act](gate) * up, mp["down_proj"])
+  if c.sandwich_norms:
+    y = _norm(c, y, lp["post_feedforward_layernorm"])
+  return h + y, cache
 
 
 def _sliding_mask(mask: jax.Array, window: int, index) -> jax.Array:
@@ -509,6 +574,8 @@ def _run(params, config: DecoderConfig, input_ids, positions, mask, cache=None, 
   emb = params["embed_tokens"]["embedding"]
   h = jnp.take(emb, input_ids, axis=0)
   dtype = h.dtype
+  if config.embed_scale:    # Gemma: embeddings times sqrt(hidden), the factor in their dtype
+    h = h * jnp.asarray(config.hidden_size ** 0.5, dtype)
   cos, sin = _rope_tables(config, positions, dtype)
   windows = [config.window(i) for i in range(config.num_hidden_layers)]
   window_masks = {w: _sliding_mask(mask, w, index) for w in set(windows) if w is not None}
@@ -537,12 +604,15 @@ def _run(params, config: DecoderConfig, input_ids, positions, mask, cache=None, 
       h, cache = _layer(lp, config, h, cos, sin, m, cache, i, index, causal)
   if last_only:
     h = h[:, -1:]
-  h = rms_norm(h, params["norm"]["scale"], config.rms_norm_eps)
+  h = _norm(config, h, params["norm"])
   if config.tie_word_embeddings or "lm_head" not in params:
     # (B,T,H) x (V,H) contracting H: a LoRA'd embedding contracts its out axis.
     logits = lax.dot_general(h, emb.astype(dtype), (((2,), (1,)), ((), ())))
   else:
     logits = jnp.matmul(h, params["lm_head"]["kernel"].astype(dtype))
+  cap = config.final_logit_softcapping
+  if cap:
+    logits = jnp.tanh(logits / jnp.asarray(cap, logits.dtype)) * jnp.asarray(cap, logits.dtype)
   return logits, cache
 
 

@@ -5,13 +5,15 @@ A `Family` says, for one Hugging Face `model_type`:
 
 - `architectures`: what `config.json` names the causal-LM class (written by `save_hf`);
 - `features`: the decoder options this family always has (`qkv_bias`: biases on
-  q/k/v but not o; `qk_norm`: RMSNorm of each query / key head before the rotation);
+  q/k/v but not o; `qk_norm`: RMSNorm of each query / key head before the rotation;
+  `norm_offset`: Gemma's `(1 + w)` RMSNorm in float32; `embed_scale`: embeddings times
+  `sqrt(hidden)`; `sandwich_norms`: Gemma 2's norms after attention and around the MLP);
 - `config_defaults`: the values transformers' config class assumes for keys a
   `config.json` may leave out, where they differ from Llama's;
 - `sliding`: how the family's config selects sliding-window layers: "none", "all"
-  (Mistral: every layer when `sliding_window` is set), or "max_window_layers" (Qwen2/3:
-  with `use_sliding_window`, the layers from `max_window_layers` on), unless the
-  config lists `layer_types` itself;
+  (Mistral: every layer when `sliding_window` is set), "max_window_layers" (Qwen2/3:
+  with `use_sliding_window`, the layers from `max_window_layers` on), or "alternate"
+  (Gemma 2: layers 0, 2, 4, ...), unless the config lists `layer_types` itself;
 - `names`: its table of Hugging Face tensor names to parameter paths, the one the
   checkpoint reader, PEFT adapter I/O, bnb-4bit and compressed-tensors loading and
   `lora-jax merge` use (`checkpoint.NameTable`).
@@ -34,7 +36,8 @@ class Family:
   features: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   config_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   sliding: str = "none"
-  # config.json keys this family writes back (beyond the shared ones)
+  # config.json keys this family reads and writes beyond the shared ones (the
+  # soft-capping / query scalar options are read only by families that list them)
   writes: tuple[str, ...] = ()
 
 
@@ -62,6 +65,21 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            config_defaults={"sliding_window": 4096, "max_window_layers": 28,
                             "max_position_embeddings": 32768, "rms_norm_eps": 1e-6},
            sliding="max_window_layers", writes=("attention_bias",)),
+    Family("gemma", ("GemmaForCausalLM",), checkpoint.LLAMA,
+           features={"norm_offset": True, "embed_scale": True},
+           config_defaults={"hidden_act": "gelu_pytorch_tanh", "head_dim": 256,
+                            "tie_word_embeddings": True, "max_position_embeddings": 8192,
+                            "rms_norm_eps": 1e-6}, writes=("attention_bias",)),
+    Family("gemma2", ("Gemma2ForCausalLM",), checkpoint.LLAMA,
+           features={"norm_offset": True, "embed_scale": True, "sandwich_norms": True},
+           config_defaults={"hidden_activation": "gelu_pytorch_tanh", "head_dim": 256,
+                            "tie_word_embeddings": True, "max_position_embeddings": 8192,
+                            "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256,
+                            "sliding_window": 4096, "final_logit_softcapping": 30.0,
+                            "attn_logit_softcapping": 50.0},
+           sliding="alternate",
+           writes=("attention_bias", "query_pre_attn_scalar", "attn_logit_softcapping",
+                   "final_logit_softcapping", "hidden_activation")),
 )}
 
 
