@@ -353,6 +353,7 @@ def run(s: Setup, seeds: list[int], bits: list[int], log=print) -> dict:
     key = jax.random.PRNGKey(seed)
     data = jax.random.PRNGKey(1_000 + seed)
     states = {}
+    t_seed = time.perf_counter()
     for t in used:
       params = by_name[t.name].build(key)
       start_loss[t.name].append(float(evaluate(params, held)[0]))
@@ -367,6 +368,7 @@ def run(s: Setup, seeds: list[int], bits: list[int], log=print) -> dict:
         jax.block_until_ready(loss)
         if step >= 2:                       # step 0 compiles, step 1 warms up
           times[t.name].append(time.perf_counter() - t0)
+    t_train = time.perf_counter()
     for t in used:
       adapter, _, frozen = states[t.name]
       trained = lj.combine(adapter, frozen)
@@ -380,7 +382,10 @@ def run(s: Setup, seeds: list[int], bits: list[int], log=print) -> dict:
         res["loss"].append(float(loss))
         res["acc"].append(float(acc))
         res["bytes"].append(tree_bytes(deployed))
-    log("  " + ", ".join(f"{t.name} {trained_loss[t.name][-1]:.4f}" for t in used))
+    log("  trained (undeployed) loss: " + ", ".join(
+        f"{t.name} {trained_loss[t.name][-1]:.4f}" for t in used))
+    log(f"  init + training {t_train - t_seed:.0f} s, deploying + evaluating "
+        f"{time.perf_counter() - t_train:.0f} s")
 
   table = []
   for r in rows:
