@@ -12,6 +12,8 @@
    (embeddings, norms and lm_head stay float32 and frozen, as in QLoRA):
 
    float LoRA     float32 base, merged after training (the unquantized reference)
+   QA-LoRA float  QA-LoRA's group-pooled adapter on the float32 base, merged: a
+                  control that separates the pooled adapter's capacity from quantization
    QLoRA          NF4 base (block 64, double quant) + adapter, deployed unmerged (the
                   kernels dequantized on the fly); at 3 bits NF4 has no form, so the
                   base is int3 group-wise round-to-nearest (RTN)
@@ -252,9 +254,14 @@ def methods(s: Setup, config, base, bits: list[int], calib, log=print):
   def requant_gptq(cfg):
     return lambda tr: qz.gptq(merged(tr), gfwd, calib, cfg, progress=False)
 
+  qa_cfg = lj.LoraConfig(rank=s.rank, alpha=s.alpha, targets=TARGETS, use_qalora=True,
+                         qalora_group_size=s.group)
   trainers = [Trainer("float", init_on(base)),
+              Trainer("qalora_float", init_on(base, qa_cfg)),
               Trainer("qlora4", init_on(qz.quantize(base, nf4)))]
-  rows = [Row("32", "float LoRA", "float32, merged", "float", lambda tr: lj.merge(tr))]
+  rows = [Row("32", "float LoRA", "float32, merged", "float", lambda tr: lj.merge(tr)),
+          Row("32", "QA-LoRA, float base (control)", "float32, merged", "qalora_float",
+              lambda tr: lj.merge(tr))]
   ir = irqlora_configs(s)
   for b in bits:
     B = str(b)
@@ -268,8 +275,6 @@ def methods(s: Setup, config, base, bits: list[int], calib, log=print):
                     lambda tr, c=grp[b]: qz.quantize(merged(tr), c)))
     rows.append(Row(B, "QLoRA -> merge -> GPTQ", f"int{b} g{s.group}", "qlora4",
                     requant_gptq(grp[b])))
-    qa_cfg = lj.LoraConfig(rank=s.rank, alpha=s.alpha, targets=TARGETS, use_qalora=True,
-                           qalora_group_size=s.group)
     trainers.append(Trainer(f"qalora{b}", init_on(gptq_base[b], qa_cfg)))
     rows.append(Row(B, "QA-LoRA (GPTQ base), folded", f"int{b} g{s.group}, f32 zeros",
                     f"qalora{b}", qz.fold_qalora))
@@ -344,6 +349,7 @@ def run(s: Setup, seeds: list[int], bits: list[int], log=print) -> dict:
   by_name = {t.name: t for t in trainers}
   used = [t for t in trainers if any(r.trainer == t.name for r in rows)]
   start_loss = {t.name: [] for t in used}
+  n_adapter = {}
   times = {t.name: [] for t in used}
   trained_loss = {t.name: [] for t in used}
   results = {id(r): {"loss": [], "acc": [], "bytes": []} for r in rows}
@@ -358,6 +364,7 @@ def run(s: Setup, seeds: list[int], bits: list[int], log=print) -> dict:
       params = by_name[t.name].build(key)
       start_loss[t.name].append(float(evaluate(params, held)[0]))
       adapter, frozen = lj.split(params)
+      n_adapter[t.name] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapter))
       states[t.name] = [adapter, opt.init(adapter), frozen]
     for step in range(s.steps):
       k = jax.random.fold_in(data, step)
@@ -392,7 +399,8 @@ def run(s: Setup, seeds: list[int], bits: list[int], log=print) -> dict:
     res = results[id(r)]
     entry = {"bits": r.bits, "method": r.method, "form": r.form, "reason": r.reason,
              "loss": res["loss"], "acc": res["acc"], "bytes": res["bytes"],
-             "start": start_loss.get(r.trainer, []), "step_ms": None}
+             "start": start_loss.get(r.trainer, []), "step_ms": None,
+             "adapter_params": n_adapter.get(r.trainer)}
     if r.trainer is not None and times[r.trainer]:
       entry["step_ms"] = 1e3 * statistics.median(times[r.trainer])
     table.append(entry)
@@ -402,15 +410,16 @@ def run(s: Setup, seeds: list[int], bits: list[int], log=print) -> dict:
 
 def markdown(out: dict) -> str:
   lines = ["| bits | method | deployed as | held-out loss | next-token acc | loss before FT "
-           "| deployed KiB | step ms |", "|---|---|---|---|---|---|---|---|"]
+           "| deployed KiB | adapter params | step ms |", "|---|---|---|---|---|---|---|---|---|"]
   for e in out["rows"]:
     if not e["loss"]:
-      lines.append(f"| {e['bits']} | {e['method']} | {e['reason']} | | | | | |")
+      lines.append(f"| {e['bits']} | {e['method']} | {e['reason']} | | | | | | |")
       continue
     kib = statistics.mean(e["bytes"]) / 1024
     ms = f"{e['step_ms']:.1f}" if e["step_ms"] is not None else ""
     lines.append(f"| {e['bits']} | {e['method']} | {e['form']} | {fmt(e['loss'])} | "
-                 f"{fmt(e['acc'], 3)} | {fmt(e['start'])} | {kib:.1f} | {ms} |")
+                 f"{fmt(e['acc'], 3)} | {fmt(e['start'])} | {kib:.1f} | {e['adapter_params']:,} | "
+                 f"{ms} |")
   return "\n".join(lines)
 
 
@@ -443,6 +452,13 @@ def claims(out: dict) -> str:
           f"{'yes' if beats else 'no'}. QA-LoRA folded (int8 zeros) - QLoRA->"
           f"{best['method'].split('-> ')[-1]} (the better PTQ): {_paired(qa, best)}; "
           f"(f32 zeros): {_paired(qaf, best)}.")
+  ctl, flt = _find(out, "QA-LoRA, float base (control)", 32), _find(out, "float LoRA", 32)
+  if ctl and flt:
+    lines.append(
+        f"- Control: QA-LoRA's pooled adapter on the float base - float LoRA: "
+        f"{_paired(ctl, flt)}, with {ctl['adapter_params']:,} vs {flt['adapter_params']:,} "
+        f"adapter parameters: the share of QA-LoRA's gap that is its adapter's capacity "
+        f"(a has in / {out['setup'].group} rows), not quantization.")
   ir, ql = _find(out, "IR-QLoRA (ICQ + IEC)", 4), _find(out, "QLoRA", 4)
   if ir and ql:
     beats = statistics.mean(ir["loss"]) < statistics.mean(ql["loss"])

@@ -58,7 +58,7 @@ def test_three_bit_deployments_are_smaller(quick_run):
   for three, four in pairs:
     assert three["bytes"][0] < four["bytes"][0], (three["method"], three["form"])
   (flt,) = [e for e in rows if e["method"] == "float LoRA"]
-  assert all(e["bytes"][0] < flt["bytes"][0] for e in rows if e is not flt)
+  assert all(e["bytes"][0] < flt["bytes"][0] for e in rows if e["bits"] != "32")
 
 
 def test_claims_are_stated(quick_run):
