@@ -39,8 +39,9 @@ FAMILY_CASES = {
                                                      "query_pre_attn_scalar": 24,
                                                      "attn_logit_softcapping": 2.0,
                                                      "final_logit_softcapping": 3.0}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 5, "pad_token_id": 0}),
 }
-SLIDING = ("mistral", "qwen2", "qwen3", "gemma2")
+SLIDING = ("mistral", "qwen2", "qwen3", "gemma2", "phi3")
 
 
 def _hf_model(model_type, seed=0):
@@ -93,15 +94,16 @@ def test_config_reads_the_family(checkpoints, model_type):
   hf = m.config
   if model_type not in SLIDING:
     assert config.sliding_window is None and config.layer_types is None
-  elif model_type == "mistral":
+  elif model_type in ("mistral", "phi3"):
     assert config.layer_types is None and config.window(0) == 5
   else:
     assert config.sliding_window == 5 and config.layer_types == tuple(hf.layer_types)
     assert "full_attention" in config.layer_types and "sliding_attention" in config.layer_types
   at = params["layers"][0]["self_attn"]
-  assert ("bias" in at["q_proj"]) == (model_type == "qwen2")
+  assert ("bias" in at.get("q_proj", {})) == (model_type == "qwen2")
   assert "bias" not in at["o_proj"]
   assert ("q_norm" in at) == (model_type == "qwen3")
+  assert ("qkv_proj" in at) == (model_type == "phi3")
   # the config written back reads in transformers as the same architecture
   back = getattr(transformers, FAMILY_CASES[model_type][0])(**config.to_hf())
   assert getattr(back, "sliding_window", None) == getattr(hf, "sliding_window", None)
@@ -190,7 +192,7 @@ def test_peft_adapter_on_all_linear_layers(checkpoints, model_type, tmp_path):
 def test_unknown_model_type_lists_the_supported_ones(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 8}))
   with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; supported model "
-                                       r"types: gemma, gemma2, llama, mistral, qwen2, qwen3"):
+                                       r"types: gemma, gemma2, llama, mistral, phi3, qwen2, qwen3"):
     models.load_hf(tmp_path)
 
 

@@ -53,6 +53,8 @@ from lora_jax._implicit import ImplicitArray, implicit
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+FUSED_ATTN_PROJ = ("qkv_proj", "o_proj")          # Phi-3: q, k, v in one kernel
+FUSED_MLP_PROJ = ("gate_up_proj", "down_proj")    # Phi-3: gate and up in one kernel
 NORMS = ("input_layernorm", "post_attention_layernorm")
 SANDWICH_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -113,6 +115,7 @@ class DecoderConfig:
   query_pre_attn_scalar: float | None = None
   attn_logit_softcapping: float | None = None
   final_logit_softcapping: float | None = None
+  fused_projections: bool = False
 
   def __post_init__(self):
     from lora_jax.models.families import family
@@ -294,10 +297,19 @@ def _sliding_layers(d: Mapping[str, Any], rule: str, n: int):
 def _kernel_shapes(c: DecoderConfig) -> dict[str, tuple[int, int]]:
   """(in, out) of each projection kernel."""
   H, hd = c.hidden_size, c.head_dim
+  if c.fused_projections:
+    return {"qkv_proj": (H, (c.num_attention_heads + 2 * c.num_key_value_heads) * hd),
+            "o_proj": (c.num_attention_heads * hd, H),
+            "gate_up_proj": (H, 2 * c.intermediate_size), "down_proj": (c.intermediate_size, H)}
   return {"q_proj": (H, c.num_attention_heads * hd), "k_proj": (H, c.num_key_value_heads * hd),
           "v_proj": (H, c.num_key_value_heads * hd), "o_proj": (c.num_attention_heads * hd, H),
           "gate_proj": (H, c.intermediate_size), "up_proj": (H, c.intermediate_size),
           "down_proj": (c.intermediate_size, H)}
+
+
+def projections(c: DecoderConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """The attention and MLP projection names of one layer (fused for Phi-3)."""
+  return (FUSED_ATTN_PROJ, FUSED_MLP_PROJ) if c.fused_projections else (ATTN_PROJ, MLP_PROJ)
 
 
 def layer_norms(c: DecoderConfig) -> tuple[str, ...]:
@@ -310,7 +322,7 @@ def layer_shapes(c: DecoderConfig) -> dict[tuple, tuple]:
   """Every parameter of one decoder layer: its path inside the layer -> shape."""
   H, lin = c.hidden_size, _kernel_shapes(c)
   out: dict[tuple, tuple] = {(n, "scale"): (H,) for n in layer_norms(c)}
-  for grp, names in (("self_attn", ATTN_PROJ), ("mlp", MLP_PROJ)):
+  for grp, names in zip(("self_attn", "mlp"), projections(c)):
     for n in names:
       out[(grp, n, "kernel")] = lin[n]
       bias = (c.mlp_bias if grp == "mlp" else
@@ -523,9 +535,15 @@ def _layer(lp, config: DecoderConfig, h, cos, sin, mask, cache=None, layer=None,
   B, T, _ = h.shape
   x = _norm(c, h, lp["input_layernorm"])
   at = lp["self_attn"]
-  q = _linear(x, at["q_proj"]).reshape(B, T, c.num_attention_heads, c.head_dim)
-  k = _linear(x, at["k_proj"]).reshape(B, T, c.num_key_value_heads, c.head_dim)
-  v = _linear(x, at["v_proj"]).reshape(B, T, c.num_key_value_heads, c.head_dim)
+  nq, nkv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+  if c.fused_projections:
+    qkv = _linear(x, at["qkv_proj"])
+    q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+  else:
+    q, k, v = (_linear(x, at[n]) for n in ("q_proj", "k_proj", "v_proj"))
+  q = q.reshape(B, T, c.num_attention_heads, c.head_dim)
+  k = k.reshape(B, T, c.num_key_value_heads, c.head_dim)
+  v = v.reshape(B, T, c.num_key_value_heads, c.head_dim)
   if c.qk_norm:     # Qwen3: RMSNorm over each head's dims, before the rotation
     q = _norm(c, q, at["q_norm"])
     k = _norm(c, k, at["k_norm"])
@@ -547,8 +565,11 @@ def _layer(lp, config: DecoderConfig, h, cos, sin, mask, cache=None, layer=None,
     h = h + o
     x = _norm(c, h, lp["post_attention_layernorm"])
   mp = lp["mlp"]
-  gate = _linear(x, mp["gate_proj"])
-  up = _linear(x, mp["up_proj"])
+  if c.fused_projections:
+    gate_up = _linear(x, mp["gate_up_proj"])
+    gate, up = gate_up[..., :c.intermediate_size], gate_up[..., c.intermediate_size:]
+  else:
+    gate, up = _linear(x, mp["gate_proj"]), _linear(x, mp["up_proj"])
   y = _linear(ACTIVATIONS[c.hidden_act](gate) * up, mp["down_proj"])
   if c.sandwich_norms:
     y = _norm(c, y, lp["post_feedforward_layernorm"])
@@ -1064,6 +1085,8 @@ __all__ = [
   "init_params",
   "is_stacked",
   "layer_shapes",
+  "layer_norms",
+  "projections",
   "load_hf",
   "names",
   "rms_norm",

@@ -7,7 +7,8 @@ A `Family` says, for one Hugging Face `model_type`:
 - `features`: the decoder options this family always has (`qkv_bias`: biases on
   q/k/v but not o; `qk_norm`: RMSNorm of each query / key head before the rotation;
   `norm_offset`: Gemma's `(1 + w)` RMSNorm in float32; `embed_scale`: embeddings times
-  `sqrt(hidden)`; `sandwich_norms`: Gemma 2's norms after attention and around the MLP);
+  `sqrt(hidden)`; `sandwich_norms`: Gemma 2's norms after attention and around the MLP;
+  `fused_projections`: Phi-3's `qkv_proj` and `gate_up_proj` kernels);
 - `config_defaults`: the values transformers' config class assumes for keys a
   `config.json` may leave out, where they differ from Llama's;
 - `sliding`: how the family's config selects sliding-window layers: "none", "all"
@@ -80,6 +81,10 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            sliding="alternate",
            writes=("attention_bias", "query_pre_attn_scalar", "attn_logit_softcapping",
                    "final_logit_softcapping", "hidden_activation")),
+    Family("phi3", ("Phi3ForCausalLM",), checkpoint.LLAMA,
+           features={"fused_projections": True},
+           config_defaults={"rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+                            "sliding_window": None}, sliding="all"),
 )}
 
 
