@@ -208,3 +208,64 @@ def test_missing_bias_names_the_tensor_and_family(checkpoints, tmp_path):
   stnp.save_file(t, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
   with pytest.raises(ValueError, match=r"lacks tensors \['model\.layers\.1\.self_attn\.k_proj\.bias'\]"):
     models.load_hf(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma2", "phi3"])
+def test_bnb_4bit_checkpoint_of_the_family(checkpoints, model_type, tmp_path):
+  """transformers' `load_in_4bit` save of the family reads as QuantizedArray kernels and
+  gives transformers' 4-bit logits."""
+  pytest.importorskip("bitsandbytes")
+  import quantization as qz
+  m, path = checkpoints[model_type]
+  bq = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                       bnb_4bit_use_double_quant=True,
+                                       bnb_4bit_compute_dtype=torch.float32)
+  m4 = transformers.AutoModelForCausalLM.from_pretrained(
+      str(path), quantization_config=bq, device_map="cpu", dtype=torch.float32,
+      attn_implementation="eager")
+  m4.save_pretrained(str(tmp_path))
+  m4.train()     # eval mode on AVX512-BF16 CPUs would run bnb's bf16 kernel
+  ids = _ids((2, 10), seed=6)
+  with torch.no_grad():
+    ref = m4(torch.tensor(ids)).logits.numpy()
+  config, params = models.load_hf(tmp_path)
+  kernels = [x for x in jax.tree.leaves(params["layers"], is_leaf=lj.is_implicit)
+             if lj.is_implicit(x)]
+  assert kernels and all(isinstance(k, qz.QuantizedArray) for k in kernels)
+  got = lj.implicit(models.forward)(params, config, jnp.asarray(ids))
+  np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+@pytest.mark.parametrize("model_type", list(FAMILY_CASES))
+def test_lora_jax_merge_equals_mergekit(model_type, tmp_path):
+  """TIES over three checkpoints of the family: `lora-jax merge` and mergekit (its Python
+  API, run here) write the same tensors; `models.load_hf` reads the result."""
+  pytest.importorskip("mergekit")
+  import yaml
+  from mergekit.config import MergeConfiguration
+  from mergekit.merge import MergeOptions, run_merge
+  from safetensors.numpy import load_file
+  from merging import cli
+  paths = []
+  for k in range(3):
+    m = _hf_model(model_type, seed=10 + k)
+    m.save_pretrained(str(tmp_path / f"m{k}"), safe_serialization=True)
+    paths.append(str(tmp_path / f"m{k}"))
+  cfg = {"merge_method": "ties", "base_model": paths[0], "dtype": "float32",
+         "models": [{"model": paths[1], "parameters": {"weight": 0.6, "density": 0.5}},
+                    {"model": paths[2], "parameters": {"weight": 0.4, "density": 0.7}}]}
+  (tmp_path / "ties.yml").write_text(yaml.safe_dump(cfg))
+  run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "mk"),
+            MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+  assert cli.main(["merge", str(tmp_path / "ties.yml"), str(tmp_path / "ours"), "--quiet"]) == 0
+  a = load_file(str(tmp_path / "mk" / "model.safetensors"))
+  b = load_file(str(tmp_path / "ours" / "model.safetensors"))
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=k)
+  config, _ = models.load_hf(tmp_path / "ours")
+  assert config.model_type == model_type
