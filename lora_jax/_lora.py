@@ -31,7 +31,10 @@ class LoraConfig:
     rank: LoRA rank `r` (PEFT `r`).
     alpha: scaling numerator (PEFT `lora_alpha`); scale is `alpha / rank`, or
       `alpha / sqrt(rank)` with `rslora`. (Flax NNX's `LoRA` applies no scale.)
-    targets: regex (or list of regexes) fullmatched against "/"-joined leaf paths.
+    targets: regex fullmatched against "/"-joined leaf paths; `"all-linear"` (PEFT's:
+      every `.../kernel` but `lm_head`); or a list of regexes and module names (a
+      plain name such as `"q_proj"` selects the modules of that name, PEFT's
+      `target_modules=[...]` rule).
     rslora: rank-stabilized scaling `alpha / sqrt(rank)` (PEFT `use_rslora`).
     init: "default" (a Kaiming-uniform as PEFT, b zeros), "gaussian" (a ~ N(0, 1/r),
       b zeros, PEFT's `init_lora_weights="gaussian"`), "zeros" (both zero), or

@@ -83,9 +83,47 @@ def first_match(path: str, table: dict[str, Any] | None, default: Any = None) ->
   return default
 
 
+ALL_LINEAR = "all-linear"
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PARAM_NAMES = ("kernel", "embedding", "scale", "bias")
+
+
+def _module_of(path: str) -> str:
+  """A leaf's module path: the path without a trailing parameter name."""
+  head, _, last = path.rpartition("/")
+  return head if head and last in _PARAM_NAMES else path
+
+
+def is_linear_kernel(path: str) -> bool:
+  """PEFT's "all-linear": every `.../kernel` except the output layer (`lm_head`)."""
+  return path.endswith("/kernel") and _module_of(path).rpartition("/")[2] != "lm_head"
+
+
+def _matchers(patterns: str | Sequence[str]) -> list[tuple[str, Callable[[str], bool]]]:
+  """(description, predicate) per pattern, in PEFT's three forms: a string is a regular
+  expression fullmatched against the path ("all-linear": every kernel but lm_head); in a
+  list, a plain name (`"q_proj"`) selects the modules of that name (PEFT's suffix rule:
+  the module path is the name or ends in `/name`) and anything else is a regex."""
+  if isinstance(patterns, str):
+    if patterns == ALL_LINEAR:
+      return [(ALL_LINEAR, is_linear_kernel)]
+    return [(rx.pattern, rx.fullmatch) for rx in compile_patterns(patterns)]
+  out = []
+  for p in patterns:
+    if isinstance(p, str) and _MODULE_NAME.fullmatch(p):
+      def by_name(path, name=p):
+        module = _module_of(path)
+        return path == name or module == name or module.endswith("/" + name)
+      out.append((f"module name {p!r}", by_name))
+    else:
+      out.extend((rx.pattern, rx.fullmatch) for rx in compile_patterns(p))
+  return out
+
+
 def select_paths(paths: Sequence[str], patterns: str | Sequence[str],
                  what: str = "target") -> set[str]:
-  """The paths matched by any of `patterns` (`re.fullmatch`).
+  """The paths matched by any of `patterns`: a regular expression (`re.fullmatch`),
+  `"all-linear"`, or a list of regexes and module names (see `_matchers`).
 
   Raises:
     ValueError: a pattern matches no path; the message lists the closest paths.
@@ -93,13 +131,14 @@ def select_paths(paths: Sequence[str], patterns: str | Sequence[str],
   if not isinstance(patterns, str) and not list(patterns):
     raise ValueError(f"{what} patterns are empty: give at least one regular expression")
   selected: set[str] = set()
-  for rx in compile_patterns(patterns):
-    hits = {p for p in paths if rx.fullmatch(p)}
+  for desc, match in _matchers(patterns):
+    hits = {p for p in paths if match(p)}
     if not hits:
-      near = ", ".join(closest_paths(rx.pattern, paths))
+      near = ", ".join(closest_paths(desc.removeprefix("module name ").strip("'"), paths))
+      how = "" if desc.startswith("module name") or desc == ALL_LINEAR else " (re.fullmatch)"
       raise ValueError(
-          f"{what} pattern {rx.pattern!r} matches no parameter path (re.fullmatch); "
-          f"closest paths: {near}")
+          f"{what} pattern {desc if desc.startswith('module name') else repr(desc)} matches "
+          f"no parameter path{how}; closest paths: {near}")
     selected |= hits
   return selected
 

@@ -269,3 +269,26 @@ def test_lora_jax_merge_equals_mergekit(model_type, tmp_path):
     np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=k)
   config, _ = models.load_hf(tmp_path / "ours")
   assert config.model_type == model_type
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("model_type", ["qwen3", "phi3"])
+def test_peft_target_forms_select_what_peft_selects(checkpoints, model_type):
+  """`LoraConfig(targets="all-linear")` and a list of module names adapt the modules PEFT
+  adapts for the same `target_modules` (mapped through the family's name table)."""
+  peft = pytest.importorskip("peft")
+  m, path = checkpoints[model_type]
+  config, base = models.load_hf(path)
+  table = models.names(config)
+  names = ["qkv_proj", "down_proj"] if model_type == "phi3" else ["q_proj", "v_proj"]
+  for target in ("all-linear", names):
+    params = lj.init(jax.random.key(0), base, lj.LoraConfig(rank=2, targets=target))
+    ours = sorted(table.path_to_module(p.removesuffix("/kernel") + "/kernel")
+                  for p, x in lj.leaves_with_paths(params, is_leaf=lj.is_implicit)
+                  if isinstance(x, lj.LoraWeight))
+    pm = peft.get_peft_model(_hf_model(model_type), peft.LoraConfig(r=2, target_modules=target))
+    theirs = sorted(n.removeprefix("base_model.model.") for n, mod in pm.named_modules()
+                    if hasattr(mod, "lora_A") and n.count(".") > 2)
+    assert ours == theirs, (target, ours[:4], theirs[:4])
+  with pytest.raises(ValueError, match=r"module name 'qq_proj' matches no parameter path"):
+    lj.init(jax.random.key(0), base, lj.LoraConfig(rank=2, targets=["qq_proj"]))

@@ -402,8 +402,8 @@ def test_stack_unstack_roundtrip():
 def test_bfloat16_checkpoint(tmp_path):
   m16 = _hf_model(seed=0).to(torch.bfloat16)
   _save(m16, tmp_path)
-  _, p32 = llama.load_hf(tmp_path)                 # float32 by default
-  _, p16 = llama.load_hf(tmp_path, dtype=None)     # the file's dtype
+  _, p32 = llama.load_hf(tmp_path, dtype=jnp.float32)
+  _, p16 = llama.load_hf(tmp_path)                 # the file's dtype by default
   assert p32["norm"]["scale"].dtype == jnp.float32
   assert p16["layers"][0]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16
   chex.assert_trees_all_equal(jax.tree.map(lambda x: x.astype(jnp.float32), p16), p32)

@@ -28,7 +28,7 @@ dataclass: pass it as a static argument to `jax.jit` and `lj.implicit` (non-arra
 leaves are static there).
 
 Example:
-  >>> config, params = llama.load_hf("path/to/checkpoint")      # float32
+  >>> config, params = llama.load_hf("path/to/checkpoint")      # the file's dtype
   >>> logits = llama.forward(params, config, input_ids)         # (batch, seq, vocab)
   >>> tokens = llama.generate(params, config, prompt_ids, 16)   # greedy, (batch, 16)
 """
@@ -866,14 +866,15 @@ def _read_state_dict(root: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[st
           {k: t.file for k, t in infos.items()})
 
 
-def load_hf(path: str | os.PathLike, *, dtype=jnp.float32,
+def load_hf(path: str | os.PathLike, *, dtype=None,
             stacked: bool = False) -> tuple[DecoderConfig, dict]:
   """Read a Hugging Face Llama checkpoint directory into `(config, params)`.
 
   Args:
     path: directory with `config.json` and `model.safetensors` (or a sharded
       `model.safetensors.index.json` with its shards).
-    dtype: dtype of every parameter (default float32); `None` keeps the file's.
+    dtype: dtype of every parameter; default `None` keeps the file's (a bf16
+      checkpoint stays bf16, half the memory of float32).
     stacked: stack the layers on a leading axis (for `scan`).
 
   Returns:
