@@ -1,6 +1,7 @@
 """lora-jax: LoRA, QLoRA, model merging and multi-LoRA serving as pytree transformations."""
 
 from lora_jax import _batch_slicing  # noqa: F401  (registers the batch-axis slicing rules)
+from lora_jax import _ragged  # noqa: F401  (LoRA through ragged_dot: routed experts)
 from lora_jax._dora import DoraWeight, to_dora
 from lora_jax._extract import extract_lora
 from lora_jax._implicit import (ImplicitArray, bind, implicit, is_implicit, materialize,

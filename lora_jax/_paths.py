@@ -95,7 +95,11 @@ def _module_of(path: str) -> str:
 
 
 def is_linear_kernel(path: str) -> bool:
-  """PEFT's "all-linear": every `.../kernel` except the output layer (`lm_head`)."""
+  """PEFT's "all-linear": every `.../kernel` except the output layer (`lm_head`), and
+  routed experts' stacked weights (`.../experts/<proj>`: PEFT adds them, and the router,
+  as `target_parameters`)."""
+  if "/experts/" in path and path.rpartition("/")[0].endswith("/experts"):
+    return True
   return path.endswith("/kernel") and _module_of(path).rpartition("/")[2] != "lm_head"
 
 

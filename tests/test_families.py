@@ -40,8 +40,15 @@ FAMILY_CASES = {
                                                      "attn_logit_softcapping": 2.0,
                                                      "final_logit_softcapping": 3.0}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 5, "pad_token_id": 0}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4,
+                                                        "num_experts_per_tok": 2,
+                                                        "sliding_window": 5}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 40,
+        "norm_topk_prob": True, "head_dim": 16}),
 }
-SLIDING = ("mistral", "qwen2", "qwen3", "gemma2", "phi3")
+MOE = ("mixtral", "qwen3_moe")
+SLIDING = ("mistral", "qwen2", "qwen3", "gemma2", "phi3", "mixtral")
 
 
 def _hf_model(model_type, seed=0):
@@ -52,7 +59,7 @@ def _hf_model(model_type, seed=0):
   m = getattr(transformers, cls_model)(cfg).eval()
   with torch.no_grad():
     for name, p in m.named_parameters():
-      if p.ndim == 2:
+      if p.ndim >= 2:
         p.normal_(0.0, 0.1)
       elif name.endswith("bias"):
         p.normal_(0.0, 0.2)
@@ -94,7 +101,7 @@ def test_config_reads_the_family(checkpoints, model_type):
   hf = m.config
   if model_type not in SLIDING:
     assert config.sliding_window is None and config.layer_types is None
-  elif model_type in ("mistral", "phi3"):
+  elif model_type in ("mistral", "phi3", "mixtral"):
     assert config.layer_types is None and config.window(0) == 5
   else:
     assert config.sliding_window == 5 and config.layer_types == tuple(hf.layer_types)
@@ -102,12 +109,18 @@ def test_config_reads_the_family(checkpoints, model_type):
   at = params["layers"][0]["self_attn"]
   assert ("bias" in at.get("q_proj", {})) == (model_type == "qwen2")
   assert "bias" not in at["o_proj"]
-  assert ("q_norm" in at) == (model_type == "qwen3")
+  assert ("q_norm" in at) == (model_type in ("qwen3", "qwen3_moe"))
+  mlp = params["layers"][0]["mlp"]
+  if model_type in MOE:
+    E = m.config.num_local_experts if model_type == "mixtral" else m.config.num_experts
+    assert mlp["experts"]["gate_up_proj"].shape[0] == E and mlp["gate"]["kernel"].shape[1] == E
   assert ("qkv_proj" in at) == (model_type == "phi3")
   # the config written back reads in transformers as the same architecture
   back = getattr(transformers, FAMILY_CASES[model_type][0])(**config.to_hf())
   assert getattr(back, "sliding_window", None) == getattr(hf, "sliding_window", None)
-  assert list(getattr(back, "layer_types", []) or []) == list(getattr(hf, "layer_types", []) or [])
+  sliding = lambda c: [i for i, t in enumerate(getattr(c, "layer_types", None) or [])  # noqa: E731
+                       if t == "sliding_attention"]
+  assert sliding(back) == sliding(hf)
 
 
 @pytest.mark.interop
@@ -169,8 +182,12 @@ def test_peft_adapter_on_all_linear_layers(checkpoints, model_type, tmp_path):
   """PEFT's adapter (every projection) loads here with PEFT's logits; ours loads in PEFT."""
   peft = pytest.importorskip("peft")
   m, path = checkpoints[model_type]
+  # MoE: PEFT's all-linear adds the experts and router as target_parameters, whose
+  # files we do not read yet; adapt every Linear module by name there
+  targets = ("all-linear" if model_type not in MOE
+             else ["q_proj", "k_proj", "v_proj", "o_proj"])
   pm = peft.get_peft_model(_hf_model(model_type, seed=list(FAMILY_CASES).index(model_type)),
-                           peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+                           peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
   with torch.no_grad():
     for name, p in pm.named_parameters():
       if "lora_B" in name:
@@ -192,7 +209,7 @@ def test_peft_adapter_on_all_linear_layers(checkpoints, model_type, tmp_path):
 def test_unknown_model_type_lists_the_supported_ones(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 8}))
   with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; supported model "
-                                       r"types: gemma, gemma2, llama, mistral, phi3, qwen2, qwen3"):
+                                       r"types: gemma, gemma2, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe"):
     models.load_hf(tmp_path)
 
 
@@ -264,6 +281,25 @@ def test_lora_jax_merge_equals_mergekit(model_type, tmp_path):
   assert cli.main(["merge", str(tmp_path / "ties.yml"), str(tmp_path / "ours"), "--quiet"]) == 0
   a = load_file(str(tmp_path / "mk" / "model.safetensors"))
   b = load_file(str(tmp_path / "ours" / "model.safetensors"))
+  if model_type in MOE:
+    # Experts differ by design: mergekit 0.1.5 merges each layer's experts as one stacked
+    # tensor (transformers 5's `mlp.experts.down_proj`), so TIES trims over all experts at
+    # once (and writes Mixtral's under those names); `lora-jax merge`
+    # works tensor by tensor on the file, one expert at a time. Ours are checked against
+    # mg.ties on the same tensors; everything else against mergekit.
+    import merging as mg
+    moe = sorted(k for k in b if ".experts." in k)
+    assert moe
+    ins = [load_file(str(tmp_path / f"m{k}" / "model.safetensors")) for k in range(3)]
+    for k in moe:
+      want = mg.ties([{"w": jnp.asarray(ins[1][k])}, {"w": jnp.asarray(ins[2][k])}],
+                     base={"w": jnp.asarray(ins[0][k])}, weights=[0.6, 0.4],
+                     density=mg.PerModel([0.5, 0.7]))["w"]
+      np.testing.assert_allclose(b[k], np.asarray(want), rtol=1e-5, atol=1e-5, err_msg=k)
+    # mergekit writes Mixtral's router under transformers 5's name (mlp.gate)
+    a = {k.replace(".mlp.gate.", ".block_sparse_moe.gate.") if model_type == "mixtral" else k: v
+         for k, v in a.items() if ".experts." not in k}
+    b = {k: v for k, v in b.items() if k not in moe}
   assert sorted(a) == sorted(b)
   for k in a:
     np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=k)
@@ -292,3 +328,78 @@ def test_peft_target_forms_select_what_peft_selects(checkpoints, model_type):
     assert ours == theirs, (target, ours[:4], theirs[:4])
   with pytest.raises(ValueError, match=r"module name 'qq_proj' matches no parameter path"):
     lj.init(jax.random.key(0), base, lj.LoraConfig(rank=2, targets=["qq_proj"]))
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "scan"])
+@pytest.mark.parametrize("model_type", MOE)
+def test_lora_on_experts_stays_factored_and_equals_merged(checkpoints, model_type, stacked):
+  """One adapter per expert on the stacked expert weights (and the router): the routed
+  forward goes through `ragged_dot`'s LoRA rule (no expert weight is materialized: any
+  fallback would warn), equals the merged model, and its gradients equal the merged
+  model's."""
+  import warnings
+  from lora_jax.models import decoder
+  m, path = checkpoints[model_type]
+  config, base = models.load_hf(path, stacked=stacked)
+  layouts = decoder.STACKED_LAYOUTS if stacked else decoder.EXPERT_LAYOUTS
+  cfg = lj.LoraConfig(rank=2, alpha=4, targets="all-linear", layouts=layouts)
+  params = lj.init(jax.random.key(0), base, cfg)
+  ex = params["layers"]["mlp"]["experts"] if stacked else params["layers"][0]["mlp"]["experts"]
+  assert isinstance(ex["gate_up_proj"], lj.LoraWeight) and ex["gate_up_proj"].a.shape[-3] == (
+      ex["gate_up_proj"].shape[-3])
+  params = jax.tree.map(lambda x: x.replace_children(b=0.3 * jax.random.normal(
+      jax.random.key(1), x.b.shape)) if isinstance(x, lj.LoraWeight) else x, params,
+      is_leaf=lambda x: isinstance(x, lj.LoraWeight))
+  ids = jnp.asarray(_ids((2, 7), seed=8))
+  fwd = jax.jit(lj.implicit(models.forward), static_argnums=1)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    got = fwd(params, config, ids)
+  merged = lj.merge(params)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(_fwd(merged, config, ids)),
+                             rtol=1e-4, atol=1e-4)
+  adapter, frozen = lj.split(params)
+
+  def loss(ad, f):
+    return jnp.sum(jnp.sin(f(lj.combine(ad, frozen), config, ids)))
+
+  g = jax.jit(jax.grad(lambda ad: loss(ad, lj.implicit(models.forward))))(adapter)
+  gd = jax.jit(jax.grad(lambda ad: loss(ad, lambda p, c, i: models.forward(lj.merge(p), c, i))))(
+      adapter)
+  for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(gd)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.interop
+def test_moe_checkpoint_errors(checkpoints, tmp_path):
+  import safetensors.numpy as stnp
+  m, path = checkpoints["mixtral"]
+  t = stnp.load_file(str(path / "model.safetensors"))
+  cfgj = json.loads((path / "config.json").read_text())
+
+  def write(tensors, cfg=cfgj):
+    for f in tmp_path.iterdir():
+      f.unlink()
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    stnp.save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+
+  extra = dict(t)
+  extra["model.layers.0.block_sparse_moe.experts.4.w1.weight"] = t[
+      "model.layers.0.block_sparse_moe.experts.0.w1.weight"]
+  write(extra)
+  with pytest.raises(ValueError, match=r"experts\.4\.w1\.weight' is expert 4 of layer 0; "
+                                       r"config.json has 4 experts"):
+    models.load_hf(tmp_path)
+  fewer = {k: v for k, v in t.items() if ".experts.3.w2." not in k}
+  write(fewer)
+  with pytest.raises(ValueError, match=r"lacks expert tensors \['model\.layers\.0\."
+                                       r"block_sparse_moe\.experts\.3\.w2\.weight'"):
+    models.load_hf(tmp_path)
+  write(t, {**cfgj, "num_attention_heads": 3})
+  with pytest.raises(ValueError, match="num_attention_heads=3 is not a multiple of "
+                                       "num_key_value_heads=2"):
+    models.load_hf(tmp_path)
+  write(t, {**cfgj, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}})
+  with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
+    models.load_hf(tmp_path)

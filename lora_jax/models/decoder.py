@@ -64,7 +64,9 @@ ACTIVATIONS = {"silu": jax.nn.silu,
                "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 # LoRA layouts for stacked (scanned) layers: the leading axis is the layer axis.
-STACKED_LAYOUTS = {r"layers/.*/kernel": "lio"}
+STACKED_LAYOUTS = {r"layers/mlp/experts/.*": "llio", r"layers/.*/kernel": "lio"}
+# LoRA layouts of routed experts in unrolled layers: one adapter per expert
+EXPERT_LAYOUTS = {r"layers/\d+/mlp/experts/.*": "lio"}
 
 
 # ----------------------------------------------------------------------------
@@ -116,6 +118,10 @@ class DecoderConfig:
   attn_logit_softcapping: float | None = None
   final_logit_softcapping: float | None = None
   fused_projections: bool = False
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int | None = None
+  norm_topk_prob: bool = True
 
   def __post_init__(self):
     from lora_jax.models.families import family
@@ -130,6 +136,9 @@ class DecoderConfig:
       if "sliding_attention" in lt and not self.sliding_window:
         raise ValueError("DecoderConfig: layer_types has sliding_attention layers but "
                          f"sliding_window={self.sliding_window!r}")
+    if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+      raise ValueError(f"DecoderConfig: num_experts_per_tok={self.num_experts_per_tok} must be "
+                       f"in [1, num_experts={self.num_experts}]")
     if self.sliding_window is not None and int(self.sliding_window) < 1:
       raise ValueError(f"DecoderConfig: sliding_window={self.sliding_window!r} must be >= 1")
     if self.num_key_value_heads is None:
@@ -201,6 +210,8 @@ class DecoderConfig:
       kw["hidden_act"] = "gelu_pytorch_tanh"      # Gemma's config maps "gelu" so
     kw["sliding_window"], kw["layer_types"] = _sliding_layers(d, fam.sliding,
                                                              int(kw["num_hidden_layers"]))
+    if fam.experts is not None:
+      kw.update(_moe_options(d, fam))
     return cls(**kw)
 
   def to_hf(self) -> dict[str, Any]:
@@ -251,6 +262,13 @@ class DecoderConfig:
         out[k] = int(v) if k == "query_pre_attn_scalar" and v is not None and v == int(v) else v
     if "hidden_activation" in fam.writes:
       out["hidden_activation"] = self.hidden_act
+    if self.num_experts:
+      out.update({fam.experts.count_key: self.num_experts,
+                  "num_experts_per_tok": self.num_experts_per_tok})
+      if self.moe_intermediate_size is not None:
+        out["moe_intermediate_size"] = self.moe_intermediate_size
+      if fam.experts.writes_norm_topk_prob:
+        out["norm_topk_prob"] = self.norm_topk_prob
     return out
 
   def window(self, layer: int) -> int | None:
@@ -261,6 +279,22 @@ class DecoderConfig:
 
 
 _FLOAT_OPTIONS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+
+
+def _moe_options(d: Mapping[str, Any], fam) -> dict:
+  """The routed-expert fields of a Mixtral / Qwen3-MoE `config.json`."""
+  n = d.get("num_local_experts", d.get("num_experts"))
+  if not isinstance(n, int) or n < 1:
+    raise ValueError(f"{fam.model_type}: num_local_experts / num_experts must be a positive "
+                     f"int, got {n!r}")
+  if d.get("mlp_only_layers") or int(d.get("decoder_sparse_step", 1)) != 1:
+    raise ValueError(f"{fam.model_type}: dense MLP layers between the sparse ones "
+                     f"(mlp_only_layers={d.get('mlp_only_layers')!r}, decoder_sparse_step="
+                     f"{d.get('decoder_sparse_step')!r}) are not supported yet; every layer "
+                     "must be a sparse MoE block")
+  return dict(num_experts=n, num_experts_per_tok=int(d.get("num_experts_per_tok", 2)),
+              moe_intermediate_size=d.get("moe_intermediate_size"),
+              norm_topk_prob=bool(d.get("norm_topk_prob", True)))
 
 
 def _sliding_layers(d: Mapping[str, Any], rule: str, n: int):
@@ -323,6 +357,12 @@ def layer_shapes(c: DecoderConfig) -> dict[tuple, tuple]:
   H, lin = c.hidden_size, _kernel_shapes(c)
   out: dict[tuple, tuple] = {(n, "scale"): (H,) for n in layer_norms(c)}
   for grp, names in zip(("self_attn", "mlp"), projections(c)):
+    if grp == "mlp" and c.num_experts:
+      E, inter = c.num_experts, c.moe_intermediate_size or c.intermediate_size
+      out[("mlp", "gate", "kernel")] = (H, E)
+      out[("mlp", "experts", "gate_up_proj")] = (E, H, 2 * inter)
+      out[("mlp", "experts", "down_proj")] = (E, inter, H)
+      continue
     for n in names:
       out[(grp, n, "kernel")] = lin[n]
       bias = (c.mlp_bias if grp == "mlp" else
@@ -352,8 +392,8 @@ def init_params(key: jax.Array, config: DecoderConfig, *, dtype=jnp.float32,
 
   def leaf(path, shape):
     kind = path[-1]
-    return (normal(shape) if kind == "kernel" else jnp.ones(shape, dtype) if kind == "scale"
-            else jnp.zeros(shape, dtype))
+    return (normal(shape) if kind in ("kernel", "gate_up_proj", "down_proj")
+            else jnp.ones(shape, dtype) if kind == "scale" else jnp.zeros(shape, dtype))
 
   layers = []
   for _ in range(c.num_hidden_layers):
@@ -565,6 +605,16 @@ def _layer(lp, config: DecoderConfig, h, cos, sin, mask, cache=None, layer=None,
     h = h + o
     x = _norm(c, h, lp["post_attention_layernorm"])
   mp = lp["mlp"]
+  if c.num_experts:
+    from lora_jax.models import moe
+    flat = x.reshape(B * T, -1)
+    weights, chosen = moe.route(_linear(flat, mp["gate"]), c.num_experts_per_tok,
+                                c.norm_topk_prob)
+    y = moe.experts_mlp(flat, weights, chosen, mp["experts"], ACTIVATIONS[c.hidden_act],
+                        c.num_experts).reshape(B, T, -1)
+    if c.sandwich_norms:
+      y = _norm(c, y, lp["post_feedforward_layernorm"])
+    return h + y, cache
   if c.fused_projections:
     gate_up = _linear(x, mp["gate_up_proj"])
     gate, up = gate_up[..., :c.intermediate_size], gate_up[..., c.intermediate_size:]
@@ -930,6 +980,8 @@ def load_hf(path: str | os.PathLike, *, dtype=None,
                        f"{_CT!r}; its format and bit width are unknown")
   expected = _expected_shapes(config)
   flat: dict[tuple, Any] = {}
+  if config.num_experts:
+    sd = _read_experts(sd, config, flat, files, root, dtype)
   for name, arr in sd.items():
     if table.ignored(name):
       continue
@@ -964,12 +1016,46 @@ def load_hf(path: str | os.PathLike, *, dtype=None,
                        f"{tuple(sd[name].shape)}; config.json "
                        f"implies {expected[p][::-1] if transpose else expected[p]}")
     flat[p] = jnp.asarray(arr, dtype=dtype) if dtype is not None else jnp.asarray(arr)
-  missing = [_path_to_hf(p, table) for p in expected if p not in flat]
+  missing = [_path_to_hf(p, table) for p in expected if p not in flat]  # experts: above
   if missing:
     raise ValueError(f"{root}: checkpoint lacks tensors {missing[:5]}"
                      + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
   params = _unflatten(flat, config)
   return config, (stack_layers(params) if stacked else params)
+
+
+def _read_experts(sd: dict, config: DecoderConfig, flat: dict, files: Mapping[str, str],
+                  root: pathlib.Path, dtype) -> dict:
+  """Stack the per-expert tensors of `sd` into `flat` (`mlp/experts/*` of each layer);
+  returns the other tensors."""
+  from lora_jax.models import moe
+  from lora_jax.models.families import family
+  spec = family(config.model_type).experts
+  rx = moe.expert_tensor_regex(spec.prefix, spec.names)
+  quantized = next((k for k, v in sd.items() if rx.fullmatch(k) and isinstance(v, ImplicitArray)),
+                   None)
+  if quantized is not None:
+    raise ValueError(f"{files.get(quantized, root)}: expert tensor {quantized!r} is quantized; "
+                     "quantized expert weights are not read yet (load the float checkpoint "
+                     "and quantize with qz.quantize)")
+  where = f"{root} ({config.model_type})"
+  stacked, used = moe.stack_experts(sd, spec.prefix, spec.names, config.num_hidden_layers,
+                                    config.num_experts, where)
+  inter = config.moe_intermediate_size or config.intermediate_size
+  H, E = config.hidden_size, config.num_experts
+  for layer in range(config.num_hidden_layers):
+    for proj, want in (("gate_up_proj", (E, H, 2 * inter)), ("down_proj", (E, inter, H))):
+      arr = stacked.get((layer, proj))
+      if arr is None:
+        raise ValueError(f"{where}: checkpoint lacks the expert tensors of layer {layer} "
+                         f"({spec.prefix.format(layer=layer)}.experts.<e>."
+                         f"{'/'.join(spec.names)}.weight)")
+      if tuple(arr.shape) != want:
+        raise ValueError(f"{where}: layer {layer} experts give {proj} {tuple(arr.shape)}; "
+                         f"config.json implies {want} (experts, in, out)")
+      flat[("layers", layer, "mlp", "experts", proj)] = (
+          jnp.asarray(arr, dtype=dtype) if dtype is not None else jnp.asarray(arr))
+  return {k: v for k, v in sd.items() if k not in used}
 
 
 def _unflatten(flat: Mapping[tuple, Any], config: DecoderConfig) -> dict:
@@ -1039,9 +1125,16 @@ def save_hf(path: str | os.PathLike, config: DecoderConfig, params: Mapping[str,
   quantized: dict[str, str] = {}      # HF tensor -> parameter path, of quantized kernels
   from lora_jax._implicit import is_implicit
   from lora_jax._paths import leaves_with_paths
+  experts: dict[tuple, np.ndarray] = {}
   for spath, leaf in leaves_with_paths(params, is_leaf=is_implicit):
     p = tuple(int(s) if s.isdigit() else s for s in spath.split("/"))
     if p == ("lm_head", "kernel") and config.tie_word_embeddings:
+      continue
+    if len(p) == 5 and p[2:4] == ("mlp", "experts") and p in expected:
+      if tuple(leaf.shape) != expected[p] or is_implicit(leaf):
+        raise ValueError(f"save_hf: expert parameter {spath} is a {type(leaf).__name__} "
+                         f"{tuple(leaf.shape)}; expected a plain array {expected[p]}")
+      experts[p] = np.asarray(leaf if dtype is None else jnp.asarray(leaf).astype(dtype))
       continue
     if p not in expected:
       raise ValueError(f"save_hf: parameter {spath} {tuple(leaf.shape)} is not part of a "
@@ -1057,7 +1150,19 @@ def save_hf(path: str | os.PathLike, config: DecoderConfig, params: Mapping[str,
     if p[-1] == "kernel":
       arr = arr.T
     tensors[_path_to_hf(p, table)] = arr
-  missing = [t for t in (_path_to_hf(p, table) for p in expected) if t not in tensors]
+  if config.num_experts:
+    from lora_jax.models import moe
+    from lora_jax.models.families import family
+    spec = family(config.model_type).experts
+    for layer in range(config.num_hidden_layers):
+      gu, dn = (experts.get(("layers", layer, "mlp", "experts", n))
+                for n in ("gate_up_proj", "down_proj"))
+      if gu is None or dn is None:
+        raise ValueError(f"save_hf: params lack layers/{layer}/mlp/experts/"
+                         f"{'gate_up_proj' if gu is None else 'down_proj'}")
+      tensors.update(moe.split_experts(layer, gu, dn, spec.prefix, spec.names))
+  missing = [t for p in expected if p[2:4] != ("mlp", "experts")
+             for t in [_path_to_hf(p, table)] if t not in tensors]
   if missing:
     raise ValueError(f"save_hf: params lack {missing[:5]}")
   hf = config.to_hf()
@@ -1079,6 +1184,7 @@ def save_hf(path: str | os.PathLike, config: DecoderConfig, params: Mapping[str,
 
 __all__ = [
   "STACKED_LAYOUTS",
+  "EXPERT_LAYOUTS",
   "DecoderConfig",
   "LAYER_TYPES",
   "forward",

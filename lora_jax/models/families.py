@@ -30,6 +30,17 @@ from lora_jax import checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
+class Experts:
+  """How a family's checkpoints store routed experts: `{prefix}.experts.{e}.{name}.weight`
+  for each of the (gate, up, down) projection `names`, the router at `{prefix}.gate`;
+  `count_key` is config.json's number of experts."""
+  prefix: str
+  names: tuple[str, str, str]
+  count_key: str
+  writes_norm_topk_prob: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
   model_type: str
   architectures: tuple[str, ...]
@@ -37,6 +48,7 @@ class Family:
   features: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   config_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   sliding: str = "none"
+  experts: Experts | None = None
   # config.json keys this family reads and writes beyond the shared ones (the
   # soft-capping / query scalar options are read only by families that list them)
   writes: tuple[str, ...] = ()
@@ -85,6 +97,22 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            features={"fused_projections": True},
            config_defaults={"rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
                             "sliding_window": None}, sliding="all"),
+    Family("mixtral", ("MixtralForCausalLM",), checkpoint.NameTable(
+               modules=(("model.layers.{layer}.block_sparse_moe.gate",
+                         "layers/{layer}/mlp/gate/kernel"),) + checkpoint.LLAMA.modules,
+               ignore=checkpoint.LLAMA.ignore),
+           experts=Experts("model.layers.{layer}.block_sparse_moe", ("w1", "w3", "w2"),
+                           "num_local_experts"),
+           config_defaults={"sliding_window": None, "max_position_embeddings": 131072,
+                            "rms_norm_eps": 1e-5, "rope_theta": 1e6},
+           sliding="all"),
+    Family("qwen3_moe", ("Qwen3MoeForCausalLM",), _qk_norm_names(), features={"qk_norm": True},
+           experts=Experts("model.layers.{layer}.mlp", ("gate_proj", "up_proj", "down_proj"),
+                           "num_experts", writes_norm_topk_prob=True),
+           config_defaults={"sliding_window": 4096, "max_window_layers": 28,
+                            "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                            "norm_topk_prob": False},
+           sliding="max_window_layers", writes=("attention_bias",)),
 )}
 
 
@@ -97,4 +125,4 @@ def family(model_type: str, where: str = "config.json") -> Family:
   return f
 
 
-__all__ = ["FAMILIES", "Family", "family"]
+__all__ = ["Experts", "FAMILIES", "Family", "family"]
