@@ -46,9 +46,16 @@ FAMILY_CASES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
         "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 40,
         "norm_topk_prob": True, "head_dim": 16}),
+    # layers 0, 1 local (window 5, rope theta 1e4), layer 2 global (linear rope x8)
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "head_dim": 16, "sliding_window": 5, "query_pre_attn_scalar": 24,
+        "sliding_window_pattern": 3,
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                               "rope_theta": 1e6},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
 }
 MOE = ("mixtral", "qwen3_moe")
-SLIDING = ("mistral", "qwen2", "qwen3", "gemma2", "phi3", "mixtral")
+SLIDING = ("mistral", "qwen2", "qwen3", "gemma2", "phi3", "mixtral", "gemma3_text")
 
 
 def _hf_model(model_type, seed=0):
@@ -109,7 +116,7 @@ def test_config_reads_the_family(checkpoints, model_type):
   at = params["layers"][0]["self_attn"]
   assert ("bias" in at.get("q_proj", {})) == (model_type == "qwen2")
   assert "bias" not in at["o_proj"]
-  assert ("q_norm" in at) == (model_type in ("qwen3", "qwen3_moe"))
+  assert ("q_norm" in at) == (model_type in ("qwen3", "qwen3_moe", "gemma3_text"))
   mlp = params["layers"][0]["mlp"]
   if model_type in MOE:
     E = m.config.num_local_experts if model_type == "mixtral" else m.config.num_experts
@@ -121,6 +128,8 @@ def test_config_reads_the_family(checkpoints, model_type):
   sliding = lambda c: [i for i, t in enumerate(getattr(c, "layer_types", None) or [])  # noqa: E731
                        if t == "sliding_attention"]
   assert sliding(back) == sliding(hf)
+  if getattr(hf, "rope_parameters", None) is not None and model_type == "gemma3_text":
+    assert back.rope_parameters == hf.rope_parameters
 
 
 @pytest.mark.interop
@@ -141,6 +150,11 @@ def test_logits_match_transformers(checkpoints, model_type, stacked):
     full = dataclasses.replace(config, sliding_window=None, layer_types=None)
     other = np.asarray(_fwd(params, full, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     assert np.abs(other[0, 6:] - want[0, 6:]).max() > 1e-2
+  if config.local_rope is not None:   # Gemma 3: the local layers' own rope matters too
+    import dataclasses
+    one = dataclasses.replace(config, local_rope=None)
+    other = np.asarray(_fwd(params, one, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    assert np.abs(other[0] - want[0]).max() > 1e-2
 
 
 @pytest.mark.slow
@@ -209,7 +223,8 @@ def test_peft_adapter_on_all_linear_layers(checkpoints, model_type, tmp_path):
 def test_unknown_model_type_lists_the_supported_ones(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 8}))
   with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; supported model "
-                                       r"types: gemma, gemma2, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe"):
+                                       r"types: gemma, gemma2, gemma3_text, llama, mistral, mixtral, "
+                                       r"phi3, qwen2, qwen3, qwen3_moe"):
     models.load_hf(tmp_path)
 
 
@@ -229,7 +244,7 @@ def test_missing_bias_names_the_tensor_and_family(checkpoints, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.interop
-@pytest.mark.parametrize("model_type", ["qwen2", "gemma2", "phi3"])
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma2", "phi3", "gemma3_text"])
 def test_bnb_4bit_checkpoint_of_the_family(checkpoints, model_type, tmp_path):
   """transformers' `load_in_4bit` save of the family reads as QuantizedArray kernels and
   gives transformers' 4-bit logits."""
@@ -402,4 +417,44 @@ def test_moe_checkpoint_errors(checkpoints, tmp_path):
     models.load_hf(tmp_path)
   write(t, {**cfgj, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}})
   with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
+    models.load_hf(tmp_path)
+
+
+GEMMA3_HUB = dict(TINY, model_type="gemma3_text", num_hidden_layers=8, head_dim=16,
+                  rope_theta=1e6, rope_local_base_freq=1e4, sliding_window=5,
+                  rope_scaling={"rope_type": "linear", "factor": 8.0})
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("keys", [{}, {"sliding_window_pattern": 4}], ids=["default", "pattern4"])
+def test_gemma3_config_keys_read_as_transformers(keys):
+  """A Hub-style Gemma 3 config.json (old keys: rope_theta and rope_scaling for the global
+  layers, rope_local_base_freq, sliding_window_pattern or its default 6) gives
+  transformers' layer types and each layer type's rope frequencies."""
+  d = {**GEMMA3_HUB, **keys}
+  config = models.DecoderConfig.from_hf(d)
+  hf = transformers.Gemma3TextConfig(**{k: v for k, v in d.items() if k != "model_type"})
+  assert list(config.layer_types) == list(hf.layer_types)
+  rotary = transformers.models.gemma3.modeling_gemma3.Gemma3RotaryEmbedding(hf)
+  for t in models.decoder.LAYER_TYPES:
+    np.testing.assert_allclose(models.decoder.rope_inv_freq(config, t),
+                               getattr(rotary, f"{t}_inv_freq").numpy(), rtol=1e-7, err_msg=t)
+  assert models.DecoderConfig.from_hf(config.to_hf()) == config
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"use_bidirectional_attention": True}, r"use_bidirectional_attention=True .*not supported"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default"},
+                          "sliding_attention": {"rope_type": "yarn", "factor": 2.0}}},
+     r"rope_parameters\['sliding_attention'\]: rope_type 'yarn' is not supported"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}},
+     r"rope_parameters must map layer types"),
+    ({"sliding_window": None}, r"sliding_attention layers but sliding_window is null"),
+], ids=["bidirectional", "rope_type", "flat_rope", "no_window"])
+def test_gemma3_config_refusals_name_the_key(bad, match, tmp_path):
+  d = {k: v for k, v in GEMMA3_HUB.items() if k not in ("rope_scaling",)}
+  with pytest.raises(ValueError, match=match):
+    models.DecoderConfig.from_hf({**d, **bad})
+  (tmp_path / "config.json").write_text(json.dumps({**d, **bad}))
+  with pytest.raises(ValueError, match=match):
     models.load_hf(tmp_path)

@@ -73,6 +73,60 @@ EXPERT_LAYOUTS = {r"layers/\d+/mlp/experts/.*": "lio"}
 # Config
 
 @dataclasses.dataclass(frozen=True)
+class Rope:
+  """The rotary embedding of one layer type, with the keys of a Hugging Face
+  `rope_parameters` dict (`rope_type`, `rope_theta`; `factor` for "linear", and the
+  low / high frequency factors and original context length for "llama3").
+
+  `DecoderConfig.local_rope` holds one for the sliding (local) layers of a family
+  whose layer types have their own rope (Gemma 3); frozen, so the config stays hashable.
+  """
+
+  rope_type: str = "default"
+  rope_theta: float = 10000.0
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int | None = None
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"Rope: rope_type {self.rope_type!r} is not supported; expected one "
+                       f"of {ROPE_TYPES}")
+
+  @classmethod
+  def from_hf(cls, rope: Mapping[str, Any], *, default_theta: float, max_position_embeddings: int,
+              where: str = "rope_parameters") -> Rope:
+    """From one `rope_parameters` / `rope_scaling` dict (old `type` key too); `where`
+    names the dict in errors."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+      raise ValueError(f"{where}: rope_type {rope_type!r} is not supported; expected one of "
+                       f"{ROPE_TYPES}")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+      raise ValueError(f"{where}: partial_rotary_factor != 1 is not supported")
+    orig = rope.get("original_max_position_embeddings")
+    if rope_type == "llama3" and orig is None:
+      orig = max_position_embeddings
+    return cls(rope_type=str(rope_type), rope_theta=float(rope.get("rope_theta", default_theta)),
+               factor=float(rope.get("factor", 1.0)),
+               low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+               high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+               original_max_position_embeddings=None if orig is None else int(orig))
+
+  def to_hf(self) -> dict[str, Any]:
+    """The `rope_parameters` dict transformers reads."""
+    out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+    if self.rope_type == "linear":
+      out["factor"] = self.factor
+    elif self.rope_type == "llama3":
+      out.update(factor=self.factor, low_freq_factor=self.low_freq_factor,
+                 high_freq_factor=self.high_freq_factor,
+                 original_max_position_embeddings=self.original_max_position_embeddings)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """Architecture of a Llama decoder, with Hugging Face `config.json` names.
 
@@ -81,7 +135,10 @@ class DecoderConfig:
 
   The rope scaling of `rope_type="llama3"` uses `rope_factor`,
   `rope_low_freq_factor`, `rope_high_freq_factor` and
-  `rope_original_max_position_embeddings`; `"linear"` uses `rope_factor`.
+  `rope_original_max_position_embeddings`; `"linear"` uses `rope_factor`. These
+  `rope_*` fields are the rope of every layer, or, when `local_rope` (a `Rope`) is set,
+  of the full-attention layers only: the sliding layers then use `local_rope` (Gemma 3's
+  per-layer-type `rope_parameters`). `rope(layer_type)` gives either as a `Rope`.
   """
 
   vocab_size: int = 32000
@@ -122,8 +179,14 @@ class DecoderConfig:
   num_experts_per_tok: int = 0
   moe_intermediate_size: int | None = None
   norm_topk_prob: bool = True
+  local_rope: Rope | None = None
 
   def __post_init__(self):
+    if isinstance(self.local_rope, Mapping):
+      object.__setattr__(self, "local_rope", Rope(**self.local_rope))
+    if self.local_rope is not None and not isinstance(self.local_rope, Rope):
+      raise TypeError(f"DecoderConfig: local_rope must be a Rope (or its fields as a dict), "
+                      f"got {type(self.local_rope).__name__}")
     from lora_jax.models.families import family
     family(self.model_type, "DecoderConfig")
     if self.layer_types is not None:
@@ -175,29 +238,35 @@ class DecoderConfig:
     missing = [k for k in required if k not in d]
     if missing:
       raise ValueError(f"DecoderConfig.from_hf: config.json lacks {missing}")
-    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-    if rope and all(isinstance(v, Mapping) for v in rope.values()):
-      raise ValueError("DecoderConfig.from_hf: per-layer-type rope_parameters are not supported")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-    if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
-      raise ValueError("DecoderConfig.from_hf: partial_rotary_factor != 1 is not supported")
+    if d.get("use_bidirectional_attention"):
+      raise ValueError("DecoderConfig.from_hf: config.json sets use_bidirectional_attention="
+                       f"{d['use_bidirectional_attention']!r} (bidirectional attention, as in "
+                       "EmbeddingGemma); the decoder is causal only: not supported")
     max_pos = int(d.get("max_position_embeddings", 2048))
-    orig = rope.get("original_max_position_embeddings")
-    if rope_type == "llama3" and orig is None:
-      orig = max_pos
+    local_rope = None
+    if fam.per_layer_rope:
+      rope, local_rope = _per_layer_ropes(d, max_pos)
+    else:
+      rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+      if rope and all(isinstance(v, Mapping) for v in rope.values()):
+        raise ValueError("DecoderConfig.from_hf: per-layer-type rope_parameters are not "
+                         f"supported for model_type {mt!r}")
+      if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("DecoderConfig.from_hf: partial_rotary_factor != 1 is not supported")
+      rope = Rope.from_hf(rope, default_theta=d.get("rope_theta", 10000.0),
+                          max_position_embeddings=max_pos,
+                          where="DecoderConfig.from_hf: config.json rope_parameters")
     kw = dict(
         vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
         intermediate_size=int(d["intermediate_size"]),
         num_hidden_layers=int(d["num_hidden_layers"]),
         num_attention_heads=int(d["num_attention_heads"]),
         num_key_value_heads=d.get("num_key_value_heads"), head_dim=d.get("head_dim"),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-        rope_type=str(rope_type), rope_factor=float(rope.get("factor", 1.0)),
-        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-        rope_original_max_position_embeddings=None if orig is None else int(orig),
-        max_position_embeddings=max_pos,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=rope.rope_theta,
+        rope_type=rope.rope_type, rope_factor=rope.factor,
+        rope_low_freq_factor=rope.low_freq_factor, rope_high_freq_factor=rope.high_freq_factor,
+        rope_original_max_position_embeddings=rope.original_max_position_embeddings,
+        max_position_embeddings=max_pos, local_rope=local_rope,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         attention_bias=bool(d.get("attention_bias", False)),
         mlp_bias=bool(d.get("mlp_bias", False)),
@@ -216,13 +285,7 @@ class DecoderConfig:
 
   def to_hf(self) -> dict[str, Any]:
     """A `config.json` dict that the family's transformers config class reads."""
-    rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
-    if self.rope_type == "linear":
-      rope["factor"] = self.rope_factor
-    elif self.rope_type == "llama3":
-      rope.update(factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
-                  high_freq_factor=self.rope_high_freq_factor,
-                  original_max_position_embeddings=self.rope_original_max_position_embeddings)
+    rope = self.rope().to_hf()
     eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
     from lora_jax.models.families import family
     fam = family(self.model_type)
@@ -250,7 +313,7 @@ class DecoderConfig:
       types = self.layer_types or ("full_attention",) * self.num_hidden_layers
       out.update(use_sliding_window="sliding_attention" in types,
                  sliding_window=self.sliding_window, layer_types=list(types))
-    elif fam.sliding == "alternate":
+    elif fam.sliding in ("alternate", "pattern"):
       out.update(sliding_window=self.sliding_window,
                  layer_types=list(self.layer_types or ("full_attention",) * self.num_hidden_layers))
     for k in {"attention_bias", "mlp_bias", "pretraining_tp"} - set(fam.writes):
@@ -269,7 +332,29 @@ class DecoderConfig:
         out["moe_intermediate_size"] = self.moe_intermediate_size
       if fam.experts.writes_norm_topk_prob:
         out["norm_topk_prob"] = self.norm_topk_prob
+    if "use_bidirectional_attention" in fam.writes:
+      out["use_bidirectional_attention"] = False
+    if fam.per_layer_rope:
+      # Gemma 3: rope_parameters per layer type; the old keys (rope_theta of the global
+      # layers, rope_local_base_freq, rope_scaling) too, for older transformers
+      local = self.rope("sliding_attention")
+      out.update(rope_parameters={"full_attention": rope, "sliding_attention": local.to_hf()},
+                 rope_local_base_freq=local.rope_theta)
     return out
+
+  def rope(self, layer_type: str = "full_attention") -> Rope:
+    """The `Rope` of a layer type: `local_rope` for "sliding_attention" when it is set,
+    else the `rope_*` fields."""
+    if layer_type not in LAYER_TYPES:
+      raise ValueError(f"DecoderConfig.rope: layer_type {layer_type!r} is not one of {LAYER_TYPES}")
+    if layer_type == "sliding_attention" and self.local_rope is not None:
+      return self.local_rope
+    return Rope(self.rope_type, self.rope_theta, self.rope_factor, self.rope_low_freq_factor,
+                self.rope_high_freq_factor, self.rope_original_max_position_embeddings)
+
+  def layer_type(self, layer: int) -> str:
+    """"sliding_attention" or "full_attention" for `layer`."""
+    return "full_attention" if self.window(layer) is None else "sliding_attention"
 
   def window(self, layer: int) -> int | None:
     """The sliding window of `layer` (query i sees keys `i - window < j <= i`), or None."""
@@ -295,6 +380,32 @@ def _moe_options(d: Mapping[str, Any], fam) -> dict:
   return dict(num_experts=n, num_experts_per_tok=int(d.get("num_experts_per_tok", 2)),
               moe_intermediate_size=d.get("moe_intermediate_size"),
               norm_topk_prob=bool(d.get("norm_topk_prob", True)))
+def _per_layer_ropes(d: Mapping[str, Any], max_pos: int) -> tuple[Rope, Rope]:
+  """(full-attention rope, sliding-attention rope) of a Gemma 3 config.json, read as
+  `Gemma3TextConfig` does: `rope_parameters` per layer type, or the old keys
+  (`rope_theta` and `rope_scaling` for the global layers, `rope_local_base_freq` for the
+  local ones), a missing theta taking the family default."""
+  where = "DecoderConfig.from_hf: config.json rope_parameters"
+  rp = d.get("rope_parameters")
+  if rp is None:
+    rp = {}
+  if not isinstance(rp, Mapping) or not all(isinstance(v, Mapping) or v is None
+                                            for v in rp.values()):
+    raise ValueError(f"{where} must map layer types {LAYER_TYPES} to rope parameters for "
+                     f"model_type {d.get('model_type')!r}; got {rp!r}")
+  unknown = sorted(set(rp) - set(LAYER_TYPES))
+  if unknown:
+    raise ValueError(f"{where}: unknown layer types {unknown}; expected {LAYER_TYPES}")
+  per = {t: dict(rp.get(t) or {}) for t in LAYER_TYPES}
+  scaling = d.get("rope_scaling")
+  if isinstance(scaling, Mapping):
+    per["full_attention"].update(scaling)
+  per["full_attention"].setdefault("rope_theta", d.get("rope_theta", 1_000_000.0))
+  per["sliding_attention"].setdefault("rope_theta", d.get("rope_local_base_freq", 10_000.0))
+  full, local = (Rope.from_hf(per[t], default_theta=per[t]["rope_theta"],
+                              max_position_embeddings=max_pos, where=f"{where}[{t!r}]")
+                 for t in LAYER_TYPES)
+  return full, local
 
 
 def _sliding_layers(d: Mapping[str, Any], rule: str, n: int):
@@ -306,11 +417,19 @@ def _sliding_layers(d: Mapping[str, Any], rule: str, n: int):
     return None, None
   if rule == "all":                        # Mistral: every layer, when set
     return (None if window is None else int(window)), None
-  if rule == "alternate":                  # Gemma 2: even layers (0, 2, ...) slide
+  if rule in ("alternate", "pattern"):
+    # Gemma 2: even layers (0, 2, ...) slide; Gemma 3: every layer but each
+    # `sliding_window_pattern`-th (default 6: 5 local layers, then a global one)
     if types is None:
-      types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+      every = 2 if rule == "alternate" else int(d.get("sliding_window_pattern", 6))
+      types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
     types = tuple(types)
-    if window is None or "sliding_attention" not in types:
+    if "sliding_attention" not in types:
+      return None, None
+    if window is None:
+      if rule == "pattern":    # the layer types choose the rope too: keep them, or refuse
+        raise ValueError("DecoderConfig.from_hf: config.json has sliding_attention layers but "
+                         "sliding_window is null")
       return None, None
     return int(window), types
   if not d.get("use_sliding_window", False):   # Qwen2/3
@@ -444,17 +563,21 @@ def unstack_layers(params: Mapping[str, Any]) -> dict:
 # ----------------------------------------------------------------------------
 # The model
 
-def rope_inv_freq(config: DecoderConfig) -> np.ndarray:
-  """Inverse frequencies `(head_dim // 2,)` float32, as transformers computes them."""
-  dim = config.head_dim
+def rope_inv_freq(config: DecoderConfig, layer_type: str = "full_attention") -> np.ndarray:
+  """Inverse frequencies `(head_dim // 2,)` float32 of a layer type's rope
+  (`config.rope(layer_type)`), as transformers computes them."""
+  return _inv_freq(config.rope(layer_type), config.head_dim)
+
+
+def _inv_freq(rope: Rope, dim: int) -> np.ndarray:
   exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-  inv = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponent)).astype(np.float32)
-  if config.rope_type == "linear":
-    inv = (inv / np.float32(config.rope_factor)).astype(np.float32)
-  elif config.rope_type == "llama3":
-    factor = config.rope_factor
-    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
-    old = config.rope_original_max_position_embeddings
+  inv = (np.float32(1.0) / np.power(np.float32(rope.rope_theta), exponent)).astype(np.float32)
+  if rope.rope_type == "linear":
+    inv = (inv / np.float32(rope.factor)).astype(np.float32)
+  elif rope.rope_type == "llama3":
+    factor = rope.factor
+    low, high = rope.low_freq_factor, rope.high_freq_factor
+    old = rope.original_max_position_embeddings
     low_wl, high_wl = old / low, old / high
     wavelen = (np.float32(2 * math.pi) / inv).astype(np.float32)
     inv_l = np.where(wavelen > low_wl, inv / np.float32(factor), inv).astype(np.float32)
@@ -466,13 +589,13 @@ def rope_inv_freq(config: DecoderConfig) -> np.ndarray:
   return inv
 
 
-def _rope_tables(config: DecoderConfig, positions: jax.Array, dtype):
+def _rope_tables(rope: Rope, head_dim: int, positions: jax.Array, dtype):
   """cos, sin `(batch, seq, head_dim // 2)` for integer `positions` `(batch, seq)`.
 
   transformers repeats these tables to `head_dim` (`cat([freqs, freqs])`); both
   halves are equal, so half tables carry the same values.
   """
-  inv = jnp.asarray(rope_inv_freq(config))
+  inv = jnp.asarray(_inv_freq(rope, head_dim))
   freqs = positions.astype(jnp.float32)[..., None] * inv[None, None, :]
   return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
 
@@ -647,24 +770,32 @@ def _run(params, config: DecoderConfig, input_ids, positions, mask, cache=None, 
   dtype = h.dtype
   if config.embed_scale:    # Gemma: embeddings times sqrt(hidden), the factor in their dtype
     h = h * jnp.asarray(config.hidden_size ** 0.5, dtype)
-  cos, sin = _rope_tables(config, positions, dtype)
   windows = [config.window(i) for i in range(config.num_hidden_layers)]
   window_masks = {w: _sliding_mask(mask, w, index) for w in set(windows) if w is not None}
+  # one rope table per distinct rope (two for Gemma 3: local and global layers)
+  ropes = [config.rope(config.layer_type(i)) for i in range(config.num_hidden_layers)]
+  kinds = list(dict.fromkeys(ropes))
+  tables = {r: _rope_tables(r, config.head_dim, positions, dtype) for r in kinds}
   if is_stacked(params):
     # the cache rides in the scan carry, so each layer updates it in place
     mixed = len(set(windows)) > 1
     if not mixed:
       mask = window_masks.get(windows[0], mask)
+    cos, sin = tables[kinds[0]]
 
     def body(carry, xs):
       h, cache, i = carry
-      lp, sliding = xs
+      lp, sliding, other_rope = xs
       m = jnp.where(sliding, window_masks[config.sliding_window], mask) if mixed else mask
-      h, cache = _layer(lp, config, h, cos, sin, m, cache, i, index, causal)
+      c, s = cos, sin
+      if len(kinds) > 1:      # select the layer's rope table like its mask
+        c, s = (jnp.where(other_rope, t, u) for t, u in zip(tables[kinds[1]], (cos, sin)))
+      h, cache = _layer(lp, config, h, c, s, m, cache, i, index, causal)
       return (h, cache, i + 1), None
     sliding = jnp.asarray([w is not None for w in windows])
+    other_rope = jnp.asarray([r != kinds[0] for r in ropes])
     (h, cache, _), _ = lax.scan(body, (h, cache, jnp.zeros((), jnp.int32)),
-                                (params["layers"], sliding))
+                                (params["layers"], sliding, other_rope))
   else:
     layers = params["layers"]
     if len(layers) != config.num_hidden_layers:
@@ -672,6 +803,7 @@ def _run(params, config: DecoderConfig, input_ids, positions, mask, cache=None, 
                        f"num_hidden_layers={config.num_hidden_layers}")
     for i, lp in enumerate(layers):
       m = mask if windows[i] is None else window_masks[windows[i]]
+      cos, sin = tables[ropes[i]]
       h, cache = _layer(lp, config, h, cos, sin, m, cache, i, index, causal)
   if last_only:
     h = h[:, -1:]
@@ -1187,6 +1319,7 @@ __all__ = [
   "EXPERT_LAYOUTS",
   "DecoderConfig",
   "LAYER_TYPES",
+  "Rope",
   "forward",
   "generate",
   "init_params",

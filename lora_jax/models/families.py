@@ -13,8 +13,11 @@ A `Family` says, for one Hugging Face `model_type`:
   `config.json` may leave out, where they differ from Llama's;
 - `sliding`: how the family's config selects sliding-window layers: "none", "all"
   (Mistral: every layer when `sliding_window` is set), "max_window_layers" (Qwen2/3:
-  with `use_sliding_window`, the layers from `max_window_layers` on), or "alternate"
-  (Gemma 2: layers 0, 2, 4, ...), unless the config lists `layer_types` itself;
+  with `use_sliding_window`, the layers from `max_window_layers` on), "alternate"
+  (Gemma 2: layers 0, 2, 4, ...), or "pattern" (Gemma 3: every layer but each
+  `sliding_window_pattern`-th, default 6), unless the config lists `layer_types` itself;
+- `per_layer_rope`: `rope_parameters` per layer type (Gemma 3: the sliding layers
+  have their own rope, `DecoderConfig.local_rope`);
 - `names`: its table of Hugging Face tensor names to parameter paths, the one the
   checkpoint reader, PEFT adapter I/O, bnb-4bit and compressed-tensors loading and
   `lora-jax merge` use (`checkpoint.NameTable`).
@@ -49,6 +52,7 @@ class Family:
   config_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   sliding: str = "none"
   experts: Experts | None = None
+  per_layer_rope: bool = False
   # config.json keys this family reads and writes beyond the shared ones (the
   # soft-capping / query scalar options are read only by families that list them)
   writes: tuple[str, ...] = ()
@@ -93,6 +97,20 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            sliding="alternate",
            writes=("attention_bias", "query_pre_attn_scalar", "attn_logit_softcapping",
                    "final_logit_softcapping", "hidden_activation")),
+    Family("gemma3_text", ("Gemma3ForCausalLM",), _qk_norm_names(),
+           features={"norm_offset": True, "embed_scale": True, "sandwich_norms": True,
+                     "qk_norm": True},
+           config_defaults={"hidden_activation": "gelu_pytorch_tanh", "head_dim": 256,
+                            "tie_word_embeddings": True, "max_position_embeddings": 131072,
+                            "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256,
+                            "sliding_window": 4096, "final_logit_softcapping": None,
+                            "attn_logit_softcapping": None, "rope_theta": 1_000_000.0,
+                            "rope_local_base_freq": 10_000.0, "bos_token_id": 2,
+                            "eos_token_id": 1, "pad_token_id": 0},
+           sliding="pattern", per_layer_rope=True,
+           writes=("attention_bias", "query_pre_attn_scalar", "attn_logit_softcapping",
+                   "final_logit_softcapping", "hidden_activation",
+                   "use_bidirectional_attention")),
     Family("phi3", ("Phi3ForCausalLM",), checkpoint.LLAMA,
            features={"fused_projections": True},
            config_defaults={"rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
