@@ -9,6 +9,7 @@ adapters on all linear layers are compared with transformers / PEFT.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -458,3 +459,29 @@ def test_gemma3_config_refusals_name_the_key(bad, match, tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({**d, **bad}))
   with pytest.raises(ValueError, match=match):
     models.load_hf(tmp_path)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma2", "phi3", "gemma3_text"])
+def test_lora_grads_under_scan_equal_unrolled(checkpoints, model_type):
+  """Stacked layers under `scan` (mixed layer types: one scanned body) and unrolled ones
+  give the same LoRA loss and adapter gradients."""
+  m, path = checkpoints[model_type]
+  config, flat = models.load_hf(path)
+  is_lw = lambda x: isinstance(x, lj.LoraWeight)  # noqa: E731
+  p_flat = lj.init(jax.random.key(0), flat, lj.LoraConfig(rank=2, alpha=4, targets="all-linear"))
+  p_flat = jax.tree.map(lambda x: x.replace_children(b=0.2 * jax.random.normal(
+      jax.random.key(x.a.size), x.b.shape)) if is_lw(x) else x, p_flat, is_leaf=is_lw)
+  p_st = models.stack_layers(p_flat)       # the same factors, stacked on a leading axis
+  ids = jnp.asarray(_ids((2, 9), seed=9))
+
+  def loss(ad, frozen):
+    return jnp.mean(jnp.sin(lj.implicit(models.forward)(lj.combine(ad, frozen), config, ids)))
+
+  l1, g1 = jax.jit(jax.value_and_grad(loss))(*lj.split(p_flat))
+  l2, g2 = jax.jit(jax.value_and_grad(loss))(*lj.split(p_st))
+  np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+  g1 = models.stack_layers(g1)
+  assert jax.tree.structure(g1) == jax.tree.structure(g2) and len(jax.tree.leaves(g2)) > 20
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
