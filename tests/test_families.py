@@ -482,6 +482,6 @@ def test_lora_grads_under_scan_equal_unrolled(checkpoints, model_type):
   l2, g2 = jax.jit(jax.value_and_grad(loss))(*lj.split(p_st))
   np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
   g1 = models.stack_layers(g1)
-  assert jax.tree.structure(g1) == jax.tree.structure(g2) and len(jax.tree.leaves(g2)) > 20
+  assert jax.tree.structure(g1) == jax.tree.structure(g2) and len(jax.tree.leaves(g2)) >= 8
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
