@@ -13,7 +13,12 @@ steps one by one, so both see the same load on a shared machine. The script
 also measures the best f32 matmul rate of both frameworks and prints the
 least possible step time it implies.
 
-    .venv/bin/python benchmarks/vs_peft.py [--steps 5] [--stacked]
+    .venv/bin/python benchmarks/vs_peft.py [--steps 5] [--stacked] [--family qwen2]
+
+`--family` runs the same step on another model family at the same sizes (its
+transformers config from `AutoConfig.for_model`, our `models.DecoderConfig.from_hf` of
+it, LoRA on "all-linear" on both sides: PEFT's selection and ours are the same modules,
+experts included for the MoE families); the matmul floor is printed for Llama only.
 """
 
 from __future__ import annotations
@@ -30,6 +35,22 @@ CFG = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_att
            num_key_value_heads=8, vocab_size=8000)
 BATCH, SEQ, RANK, ALPHA = 8, 256, 16, 32
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# per family: what its config needs beyond CFG at these sizes (head_dim 64 as Llama's)
+FAMILY_EXTRA = {
+    "llama": {}, "mistral": {"sliding_window": None}, "qwen2": {}, "qwen3": {"head_dim": 64},
+    "gemma": {"head_dim": 64}, "gemma2": {"head_dim": 64, "query_pre_attn_scalar": 64,
+                                          "sliding_window": 128},
+    "gemma3_text": {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 128},
+    "phi3": {"pad_token_id": 0},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 688,
+                  "head_dim": 64},
+}
+
+
+def _hf_config(family: str):
+  import transformers
+  return transformers.AutoConfig.for_model(family, **CFG, **FAMILY_EXTRA[family])
 
 
 def _rss_kib(field: str) -> int:
@@ -85,20 +106,25 @@ def _best_rate(run, flops: float, n: int = 5) -> float:
   return flops / best / 1e9
 
 
-def serve_ours(stacked: bool) -> None:
+def serve_ours(stacked: bool, family: str | None) -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
   import optax
 
   import lora_jax as lj
-  from lora_jax.models import llama
+  from lora_jax import models
+  from lora_jax.models import decoder, llama
 
-  config = llama.LlamaConfig(**CFG)
+  if family is None:
+    config = llama.LlamaConfig(**CFG)
+    targets = r"layers/.*/(q|k|v|o|gate|up|down)_proj/kernel"
+  else:
+    config = models.DecoderConfig.from_hf(_hf_config(family).to_dict())
+    targets = "all-linear"
   params = llama.init_params(jax.random.key(0), config, stacked=stacked)
-  cfg = lj.LoraConfig(rank=RANK, alpha=ALPHA,
-                      targets=r"layers/.*/(q|k|v|o|gate|up|down)_proj/kernel",
-                      layouts=llama.STACKED_LAYOUTS if stacked else {})
+  cfg = lj.LoraConfig(rank=RANK, alpha=ALPHA, targets=targets,
+                      layouts=llama.STACKED_LAYOUTS if stacked else decoder.EXPERT_LAYOUTS)
   params = lj.init(jax.random.key(1), params, cfg)
   adapter, frozen = lj.split(params)
   opt = optax.adamw(1e-4)
@@ -107,7 +133,7 @@ def serve_ours(stacked: bool) -> None:
                     jnp.int32)
 
   def loss_fn(adapter, frozen, ids):
-    logits = lj.implicit(llama.forward)(lj.combine(adapter, frozen), config, ids)
+    logits = lj.implicit(models.forward)(lj.combine(adapter, frozen), config, ids)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)
     return jnp.mean(nll)
@@ -130,16 +156,21 @@ def serve_ours(stacked: bool) -> None:
   _serve(step, lambda: _best_rate(lambda: mm(x).block_until_ready(), 2 * 2048 ** 3))
 
 
-def serve_peft() -> None:
+def serve_peft(family: str | None) -> None:
   import numpy as np
   import peft
   import torch
   import transformers
 
   torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG)).float()
+  if family is None:
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG)).float()
+    targets = TARGETS
+  else:
+    model = transformers.AutoModelForCausalLM.from_config(_hf_config(family)).float()
+    targets = "all-linear"
   model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA,
-                                                     target_modules=TARGETS))
+                                                     target_modules=targets))
   model.train()
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
   ids = torch.tensor(np.random.RandomState(0).randint(0, CFG["vocab_size"], (BATCH, SEQ)))
@@ -156,8 +187,9 @@ def serve_peft() -> None:
 
 
 class _Child:
-  def __init__(self, side: str, stacked: bool):
-    cmd = [sys.executable, __file__, "--side", side] + (["--stacked"] if stacked else [])
+  def __init__(self, side: str, stacked: bool, family: str | None):
+    cmd = ([sys.executable, __file__, "--side", side] + (["--stacked"] if stacked else [])
+           + (["--family", family] if family else []))
     self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -181,12 +213,14 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--stacked", action="store_true", help="ours: layers stacked under scan")
+  ap.add_argument("--family", choices=sorted(FAMILY_EXTRA),
+                  help="another model family at the same sizes (default: the Llama above)")
   ap.add_argument("--side", choices=["ours", "peft"], help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.side == "ours":
-    return serve_ours(args.stacked)
+    return serve_ours(args.stacked, args.family)
   if args.side == "peft":
-    return serve_peft()
+    return serve_peft(args.family)
 
   tokens = BATCH * SEQ
   h, f, L, V = (CFG["hidden_size"], CFG["intermediate_size"], CFG["num_hidden_layers"],
@@ -202,7 +236,10 @@ def main():
         f"{CFG['num_attention_heads']} heads, intermediate {f}, vocab {V}, seq {SEQ}, "
         f"batch {BATCH}, rank {RANK} (alpha {ALPHA}) on "
         f"{','.join(t[:-5] for t in TARGETS)}; float32")
-  ours, theirs = _Child("ours", args.stacked), _Child("peft", False)
+  if args.family:
+    print(f"family {args.family} at these sizes ({FAMILY_EXTRA[args.family] or 'no extra keys'}); "
+          "LoRA on all-linear on both sides")
+  ours, theirs = _Child("ours", args.stacked, args.family), _Child("peft", False, args.family)
   rate = {"ours": [], "peft": []}
   times = {"ours": [], "peft": []}
   for _ in range(2):
@@ -215,6 +252,7 @@ def main():
       times["peft"].append(t_p)
   end = {"ours": ours.ask("done"), "peft": theirs.ask("done")}
   med = {k: statistics.median(v) for k, v in times.items()}
+  llama_flops = args.family in (None, "llama")
   peak_rate = max(max(rate["ours"]), max(rate["peft"]))
   print(f"median of {args.steps} interleaved steps after one warm-up each; load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a loaded machine slows torch's "
@@ -226,7 +264,8 @@ def main():
   for k in ("ours", "peft"):
     r = end[k]
     pk = "n/a" if r["peak_step_mib"] is None else f"{r['peak_step_mib']:.0f}"
-    print(f"{names[k]:30} {med[k]:13.3f} {need / med[k] / 1e9:8.1f} {pk:>20} "
+    gf = f"{need / med[k] / 1e9:8.1f}" if llama_flops else f"{'n/a':>8}"
+    print(f"{names[k]:30} {med[k]:13.3f} {gf} {pk:>20} "
           f"{r['peak_rss_mib']:13.0f} {r['loss']:8.4f}")
   ratio = med["ours"] / med["peft"]
   print(f"time ratio ours/PEFT: {ratio:.2f}x (target <= 0.50x)")
@@ -236,11 +275,14 @@ def main():
   print(f"peak RSS ratio ours/PEFT (includes each framework's runtime): "
         f"{end['ours']['peak_rss_mib'] / end['peft']['peak_rss_mib']:.2f}x")
   floor = need / (peak_rate * 1e9)
-  print(f"physical limit: the step needs >= {need / 1e9:.0f} GFLOP of matmul; the best "
-        f"2048^3 f32 matmul rate measured here is {peak_rate:.0f} GFLOP/s (jax "
-        f"{max(rate['ours']):.0f}, torch {max(rate['peft']):.0f}), so no step can take less "
-        f"than {floor:.2f} s; the 0.5x target is {0.5 * med['peft']:.2f} s"
-        + (" (below that limit: unreachable here)" if 0.5 * med["peft"] < floor else ""))
+  if not llama_flops:
+    print("physical limit: not computed for this family (the FLOP count is Llama's)")
+  else:
+    print(f"physical limit: the step needs >= {need / 1e9:.0f} GFLOP of matmul; the best "
+          f"2048^3 f32 matmul rate measured here is {peak_rate:.0f} GFLOP/s (jax "
+          f"{max(rate['ours']):.0f}, torch {max(rate['peft']):.0f}), so no step can take "
+          f"less than {floor:.2f} s; the 0.5x target is {0.5 * med['peft']:.2f} s"
+          + (" (below that limit: unreachable here)" if 0.5 * med["peft"] < floor else ""))
   print(f"per-step s ours {[round(t, 3) for t in times['ours']]}, "
         f"PEFT {[round(t, 3) for t in times['peft']]}")
 
