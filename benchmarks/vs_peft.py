@@ -48,6 +48,14 @@ FAMILY_EXTRA = {
 }
 
 
+MOE = ("mixtral", "qwen3_moe")
+# MoE: attention and the experts (PEFT's target_parameters); the router (4 outputs) is
+# left out on both sides, as rank 16 exceeds it
+MOE_OURS = [r".*self_attn/(q|k|v|o)_proj/kernel", r".*mlp/experts/(gate_up_proj|down_proj)"]
+MOE_PEFT = dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+
+
 def _hf_config(family: str):
   import transformers
   return transformers.AutoConfig.for_model(family, **CFG, **FAMILY_EXTRA[family])
@@ -121,7 +129,7 @@ def serve_ours(stacked: bool, family: str | None) -> None:
     targets = r"layers/.*/(q|k|v|o|gate|up|down)_proj/kernel"
   else:
     config = models.DecoderConfig.from_hf(_hf_config(family).to_dict())
-    targets = "all-linear"
+    targets = MOE_OURS if family in MOE else "all-linear"
   params = llama.init_params(jax.random.key(0), config, stacked=stacked)
   cfg = lj.LoraConfig(rank=RANK, alpha=ALPHA, targets=targets,
                       layouts=llama.STACKED_LAYOUTS if stacked else decoder.EXPERT_LAYOUTS)
@@ -169,8 +177,8 @@ def serve_peft(family: str | None) -> None:
   else:
     model = transformers.AutoModelForCausalLM.from_config(_hf_config(family)).float()
     targets = "all-linear"
-  model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA,
-                                                     target_modules=targets))
+  kw = MOE_PEFT if family in MOE else dict(target_modules=targets)
+  model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, **kw))
   model.train()
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
   ids = torch.tensor(np.random.RandomState(0).randint(0, CFG["vocab_size"], (BATCH, SEQ)))
@@ -232,13 +240,14 @@ def main():
   # least work for the step: forward; backward needs input gradients of every frozen
   # linear (1x), both attention matmuls' gradients (2x), LoRA input+factor grads (2x)
   need = fwd + 2 * tokens * (lin + 2 * attn + 2 * lora)
-  print(f"LoRA training step on CPU ({os.cpu_count()} cores): Llama hidden {h}, {L} layers, "
+  print(f"LoRA training step on CPU ({os.cpu_count()} cores): {args.family or 'Llama'} hidden {h}, {L} layers, "
         f"{CFG['num_attention_heads']} heads, intermediate {f}, vocab {V}, seq {SEQ}, "
         f"batch {BATCH}, rank {RANK} (alpha {ALPHA}) on "
         f"{','.join(t[:-5] for t in TARGETS)}; float32")
   if args.family:
     print(f"family {args.family} at these sizes ({FAMILY_EXTRA[args.family] or 'no extra keys'}); "
-          "LoRA on all-linear on both sides")
+          + ("LoRA on attention and the experts on both sides" if args.family in MOE
+             else "LoRA on all-linear on both sides"))
   ours, theirs = _Child("ours", args.stacked, args.family), _Child("peft", False, args.family)
   rate = {"ours": [], "peft": []}
   times = {"ours": [], "peft": []}
