@@ -245,7 +245,7 @@ def test_missing_bias_names_the_tensor_and_family(checkpoints, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.interop
-@pytest.mark.parametrize("model_type", ["qwen2", "gemma2", "phi3", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma2", "phi3", "gemma3_text", "mixtral", "qwen3_moe"])
 def test_bnb_4bit_checkpoint_of_the_family(checkpoints, model_type, tmp_path):
   """transformers' `load_in_4bit` save of the family reads as QuantizedArray kernels and
   gives transformers' 4-bit logits."""
