@@ -29,7 +29,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -39,6 +38,7 @@ from jax.extend.core import primitives as P
 
 from lora_jax._implicit import ImplicitArray, bind, register_dot_rule, register_rule, trainable
 from lora_jax._lora_weight import LoraWeight, LowRankWeight, _lora_dropout
+from lora_jax._lora_weight import _convert_rule as _lw_convert_rule, _copy_rule as _lw_copy_rule
 
 
 def check_iec_shape(w_shape, axes: str, r: int, where: str) -> None:
@@ -205,16 +205,9 @@ for _p in (P.transpose_p, P.reshape_p, P.gather_p):
   register_rule(_p, IecLoraWeight)(_as_lora_rule)
 
 
-@register_rule(P.convert_element_type_p, IecLoraWeight)
-def _convert_rule(prim, iw, *, new_dtype, **params):
-  w = bind(prim, iw.w, new_dtype=new_dtype, **params)
-  return dataclasses.replace(iw, w=w, a=lax.convert_element_type(iw.a, new_dtype),
-                             b=lax.convert_element_type(iw.b, new_dtype))
-
-
-@register_rule(P.copy_p, IecLoraWeight)
-def _copy_rule(prim, iw, **params):
-  return iw
+# casting and copying touch only w, a and b: LoRA's own rules
+register_rule(P.convert_element_type_p, IecLoraWeight)(_lw_convert_rule)
+register_rule(P.copy_p, IecLoraWeight)(_lw_copy_rule)
 
 
 __all__ = ["IecLoraWeight", "check_iec_shape", "to_lora"]

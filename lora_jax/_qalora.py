@@ -23,17 +23,15 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.extend.core import primitives as P
 
 from lora_jax._implicit import ImplicitArray, bind, register_dot_rule, register_rule, static
 from lora_jax._lora_weight import LoraWeight, LowRankWeight, _lora_dropout
+from lora_jax._lora_weight import _convert_rule as _lw_convert_rule, _copy_rule as _lw_copy_rule
 
 
 class QALoraWeight(LowRankWeight):
@@ -146,16 +144,9 @@ def _dot_general_rule(prim, x, qw, *, dimension_numbers, precision=None,
   return base + y.astype(base.dtype)
 
 
-@register_rule(P.convert_element_type_p, QALoraWeight)
-def _convert_rule(prim, qw, *, new_dtype, **params):
-  w = bind(prim, qw.w, new_dtype=new_dtype, **params)
-  return dataclasses.replace(qw, w=w, a=lax.convert_element_type(qw.a, new_dtype),
-                             b=lax.convert_element_type(qw.b, new_dtype))
-
-
-@register_rule(P.copy_p, QALoraWeight)
-def _copy_rule(prim, qw, **params):
-  return qw
+# casting and copying touch only w, a and b: LoRA's own rules
+register_rule(P.convert_element_type_p, QALoraWeight)(_lw_convert_rule)
+register_rule(P.copy_p, QALoraWeight)(_lw_copy_rule)
 
 
 __all__ = ["QALoraWeight", "pool"]
