@@ -62,6 +62,7 @@ from lora_jax._lora_weight import LoraWeight, LowRankWeight
 from lora_jax._qalora import QALoraWeight
 from lora_jax._iec import IecLoraWeight, check_iec_shape
 from lora_jax._trainable import Trainable
+from lora_jax import _peft_experts as pex
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -77,7 +78,6 @@ PATTERN_BUDGET_S = 2.0
 # adapter_config.json options whose adapters we cannot reproduce: name -> why.
 _UNSUPPORTED = {
     "trainable_token_indices": "trainable token indices are not supported",
-    "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
     "layer_replication": "layer replication is not supported",
     "alora_invocation_tokens": "activated LoRA (aLoRA) is not supported",
     "arrow_config": "Arrow routing is not supported",
@@ -190,6 +190,14 @@ def _read_config(root: pathlib.Path) -> dict:
     for p, v in (d.get(k) or {}).items():
       if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
         raise ValueError(f"{where}: {k}[{p!r}] must be a positive number, got {v!r}")
+  tp = d.get("target_parameters")
+  if tp is not None and (not isinstance(tp, list) or not all(isinstance(t, str) for t in tp)):
+    raise ValueError(f"{where}: target_parameters must be a list of parameter names, got {tp!r}")
+  if tp:
+    for k in ("use_dora", "use_qalora", "use_iec"):
+      if d.get(k):
+        raise ValueError(f"{where}: {k} with target_parameters: PEFT's parameter wrappers "
+                         "take plain LoRA only")
   _check_patterns(d, where)
   return d
 
@@ -238,10 +246,15 @@ def _read_adapter(root: pathlib.Path) -> tuple[dict, pathlib.Path, dict, dict]:
   return cfg, wfile, modules, full
 
 
-def _lora_updates(cfg: dict, modules: dict, wfile) -> dict[str, "WeightUpdate"]:
+def _lora_updates(cfg: dict, modules: dict, wfile, experts=None,
+                  num_experts: int = 0) -> dict[str, "WeightUpdate"]:
   """Each module's LoRA factors and scale from the grouped tensors and the config, with
   the checks that need no parameter tree: both factors present and 2-D, a DoRA
-  magnitude exactly when `use_dora`, the rank `rank_pattern` / `r` says."""
+  magnitude exactly when `use_dora`, the rank `rank_pattern` / `r` says.
+
+  Modules that adapt a raw parameter (`target_parameters`) are resolved through
+  `_peft_experts.resolve` (`experts`: the family's `Experts` spec, whose 3-D expert
+  parameters pack `num_experts` adapters); their `WeightUpdate.target` says which."""
   use_dora = bool(cfg.get("use_dora", False))
   group = _qalora_group(cfg)
   rslora = bool(cfg.get("use_rslora", False))
@@ -252,9 +265,14 @@ def _lora_updates(cfg: dict, modules: dict, wfile) -> dict[str, "WeightUpdate"]:
   ranks = _Patterns(rank_pattern, "rank_pattern", where, deadline)
   alphas = _Patterns(alpha_pattern, "alpha_pattern", where, deadline)
   out = {}
+  targets = cfg.get("target_parameters") or []
   for module in sorted(modules):
     parts = modules[module]
     key = PREFIX + module
+    pt = pex.resolve(module, targets, experts, where)
+    # PEFT matches patterns against a parameter target's full name
+    pkey = pt.key if pt is not None else module
+    E = num_experts if pt is not None and pt.param != "weight" else 0
     emb = "EA" in parts or "EB" in parts
     ka, kb = ("EA", "EB") if emb else ("A", "B")
     if set(parts) == {"W"}:
@@ -264,6 +282,9 @@ def _lora_updates(cfg: dict, modules: dict, wfile) -> dict[str, "WeightUpdate"]:
       raise ValueError(f"{wfile}: module {key!r} needs both lora_A and lora_B (or "
                        f"lora_embedding_A and _B); found {sorted(parts)}")
     A, B = parts[ka], parts[kb]
+    if pt is not None and (set(parts) - {"A", "B"}):
+      raise ValueError(f"{wfile}: {key}: a parameter target (target_parameters "
+                       f"{pt.key!r}) holds only lora_A / lora_B, found {sorted(parts)}")
     if A.ndim != 2 or B.ndim != 2:
       raise ValueError(f"{wfile}: {key}: lora_A {A.shape} / lora_B {B.shape} are not 2-D; "
                        "only Linear and Embedding targets are supported (not Conv)")
@@ -275,17 +296,21 @@ def _lora_updates(cfg: dict, modules: dict, wfile) -> dict[str, "WeightUpdate"]:
     if group and emb:
       raise ValueError(f"{wfile}: {key}: QA-LoRA (use_qalora) on embeddings is not "
                        "supported (PEFT's QA-LoRA adapts Linear layers only)")
-    r = A.shape[0]
-    rk = ranks.first(module)
+    if E and (A.shape[0] % E or B.shape[1] != A.shape[0]):
+      raise ValueError(f"{wfile}: {key}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                       f"do not pack {E} experts of {pt.key} (expected lora_A (r * {E}, in) "
+                       f"and lora_B (out, r * {E})); is this adapter for another base model?")
+    r = A.shape[0] // E if E else A.shape[0]
+    rk = ranks.first(pkey)
     want_r = int(rank_pattern[rk]) if rk is not None else int(cfg["r"])
     if r != want_r:
       raise ValueError(f"{wfile}: {key}: lora_A has rank {r} but {CONFIG_NAME} gives r="
                        f"{want_r}" + (f" (rank_pattern {rk!r})" if rk is not None else "")
                        + f" ({where}); are the weights and the config from different saves?")
-    if B.shape[1] != r:
+    if B.shape[1] != (r * E if E else r):
       raise ValueError(f"{wfile}: {key}: lora_A {tuple(A.shape)} has rank {r} but lora_B "
                        f"{tuple(B.shape)} has rank {B.shape[1]}")
-    ak = alphas.first(module)
+    ak = alphas.first(pkey)
     alpha = float(alpha_pattern[ak]) if ak is not None else float(cfg["lora_alpha"])
     betas = _iec_betas(parts, key, wfile, cfg, emb, group, use_dora)
     if betas is not None and not cfg.get("use_iec"):
@@ -293,7 +318,8 @@ def _lora_updates(cfg: dict, modules: dict, wfile) -> dict[str, "WeightUpdate"]:
       A, B = iec_effective_torch(A, B, *betas)
     out[module] = WeightUpdate("embedding" if emb else "lora", a=A, b=B, m=parts.get("m"),
                                scale=alpha / math.sqrt(r) if rslora else alpha / r,
-                               base=parts.get("W"), group_size=group, iec=betas)
+                               base=parts.get("W"), group_size=group, iec=betas,
+                               target=pt, experts=E)
   return out
 
 
@@ -358,12 +384,26 @@ class _Entry:
   iec: tuple[float, float] | None = None   # IEC (beta_a, beta_b); a, b are effective
 
 
+def _experts_spec(config: Any):
+  """The family's `Experts` spec (routed experts and PEFT's names for them), or None."""
+  if config is None or not getattr(config, "num_experts", 0):
+    return None
+  from lora_jax.models.families import family
+  return family(str(getattr(config, "model_type", "llama")), "config").experts
+
+
 def _family_table(config: Any, name_map: NameMap | None) -> NameTable:
   """The name table: `name_map` if given, else the family of a model config
   (`lora_jax.models.DecoderConfig`), else Llama's."""
   if name_map is None and config is not None:
     from lora_jax.models.families import family    # models build on this module
-    return family(str(getattr(config, "model_type", "llama")), "config").names
+    fam = family(str(getattr(config, "model_type", "llama")), "config")
+    if fam.experts is None:
+      return fam.names
+    # PEFT names the router as transformers 5 holds it (Mixtral's checkpoints say
+    # block_sparse_moe.gate): that name first, so save_adapter writes it; both read
+    router = (fam.experts.peft_router, "layers/{layer}/mlp/gate/kernel")
+    return NameTable(modules=(router,) + fam.names.modules, ignore=fam.names.ignore)
   return checkpoint.as_table(name_map, checkpoint.LLAMA)
 
 
@@ -403,6 +443,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
       (an adapter for another base). Nothing is returned half-loaded.
   """
   name_map = _family_table(config, name_map)
+  spec = _experts_spec(config)
   root = pathlib.Path(path)
   cfg, wfile, modules, full = _read_adapter(root)
   use_dora = bool(cfg.get("use_dora", False))
@@ -411,10 +452,16 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
   leaves = dict(_paths.leaves_with_paths(base_params, is_leaf=is_implicit))
   # path -> {layer or -1: _Entry}
   entries: dict[str, dict[int, _Entry]] = collections.defaultdict(dict)
-  for module, up in _lora_updates(cfg, modules, wfile).items():
+  updates = _lora_updates(cfg, modules, wfile, spec, int(getattr(config, "num_experts", 0) or 0))
+  for module, up in updates.items():
     key = PREFIX + module
     A, B = up.a, up.b
-    hit = name_map.module_to_path(module)
+    if up.experts:     # one adapter per expert of a 3-D parameter
+      pt = up.target
+      hit = (f"layers/{pt.layer}/mlp/experts/{pt.param}", f"layers/mlp/experts/{pt.param}",
+             pt.layer)
+    else:
+      hit = name_map.module_to_path(up.target.module if up.target is not None else module)
     if hit is None:
       raise ValueError(f"{wfile}: tensor {key}.* (module {module!r}) maps to no parameter "
                        f"through the name map {[p for p, _ in name_map.modules]}; pass "
@@ -434,20 +481,29 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
       raise ValueError(f"{target}: base parameter is already a {type(base).__name__}; "
                        "load the adapter onto base weights (lj.merge first)")
     shape = tuple(base.shape)
+    E = up.experts
+    nd = 3 if E else 2      # the kernel's dims: (E, in, out) for experts
+    what = f"(layers > {lidx}, experts, in, out)" if E else f"(layers > {lidx}, in, out)"
     if lidx >= 0:
-      if len(shape) != 3 or lidx >= shape[0]:
+      if len(shape) != nd + 1 or lidx >= shape[0]:
         raise ValueError(f"{wfile}: {key}: stacked parameter {target} has shape {shape}; "
-                         f"expected (layers > {lidx}, in, out)")
+                         f"expected {what}")
       kernel = shape[1:]
     else:
-      if len(shape) != 2:
+      if len(shape) != nd:
         raise ValueError(f"{wfile}: {key}: parameter {target} has shape {shape}; expected a "
-                         "2-D kernel (in, out)")
+                         + ("3-D expert kernel (experts, in, out)" if E
+                            else "2-D kernel (in, out)"))
       kernel = shape
-    r = A.shape[0]
+    if E:
+      if kernel[0] != E:
+        raise ValueError(f"{wfile}: {key}: {target} {shape} holds {kernel[0]} experts; the "
+                         f"config has num_experts={E}")
+      kernel = kernel[1:]
+    r = A.shape[0] // E if E else A.shape[0]
     # lora_A (r, in), lora_B (out, r); for embeddings lora_embedding_A (r, vocab),
     # lora_embedding_B (dim, r): the same shapes, as the table is (vocab, dim).
-    want_a, want_b = (r, kernel[0]), (kernel[1], r)
+    want_a, want_b = (r * (E or 1), kernel[0]), (kernel[1], r * (E or 1))
     if group:    # QA-LoRA: lora_A (r, in / L)
       if kernel[0] % group:
         raise ValueError(f"{wfile}: {key}: qalora_group_size {group} does not divide the "
@@ -459,6 +515,7 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
           f"{wfile}: {key}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not fit "
           f"the base weight {target} {kernel} (in, out) [torch (out, in) = "
           f"{kernel[::-1]}]" + (f" with qalora_group_size {group}" if group else "")
+          + (f" per expert, {E} experts packed" if E else "")
           + f": expected lora_A {want_a} and lora_B {want_b}. "
           "Is this adapter for another base model?")
     scale = up.scale
@@ -471,8 +528,11 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
       raise ValueError(f"{wfile}: two PEFT modules map to {target}"
                        + (f" layer {lidx}" if lidx >= 0 else ""))
     w = _saved_base(up.base, base, target, lidx, key, wfile)
-    entries[target][lidx] = _Entry(a=np.asarray(A).T, b=np.asarray(B).T, m=m, scale=scale,
-                                   rank=r, w=w, iec=up.iec)
+    if E:
+      a, b, _ = pex.split_experts(A, B, E, key, wfile)
+    else:
+      a, b = np.asarray(A).T, np.asarray(B).T
+    entries[target][lidx] = _Entry(a=a, b=b, m=m, scale=scale, rank=r, w=w, iec=up.iec)
 
   built: dict[str, LoraWeight] = {}
   for target, per in entries.items():
@@ -496,9 +556,9 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
     # factors and fold each layer's scale into its b, which keeps s_l * A_l @ B_l.
     r = max(e.rank for e in per.values())
     scale = per[min(per)].scale
-    _, din, dout = base.shape
-    a = np.zeros((L, din // group if group else din, r), np.float32)
-    b = np.zeros((L, r, dout), np.float32)
+    *lead, din, dout = base.shape[1:]     # lead: (experts,) for expert kernels
+    a = np.zeros((L, *lead, din // group if group else din, r), np.float32)
+    b = np.zeros((L, *lead, r, dout), np.float32)
     m = np.zeros((L, dout), np.float32) if use_dora else None
     betas = (np.zeros(L, np.float32), np.zeros(L, np.float32)) if use_iec else None
     dense = base.materialize() if isinstance(base, ImplicitArray) else base
@@ -507,8 +567,8 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
     for li in range(L):
       e = per.get(li)
       if e is not None:
-        a[li, :, :e.rank] = e.a
-        b[li, :e.rank] = e.b if e.scale == scale else e.b * np.float32(e.scale / scale)
+        a[li, ..., :e.rank] = e.a
+        b[li, ..., :e.rank, :] = e.b if e.scale == scale else e.b * np.float32(e.scale / scale)
         if use_dora:
           m[li] = e.m
         if use_iec:
@@ -576,6 +636,8 @@ class WeightUpdate:
   base: np.ndarray | None = None    # a saved base weight (PEFT's save_embedding_layers)
   group_size: int = 0          # QA-LoRA's L: lora_A is (r, in / L), pooled inputs
   iec: tuple[float, float] | None = None   # IEC (beta_a, beta_b); a, b are then effective
+  target: "pex.ParamTarget | None" = None  # the raw parameter a target_parameters entry adapts
+  experts: int = 0             # > 0: a, b pack one adapter per expert (lora_A (r*E, in))
 
   def apply(self, w: np.ndarray) -> np.ndarray:
     """The updated weight, computed in float32 and cast to `w`'s dtype (PyTorch layout).
@@ -617,6 +679,8 @@ def read_adapter_updates(path: str | os.PathLike) -> dict[str, dict[str, WeightU
   cfg, wfile, modules, full = _read_adapter(pathlib.Path(path))
   out: dict[str, dict[str, WeightUpdate]] = collections.defaultdict(dict)
   for module, up in _lora_updates(cfg, modules, wfile).items():
+    if up.target is not None:
+      module = up.target.module
     out[module]["weight"] = up
   for module, params in full.items():
     for param, arr in params.items():
@@ -733,9 +797,13 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
       DoRA and plain LoRA leaves.
   """
   name_map = _family_table(config, name_map)
+  spec = _experts_spec(config)
   rslora = bool(getattr(cfg, "rslora", False)) if cfg is not None else False
   tensors: dict[str, np.ndarray] = {}
   mods: dict[str, tuple[int, float]] = {}
+  # parameter targets (PEFT's target_parameters): full name -> (rank, alpha)
+  pmods: dict[str, tuple[int, float]] = {}
+  experts: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
   kinds = set()
   dropout = 0.0
   all_paths = _paths.leaves_with_paths(params, is_leaf=is_implicit)
@@ -761,6 +829,22 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
                int(leaf.group_size) if isinstance(leaf, QALoraWeight) else 0, iec))
     dropout = max(dropout, float(leaf.dropout))
     nb = leaf.nbatch
+    ep = pex.expert_path(lpath, spec)
+    if ep is not None:     # one adapter per expert: PEFT's packed target_parameters layout
+      _plain_for_param_target(lpath, leaf)
+      layer, param = ep
+      if leaf.axes != "io" or nb != (1 if layer is not None else 2):
+        raise ValueError(f"{lpath}: expert LoRA kernel {leaf.shape} (axes {leaf.axes!r}) is "
+                         "not (experts, in, out), or a stack of them over layers")
+      r = leaf.rank
+      alpha = leaf.scale * (math.sqrt(r) if rslora else r)
+      a = np.asarray(jnp.asarray(leaf.a))
+      b = np.asarray(jnp.asarray(leaf.b))
+      for li in ([layer] if layer is not None else range(leaf.shape[0])):
+        sa, sb = (a, b) if layer is not None else (a[li], b[li])
+        experts[(li, param)] = pex.pack_experts(sa, sb)
+        pmods[f"{pex.peft_module(spec, li)}.{param}"] = (r, alpha)
+      continue
     if leaf.axes != "io" or nb > 1:
       raise ValueError(f"{lpath}: LoRA kernel {leaf.shape} (axes {leaf.axes!r}) is not a 2-D "
                        "(in, out) kernel or a stack of them; PEFT's layout cannot hold it")
@@ -798,8 +882,16 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
       if iec:
         for name, v in zip(("A", "B"), betas):
           tensors[f"{key}.lora_default_{name}_scale"] = np.reshape(v[li] if nb else v, (1,))
-      mods[module] = (r, alpha)
-  if not mods:
+      if pex.is_router(module, spec):   # not a Linear in transformers: a parameter target
+        _plain_for_param_target(lpath, leaf)
+        pmods[f"{module}.weight"] = (r, alpha)
+      else:
+        mods[module] = (r, alpha)
+  for (li, param), (A, B) in experts.items():
+    chosen = [p for p in spec.peft_params if (li, p) in experts]
+    key = PREFIX + pex.wrapper_prefix(spec, li, param, chosen)
+    tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = A, B
+  if not mods and not pmods:
     raise ValueError("save_adapter: params hold no LoraWeight leaves")
   if len(kinds) > 1:
     names = sorted(("DoRA" if d else f"QA-LoRA (group {g})" if g else "IEC" if i
@@ -808,14 +900,21 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
                      "use_qalora / qalora_group_size (and use_iec) apply to the whole adapter")
   use_dora, qalora_group, use_iec = kinds.pop()
 
+  every_mod = {**mods, **pmods}
   if cfg is not None:
     r0, alpha0 = int(cfg.rank), float(cfg.alpha)
   else:
-    r0 = collections.Counter(r for r, _ in mods.values()).most_common(1)[0][0]
-    alpha0 = collections.Counter(round(al, 9) for _, al in mods.values()).most_common(1)[0][0]
-  rank_pattern = {mod: r for mod, (r, _) in sorted(mods.items()) if r != r0}
-  alpha_pattern = {mod: _num(al) for mod, (_, al) in sorted(mods.items())
+    r0 = collections.Counter(r for r, _ in every_mod.values()).most_common(1)[0][0]
+    alpha0 = collections.Counter(round(al, 9) for _, al in every_mod.values()).most_common(
+        1)[0][0]
+  rank_pattern = {mod: r for mod, (r, _) in sorted(every_mod.items()) if r != r0}
+  alpha_pattern = {mod: _num(al) for mod, (_, al) in sorted(every_mod.items())
                    if not math.isclose(al, alpha0, rel_tol=1e-6)}
+  if pmods and dropout:
+    warnings.warn(f"save_adapter: lora_dropout {dropout} is written as 0: PEFT's parameter "
+                  "wrappers (the experts / router, target_parameters) refuse dropout; the "
+                  "adapter computes the same function", stacklevel=2)
+    dropout = 0.0
 
   # target_modules: short names when they select exactly the adapted modules.
   every = collections.defaultdict(set)
@@ -831,7 +930,9 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
   adapted_by_short = collections.defaultdict(set)
   for mod in mods:
     adapted_by_short[mod.rsplit(".", 1)[-1]].add(mod)
-  if all(every[s] == adapted_by_short[s] for s in adapted_by_short):
+  if not mods:
+    target_modules = []
+  elif all(every[s] == adapted_by_short[s] for s in adapted_by_short):
     target_modules: Any = sorted(adapted_by_short)
   else:
     target_modules = sorted(mods)
@@ -849,6 +950,8 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
       "base_model_name_or_path": base_model_name_or_path, "layers_to_transform": None,
       "layers_pattern": None, "revision": None,
   }
+  if pmods:
+    config["target_parameters"] = sorted(pmods)
   if use_iec:
     # not a PEFT key (PEFT ignores it with a warning, and the betas' tensors too, and
     # computes the same function from the effective lora_A / lora_B); our loader
@@ -858,6 +961,14 @@ def save_adapter(path: str | os.PathLike, params: Any, cfg: Any = None, *,
   with checkpoint.atomic_directory(path, keep_other_files=True) as tmp:
     checkpoint.write_safetensors(tmp / WEIGHTS_NAME, tensors, {"format": "pt"})
     checkpoint.write_json(tmp / CONFIG_NAME, config)
+
+
+def _plain_for_param_target(lpath: str, leaf) -> None:
+  """PEFT's parameter wrappers hold plain LoRA only (no DoRA, QA-LoRA, IEC)."""
+  if isinstance(leaf, (DoraWeight, QALoraWeight, IecLoraWeight)):
+    raise ValueError(f"{lpath}: a {type(leaf).__name__} on a routed-expert or router weight "
+                     "has no PEFT layout: PEFT adapts these as target_parameters, which take "
+                     "plain LoRA only")
 
 
 def _write_full(tensors: dict, lpath: str, leaf: Trainable, name_map: NameTable) -> list[str]:

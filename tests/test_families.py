@@ -194,15 +194,15 @@ def test_save_hf_loads_in_transformers(checkpoints, model_type, tmp_path):
 @pytest.mark.interop
 @pytest.mark.parametrize("model_type", list(FAMILY_CASES))
 def test_peft_adapter_on_all_linear_layers(checkpoints, model_type, tmp_path):
-  """PEFT's adapter (every projection) loads here with PEFT's logits; ours loads in PEFT."""
+  """PEFT's adapter (every projection) loads here with PEFT's logits; ours loads in PEFT.
+  For MoE, PEFT's all-linear adds the routed experts and the router as
+  target_parameters (one adapter per expert, rank 2r on the fused gate_up_proj)."""
   peft = pytest.importorskip("peft")
   m, path = checkpoints[model_type]
-  # MoE: PEFT's all-linear adds the experts and router as target_parameters, whose
-  # files we do not read yet; adapt every Linear module by name there
-  targets = ("all-linear" if model_type not in MOE
-             else ["q_proj", "k_proj", "v_proj", "o_proj"])
   pm = peft.get_peft_model(_hf_model(model_type, seed=list(FAMILY_CASES).index(model_type)),
-                           peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+                           peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+  if model_type in MOE:
+    assert pm.peft_config["default"].target_parameters
   with torch.no_grad():
     for name, p in pm.named_parameters():
       if "lora_B" in name:
@@ -349,7 +349,8 @@ def test_peft_target_forms_select_what_peft_selects(checkpoints, model_type):
 @pytest.mark.interop
 @pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "scan"])
 @pytest.mark.parametrize("model_type", MOE)
-def test_lora_on_experts_stays_factored_and_equals_merged(checkpoints, model_type, stacked):
+def test_lora_on_experts_stays_factored_and_equals_merged(checkpoints, model_type, stacked,
+                                                         tmp_path):
   """One adapter per expert on the stacked expert weights (and the router): the routed
   forward goes through `ragged_dot`'s LoRA rule (no expert weight is materialized: any
   fallback would warn), equals the merged model, and its gradients equal the merged
@@ -375,6 +376,13 @@ def test_lora_on_experts_stays_factored_and_equals_merged(checkpoints, model_typ
   merged = lj.merge(params)
   np.testing.assert_allclose(np.asarray(got), np.asarray(_fwd(merged, config, ids)),
                              rtol=1e-4, atol=1e-4)
+  # the same adapter in PEFT (experts and router as target_parameters)
+  peft = pytest.importorskip("peft")
+  lj.save_adapter(tmp_path / "ours", params, cfg, config=config)
+  pm = peft.PeftModel.from_pretrained(_hf_model(model_type, list(FAMILY_CASES).index(
+      model_type)), str(tmp_path / "ours")).eval()
+  np.testing.assert_allclose(_hf_logits(pm, np.asarray(ids)), np.asarray(got), rtol=1e-4,
+                             atol=1e-4)
   adapter, frozen = lj.split(params)
 
   def loss(ad, f):
@@ -485,3 +493,86 @@ def test_lora_grads_under_scan_equal_unrolled(checkpoints, model_type):
   assert jax.tree.structure(g1) == jax.tree.structure(g2) and len(jax.tree.leaves(g2)) >= 8
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+# PEFT target_parameters subsets: both expert weights, one of them in one layer only,
+# the router alone
+EXPERT_TARGETS = {
+    "experts": ["experts.gate_up_proj", "experts.down_proj"],
+    "down_in_layer1": ["model.layers.1.mlp.experts.down_proj", "gate.weight"],
+    "gate_up_only": ["experts.gate_up_proj"],
+}
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "scan"])
+@pytest.mark.parametrize("targets", list(EXPERT_TARGETS))
+@pytest.mark.parametrize("model_type", MOE)
+def test_peft_expert_adapters_both_ways(checkpoints, model_type, targets, stacked, tmp_path):
+  """PEFT's `target_parameters` adapters on the routed experts (one LoRA per expert,
+  nested parameter wrappers) load onto unrolled and scanned layers with PEFT's logits,
+  stay factored, and what we save loads in PEFT with the same logits."""
+  import warnings
+  peft = pytest.importorskip("peft")
+  m, path = checkpoints[model_type]
+  seed = list(FAMILY_CASES).index(model_type)
+  pm = peft.get_peft_model(_hf_model(model_type, seed), peft.LoraConfig(
+      r=3, lora_alpha=5, target_modules=["v_proj"], target_parameters=EXPERT_TARGETS[targets],
+      rank_pattern={"down_proj": 2}, use_rslora=True))
+  with torch.no_grad():
+    for name, p in pm.named_parameters():
+      if "lora_B" in name:
+        p.normal_(0.0, 0.1)
+  pm.eval()
+  pm.save_pretrained(str(tmp_path / "peft"))
+  config, base = models.load_hf(path, stacked=stacked)
+  params = lj.load_adapter(tmp_path / "peft", base, config=config)
+  ex = params["layers"]["mlp"]["experts"] if stacked else params["layers"][1]["mlp"]["experts"]
+  assert isinstance(ex["down_proj" if "down" in targets or targets == "experts"
+                       else "gate_up_proj"], lj.LoraWeight)
+  ids = _ids((2, 9), seed=5)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")    # a densifying fallback would warn
+    got = np.asarray(jax.jit(lj.implicit(models.forward), static_argnums=1)(
+        params, config, jnp.asarray(ids)))
+  want = _hf_logits(pm, ids)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  lj.save_adapter(tmp_path / "ours", params, config=config)
+  saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+  assert saved["target_parameters"] and saved["use_rslora"] is False
+  again = peft.PeftModel.from_pretrained(_hf_model(model_type, seed),
+                                         str(tmp_path / "ours")).eval()
+  np.testing.assert_allclose(_hf_logits(again, ids), want, rtol=1e-5, atol=1e-5)
+  back = lj.load_adapter(tmp_path / "ours", base, config=config)
+  np.testing.assert_allclose(np.asarray(jax.jit(lj.implicit(models.forward), static_argnums=1)(
+      back, config, jnp.asarray(ids))), got, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interop
+def test_expert_adapter_refusals_name_the_key(checkpoints, tmp_path):
+  import safetensors.numpy as stnp
+  peft = pytest.importorskip("peft")
+  m, path = checkpoints["mixtral"]
+  pm = peft.get_peft_model(_hf_model("mixtral"), peft.LoraConfig(
+      r=2, target_modules=["q_proj"], target_parameters=["experts.down_proj"]))
+  pm.save_pretrained(str(tmp_path / "a"))
+  config, base = models.load_hf(path)
+  with pytest.raises(ValueError, match=r"target_parameters \['experts\.down_proj'\] name a "
+                                       r"parameter of 'model\.layers\.0\.mlp\.experts'.*config=config"):
+    lj.load_adapter(tmp_path / "a", base)
+  # an adapter for 8 experts on a 4-expert base
+  f = tmp_path / "a" / "adapter_model.safetensors"
+  t = stnp.load_file(str(f))
+  k = "base_model.model.model.layers.0.mlp.experts.lora_A.weight"
+  t[k] = np.concatenate([t[k], t[k]])
+  stnp.save_file(t, str(f), metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"layers\.0\.mlp\.experts: lora_A \(16, 96\) and lora_B "
+                                       r"\(64, 8\) do not pack 4 experts"):
+    lj.load_adapter(tmp_path / "a", base, config=config)
+  # DoRA on the experts has no PEFT layout
+  from lora_jax.models import decoder
+  params = lj.init(jax.random.key(0), base, lj.LoraConfig(
+      rank=2, targets=r".*/experts/down_proj", use_dora=True, layouts=decoder.EXPERT_LAYOUTS))
+  with pytest.raises(ValueError, match=r"layers/0/mlp/experts/down_proj: a DoraWeight on a "
+                                       r"routed-expert or router weight has no PEFT layout"):
+    lj.save_adapter(tmp_path / "b", params, config=config)

@@ -36,11 +36,22 @@ from lora_jax import checkpoint
 class Experts:
   """How a family's checkpoints store routed experts: `{prefix}.experts.{e}.{name}.weight`
   for each of the (gate, up, down) projection `names`, the router at `{prefix}.gate`;
-  `count_key` is config.json's number of experts."""
+  `count_key` is config.json's number of experts.
+
+  PEFT adapters name modules as transformers 5 holds them in memory, which is not the
+  checkpoint's layout: the router is `model.layers.{layer}.mlp.gate` (a module with a
+  `weight` parameter, not a Linear) and the experts are one module
+  `model.layers.{layer}.mlp.experts` holding the 3-D parameters `peft_params`
+  (`(experts, out, in)` each, PyTorch's Linear layout per expert), in the order the
+  module registers them: PEFT wraps targeted parameters in that order, the first
+  innermost. Our paths are `layers/{layer}/mlp/experts/<param>` `(experts, in, out)`."""
   prefix: str
   names: tuple[str, str, str]
   count_key: str
   writes_norm_topk_prob: bool = False
+  peft_module: str = "model.layers.{layer}.mlp.experts"
+  peft_params: tuple[str, ...] = ("gate_up_proj", "down_proj")
+  peft_router: str = "model.layers.{layer}.mlp.gate"
 
 
 @dataclasses.dataclass(frozen=True)
