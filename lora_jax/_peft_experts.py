@@ -142,5 +142,79 @@ def is_router(module: str, spec) -> bool:
   return spec is not None and _template(spec.peft_router).fullmatch(module) is not None
 
 
+# ----------------------------------------------------------------------------
+# adapters trained on transformers 4, whose experts were separate Linear modules
+
+def legacy_expert(module: str, spec) -> tuple[int, int, int] | None:
+  """`{prefix}.experts.{e}.{gate|up|down name}` (a transformers 4 expert Linear, the
+  checkpoint's own naming) -> (layer, expert, 0 gate | 1 up | 2 down), else None."""
+  if spec is None:
+    return None
+  alt = "|".join(re.escape(n) for n in spec.names)
+  p = re.escape(spec.prefix).replace(re.escape("{layer}"), r"(?P<layer>\d+)")
+  m = re.fullmatch(rf"{p}\.experts\.(?P<expert>\d+)\.(?P<proj>{alt})", module)
+  if m is None:
+    return None
+  return int(m["layer"]), int(m["expert"]), spec.names.index(m["proj"])
+
+
+def fuse_legacy(per_expert: dict, num_experts: int, spec, wfile) -> dict:
+  """Per-expert Linear LoRA `{(layer, expert, role): (lora_A (r, in), lora_B (out, r),
+  scale)}` -> `{(layer, param): (a (E, in, R), b (E, R, out), scale)}` on our fused,
+  stacked expert kernels.
+
+  The gate and up projections share `gate_up_proj = [gate | up]`, so their factors
+  fuse exactly at rank `r_gate + r_up` (PEFT's conversion of such adapters does the
+  same): `a_e = [A_gate.T | A_up.T]`, `b_e = [[B_gate.T, 0], [0, B_up.T]]`. One scale
+  per parameter (the first factor's); other scales are folded into their `b` block.
+  Experts without factors get zero ones, which leaves them unchanged."""
+  E = num_experts
+  out = {}
+  for layer in sorted({k[0] for k in per_expert}):
+    for param, roles in (("gate_up_proj", (0, 1)), ("down_proj", (2,))):
+      here = {(e, ro): v for (li, e, ro), v in per_expert.items() if li == layer and ro in roles}
+      if not here:
+        continue
+      bad = sorted(e for e, _ in here if e >= E)
+      if bad:
+        raise ValueError(f"{wfile}: LoRA factors for expert {bad[0]} of layer {layer} "
+                         f"({spec.prefix.format(layer=layer)}.experts.{bad[0]}.*); the "
+                         f"config has {E} experts")
+      ranks = {ro: max(v[0].shape[0] for (e, r2), v in here.items() if r2 == ro)
+               for ro in roles if any(r2 == ro for _, r2 in here)}
+      dims = {}
+      for (e, ro), (A, B, _) in here.items():
+        d = dims.setdefault(ro, (A.shape[1], B.shape[0]))
+        if (A.shape[1], B.shape[0]) != d:
+          raise ValueError(f"{wfile}: layer {layer} expert {e} {spec.names[ro]}: lora_A "
+                           f"{tuple(A.shape)} / lora_B {tuple(B.shape)} disagree with the "
+                           f"other experts' (in, out) = {d}")
+      if param == "gate_up_proj" and len(dims) == 2 and dims[0][0] != dims[1][0]:
+        raise ValueError(f"{wfile}: layer {layer}: gate and up LoRA inputs differ "
+                         f"({dims[0][0]} vs {dims[1][0]})")
+      din = next(iter(dims.values()))[0]
+      widths = {ro: dims.get(ro, dims.get(roles[0] if ro != roles[0] else roles[-1]))[1]
+                for ro in roles}
+      R = sum(ranks.values())
+      a = np.zeros((E, din, R), np.float32)
+      b = np.zeros((E, R, sum(widths.values())), np.float32)
+      scale = next(v[2] for _, v in sorted(here.items()))
+      r0 = c0 = 0
+      for ro in roles:
+        if ro in ranks:
+          for e in range(E):
+            v = here.get((e, ro))
+            if v is not None:
+              A, B, s = v
+              r = A.shape[0]
+              a[e, :, r0:r0 + r] = np.asarray(A, np.float32).T
+              b[e, r0:r0 + r, c0:c0 + widths[ro]] = np.asarray(B, np.float32).T * np.float32(
+                  s / scale)
+          r0 += ranks[ro]
+        c0 += widths[ro]
+      out[(layer, param)] = (a, b, scale)
+  return out
+
+
 __all__ = ["ParamTarget", "resolve", "split_experts", "pack_experts", "expert_path",
-           "wrapper_prefix", "is_router", "targeted"]
+           "wrapper_prefix", "is_router", "targeted", "legacy_expert", "fuse_legacy"]

@@ -392,6 +392,30 @@ def _experts_spec(config: Any):
   return family(str(getattr(config, "model_type", "llama")), "config").experts
 
 
+def _legacy_experts(updates: dict, spec, num_experts: int, wfile) -> dict:
+  """Adapters trained on transformers 4 name each expert's Linear
+  (`...experts.3.w1`); fuse them onto our stacked expert kernels, in PEFT's packed
+  form, so the loader treats them as a `target_parameters` adapter."""
+  per_expert, out = {}, {}
+  for module, up in updates.items():
+    hit = pex.legacy_expert(module, spec) if up.target is None else None
+    if hit is None:
+      out[module] = up
+      continue
+    if up.m is not None or up.group_size or up.iec is not None or up.kind != "lora":
+      raise ValueError(f"{wfile}: {PREFIX}{module}: only plain LoRA on per-expert modules "
+                       "is read (no DoRA, QA-LoRA or IEC)")
+    per_expert[hit] = (up.a, up.b, up.scale)
+  for (layer, param), (a, b, scale) in pex.fuse_legacy(per_expert, num_experts, spec,
+                                                       wfile).items():
+    A, B = pex.pack_experts(a, b)
+    module = pex.peft_module(spec, layer) + f".{param}"
+    out[module] = WeightUpdate("lora", a=A, b=B, scale=scale, experts=num_experts,
+                               target=pex.ParamTarget(pex.peft_module(spec, layer), param,
+                                                      layer))
+  return out
+
+
 def _family_table(config: Any, name_map: NameMap | None) -> NameTable:
   """The name table: `name_map` if given, else the family of a model config
   (`lora_jax.models.DecoderConfig`), else Llama's."""
@@ -452,7 +476,9 @@ def load_adapter(path: str | os.PathLike, base_params: Any, name_map: NameMap | 
   leaves = dict(_paths.leaves_with_paths(base_params, is_leaf=is_implicit))
   # path -> {layer or -1: _Entry}
   entries: dict[str, dict[int, _Entry]] = collections.defaultdict(dict)
-  updates = _lora_updates(cfg, modules, wfile, spec, int(getattr(config, "num_experts", 0) or 0))
+  num_experts = int(getattr(config, "num_experts", 0) or 0)
+  updates = _legacy_experts(_lora_updates(cfg, modules, wfile, spec, num_experts), spec,
+                            num_experts, wfile)
   for module, up in updates.items():
     key = PREFIX + module
     A, B = up.a, up.b

@@ -576,3 +576,90 @@ def test_expert_adapter_refusals_name_the_key(checkpoints, tmp_path):
   with pytest.raises(ValueError, match=r"layers/0/mlp/experts/down_proj: a DoraWeight on a "
                                        r"routed-expert or router weight has no PEFT layout"):
     lj.save_adapter(tmp_path / "b", params, config=config)
+
+
+def _legacy_expert_adapter(model_type, root, full, r=2, seed=0):
+  """A PEFT adapter as trained on transformers 4, whose experts were Linear modules
+  (`...experts.{e}.w1`), written by hand: transformers 5 cannot build that model.
+  Not `full`: the last expert and layer 1's up projection are left unadapted.
+  Returns the tensors."""
+  import safetensors.numpy as stnp
+  cls_cfg, _, extra = FAMILY_CASES[model_type]
+  cfg = getattr(transformers, cls_cfg)(**{**TINY, **extra})
+  H = cfg.hidden_size
+  inter = cfg.moe_intermediate_size if model_type == "qwen3_moe" else cfg.intermediate_size
+  E = cfg.num_local_experts if model_type == "mixtral" else cfg.num_experts
+  names, pre = (("w1", "w3", "w2"), "block_sparse_moe") if model_type == "mixtral" else (
+      ("gate_proj", "up_proj", "down_proj"), "mlp")
+  rng = np.random.RandomState(seed)
+  t = {}
+  for layer in range(cfg.num_hidden_layers):
+    for e in range(E if full else E - 1):
+      for n in names if full or layer != 1 else names[:1] + names[2:]:
+        din, dout = (H, inter) if n != names[2] else (inter, H)
+        k = f"base_model.model.model.layers.{layer}.{pre}.experts.{e}.{n}"
+        t[k + ".lora_A.weight"] = rng.normal(0, 0.3, (r, din)).astype(np.float32)
+        t[k + ".lora_B.weight"] = rng.normal(0, 0.3, (dout, r)).astype(np.float32)
+    k = f"base_model.model.model.layers.{layer}.{pre}.gate"
+    t[k + ".lora_A.weight"] = rng.normal(0, 0.3, (r, H)).astype(np.float32)
+    t[k + ".lora_B.weight"] = rng.normal(0, 0.3, (E, r)).astype(np.float32)
+  root.mkdir()
+  stnp.save_file(t, str(root / "adapter_model.safetensors"), metadata={"format": "pt"})
+  (root / "adapter_config.json").write_text(json.dumps({
+      "peft_type": "LORA", "r": r, "lora_alpha": 3, "task_type": "CAUSAL_LM",
+      "target_modules": list(names) + ["gate"],
+      # PEFT 0.21's conversion keeps alpha_pattern keys under their transformers 4 names,
+      # which then match nothing (w2's alpha is lost), so only the hand-made case has one
+      "alpha_pattern": {} if full else {names[2]: 5}}))
+  return t
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "scan"])
+@pytest.mark.parametrize("model_type", MOE)
+def test_transformers4_expert_adapters_load_as_peft_converts_them(checkpoints, model_type,
+                                                                  stacked, tmp_path):
+  """Per-expert Linear adapters (transformers 4 layout) fuse onto the stacked experts
+  (gate and up blocks at rank r_gate + r_up) with the logits PEFT gives after its own
+  conversion of the same files; with experts or projections left out (which PEFT's
+  conversion refuses), with the logits of the weights updated by hand."""
+  peft = pytest.importorskip("peft")
+  m, path = checkpoints[model_type]
+  seed = list(FAMILY_CASES).index(model_type)
+  ids = _ids((2, 9), seed=6)
+  config, base = models.load_hf(path, stacked=stacked)
+  fwd = jax.jit(lj.implicit(models.forward), static_argnums=1)
+  for full in (True, False):
+    root = tmp_path / f"v4-{full}"
+    t = _legacy_expert_adapter(model_type, root, full)
+    if full:
+      want = _hf_logits(peft.PeftModel.from_pretrained(_hf_model(model_type, seed),
+                                                       str(root)).eval(), ids)
+    else:    # W <- W + s * B @ A on transformers 5's fused (E, out, in) expert weights
+      hf = _hf_model(model_type, seed)
+      sd = {k: v.clone() for k, v in hf.state_dict().items()}
+      names = ("w1", "w3", "w2") if model_type == "mixtral" else ("gate_proj", "up_proj",
+                                                                   "down_proj")
+      inter = sd["model.layers.0.mlp.experts.down_proj"].shape[-1]
+      for k in t:
+        if not k.endswith("lora_A.weight"):
+          continue
+        mod = k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        delta = torch.tensor(t[k.replace("lora_A", "lora_B")] @ t[k]) * (
+            (5 if mod.endswith(names[2]) else 3) / 2)     # alpha / r
+        layer = int(mod.split(".")[2])
+        if mod.endswith(".gate"):
+          sd[f"model.layers.{layer}.mlp.gate.weight"] += delta
+          continue
+        e, n = int(mod.split(".")[-2]), mod.split(".")[-1]
+        if n == names[2]:
+          sd[f"model.layers.{layer}.mlp.experts.down_proj"][e] += delta
+        else:
+          rows = slice(0, inter) if n == names[0] else slice(inter, 2 * inter)
+          sd[f"model.layers.{layer}.mlp.experts.gate_up_proj"][e, rows] += delta
+      hf.load_state_dict(sd)
+      want = _hf_logits(hf, ids)
+    assert np.abs(want - _hf_logits(m, ids)).max() > 0.1     # the adapter does something
+    params = lj.load_adapter(root, base, config=config)
+    np.testing.assert_allclose(np.asarray(fwd(params, config, jnp.asarray(ids))), want,
+                               rtol=1e-4, atol=1e-4)
