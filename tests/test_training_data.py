@@ -480,6 +480,48 @@ def test_tokenizer_files_outside_the_directory_are_refused(tmp_path):
     data.load_tokenizer(d)
 
 
+def test_a_template_that_does_not_compile_names_its_file(tmp_path):
+  d = make_model_dir(tmp_path / "m", "qwen", chat_template="{% for m in messages %}")
+  with pytest.raises(data.ChatTemplateError, match=r"tokenizer_config.json: chat template: "
+                                                   r"syntax error at template line 1"):
+    data.load_tokenizer(d)
+  (d / "chat_template.jinja").write_text("ok\n{{ messages[0] ")
+  with pytest.raises(data.ChatTemplateError, match=r"chat_template.jinja: chat template: "
+                                                   r"syntax error at template line 2"):
+    data.load_tokenizer(d)
+
+
+@pytest.mark.interop
+def test_legacy_special_tokens_map_is_read_as_transformers_reads_it(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  d = make_model_dir(tmp_path / "m", "gemma", bos_token=None, eos_token=None)
+  (d / "special_tokens_map.json").write_text(json.dumps(
+      {"bos_token": {"content": "<bos>", "lstrip": False, "normalized": False,
+                     "rstrip": False, "single_word": False}, "eos_token": "<eos>"}))
+  ref = transformers.PreTrainedTokenizerFast.from_pretrained(str(d))
+  tok = data.load_tokenizer(d)
+  assert tok.special_tokens == ref.special_tokens_map
+  assert (tok.bos_id, tok.eos_id) == (ref.bos_token_id, ref.eos_token_id)
+  assert tok.render_chat(SIMPLE) == ref.apply_chat_template(SIMPLE, tokenize=False)
+
+
+def test_prompt_keeps_the_bos_but_not_an_eos_the_post_processor_appends(tmp_path):
+  d = make_model_dir(tmp_path / "m", "gemma")
+  backend = _backend(None)
+  bos, eos = backend.token_to_id("<bos>"), backend.token_to_id("<eos>")
+  backend.post_processor = processors.TemplateProcessing(
+      single="<bos> $A <eos>", pair="<bos> $A <eos> $B <eos>",
+      special_tokens=[("<bos>", bos), ("<eos>", eos)])
+  backend.save(str(d / "tokenizer.json"))
+  tok = data.load_tokenizer(d)
+  prompt, completion = tok.encode("Hello", False), tok.encode(" world", False)
+  ids, mask = data.tokenize_example({"prompt": "Hello", "completion": " world"}, tok)
+  assert ids.tolist() == [bos] + prompt + completion + [eos]
+  assert mask.tolist() == [False] * (1 + len(prompt)) + [True] * (len(completion) + 1)
+  ids, mask = data.tokenize_example({"text": "Hello"}, tok)
+  assert ids.tolist() == [bos] + prompt + [eos] and mask.all()   # one eos, not two
+
+
 def test_config_tokens_the_tokenizer_does_not_add_warn(tmp_path):
   d = make_model_dir(tmp_path / "m", "llama3", add_bos_token=False)
   with pytest.warns(UserWarning, match="add_bos_token is False but the post-processor"):

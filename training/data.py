@@ -15,7 +15,7 @@ the model directory.
 | line | tokens | targets (`loss_mask`) |
 |---|---|---|
 | `{"text": s}` | `encode(s, add_special_tokens=True) + [eos]` | every token |
-| `{"prompt": p, "completion": c}` | `encode(p, True) + encode(c, False) + [eos]` | the completion and the eos |
+| `{"prompt": p, "completion": c}` | `encode(p, True) + encode(c, False) + [eos]` (without tokens a post-processor appends after `p`) | the completion and the eos |
 | `{"messages": [{"role", "content"}, ...]}` | the chat template's rendering, encoded with `add_special_tokens=False` (as `apply_chat_template(tokenize=True)`) | the assistant turns |
 
 The eos is not appended twice when the encoding already ends with it. Prompt and
@@ -172,6 +172,7 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
     FileNotFoundError: `model_dir`, `tokenizer.json` or `tokenizer_config.json` missing.
     ValueError: a file is corrupt, too large, leaves the directory, or names a
       bos/eos/pad token that is not in the vocabulary; the message names the file.
+    ChatTemplateError: the chat template does not compile (naming its file).
   """
   root = pathlib.Path(model_dir)
   if not root.is_dir():
@@ -193,9 +194,16 @@ def load_tokenizer(model_dir: str | os.PathLike) -> Tokenizer:
                                    legacy))
 
   template = _config_template(config.get("chat_template"), cfg_path)
+  template_path = cfg_path
   jinja_path = checkpoint.inside(root, TEMPLATE_FILE, where)
   if jinja_path.is_file():
     template = _read_text(jinja_path, MAX_TEMPLATE_BYTES, "chat template")
+    template_path = jinja_path
+  if template is not None:
+    try:   # a syntax error is the model directory's, not the first example's
+      _compile(template)
+    except ChatTemplateError as e:
+      raise ChatTemplateError(f"{template_path}: {e}") from None
 
   def token_id(key):
     if key not in special:
@@ -613,6 +621,7 @@ def read_jsonl(path: str | os.PathLike, *, max_line_bytes: int = MAX_LINE_BYTES
       except UnicodeDecodeError as e:
         raise ValueError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
                          f"{e.start + 1})") from None
+      text = text.removesuffix("\n").removesuffix("\r")   # columns count in the line alone
       if lineno == 1:
         text = text.removeprefix("\ufeff")
       if not text.strip():
@@ -643,6 +652,17 @@ def _append_eos(ids: list[int], tokenizer: Tokenizer, where: str) -> list[int]:
     raise ValueError(f"{where}: text and prompt/completion examples end with the eos token, "
                      f"and {tokenizer.name} has none (eos_token in {CONFIG_FILE})")
   return ids if ids and ids[-1] == tokenizer.eos_id else ids + [tokenizer.eos_id]
+
+
+def _prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+  """`prompt` with the special tokens the post-processor puts before it (a bos), but not
+  those it puts after it (an eos, with `"<s> $A </s>"`): the completion follows."""
+  with_special, plain = tokenizer.encode(prompt, True), tokenizer.encode(prompt, False)
+  n = len(plain)
+  for i in range(len(with_special) - n + 1):
+    if with_special[i:i + n] == plain:
+      return with_special[:i + n]
+  return with_special   # a post-processor that rewrites the text's tokens: keep its output
 
 
 def _first_difference(a: str, b: str) -> int:
@@ -731,7 +751,7 @@ def tokenize_example(example: Mapping[str, Any], tokenizer: Tokenizer
     ids = _append_eos(tokenizer.encode(example["text"], True), tokenizer, where)
     return np.asarray(ids, np.int32), np.ones(len(ids), np.bool_)
   if kind == "completion":
-    prompt = tokenizer.encode(example["prompt"], True)
+    prompt = _prompt_ids(tokenizer, example["prompt"])
     completion = _append_eos(tokenizer.encode(example["completion"], False), tokenizer, where)
     mask = np.zeros(len(prompt) + len(completion), np.bool_)
     mask[len(prompt):] = True
@@ -813,7 +833,7 @@ def pack(examples: Iterable[tuple[Any, Any]], seq_len: int, *, pad_id: int) -> P
     pad_id: the id written on padding (never a target; any valid id works).
 
   Returns:
-    `Packed` (rows and counts).
+    `Packed` (rows and counts). The rows are in memory: 13 bytes per token slot.
 
   Raises:
     ValueError: `seq_len` or `pad_id` is not a valid int, or an example's arrays are not
