@@ -536,7 +536,7 @@ def test_read_jsonl_accepts_the_three_formats_mixed(tmp_path):
   path.write_bytes(b"\xef\xbb\xbf" + write(tmp_path / "x", lines).read_bytes())
   got = data.read_jsonl(path)
   assert [e["source"] for e in got] == [f"{path}:1", f"{path}:3", f"{path}:5"]
-  assert [data.example_format(e, "") for e in got] == ["text", "completion", "chat"]
+  assert [data.example_format(e, "") for e in got] == ["text", "prompt_completion", "chat"]
   assert got[2]["messages"] == TOOL_CALLS
 
 

@@ -12,11 +12,13 @@ the model directory.
 
 **Example formats** (one JSON object per line; a file may mix them):
 
-| line | tokens | targets (`loss_mask`) |
-|---|---|---|
-| `{"text": s}` | `encode(s, add_special_tokens=True) + [eos]` | every token |
-| `{"prompt": p, "completion": c}` | `encode(p, True) + encode(c, False) + [eos]` (without tokens a post-processor appends after `p`) | the completion and the eos |
-| `{"messages": [{"role", "content"}, ...]}` | the chat template's rendering, encoded with `add_special_tokens=False` (as `apply_chat_template(tokenize=True)`) | the assistant turns |
+- `{"text": s}`: `encode(s, add_special_tokens=True) + [eos]`; every token is a target.
+- `{"prompt": p, "completion": c}`: `encode(p, True) + encode(c, False) + [eos]`, where
+  `encode(p, True)` keeps what the post-processor puts before `p` (a bos) but not what it
+  appends (an eos); the completion and the eos are the targets.
+- `{"messages": [{"role": ..., "content": ...}, ...]}`: the chat template's rendering,
+  encoded with `add_special_tokens=False` (as `apply_chat_template(tokenize=True)`);
+  the assistant turns are the targets.
 
 The eos is not appended twice when the encoding already ends with it. Prompt and
 completion are encoded separately, so the boundary between them is exact (tokenizing
@@ -31,7 +33,8 @@ template works without `{% generation %}` markers: for assistant message `i`,
 and the characters `[start_i, end_i)` of `render(messages)` are the turn: its content
 and whatever the template writes after it (`<|eot_id|>`, `<|im_end|>\\n`), but not the
 header the generation prompt writes. A token is a target when its character span
-overlaps a turn. This assumes that rendering a prefix of the conversation gives a prefix
+overlaps a turn (a token merged across a turn's edge counts, as in transformers'
+`return_assistant_tokens_mask`). This assumes that rendering a prefix of the conversation gives a prefix
 of the rendering of the whole. The assumption is checked for every example and a
 conversation that breaks it is an error naming the line: templates that rewrite earlier
 turns (Qwen3 dropping the reasoning of past turns) or write text only after the last
@@ -43,7 +46,8 @@ counts predicting token `t` from tokens `< t` of its segment:
     loss = sum(mask[:, 1:] * xent(logits[:, :-1], input_ids[:, 1:])) / sum(mask[:, 1:])
 
 `pack` clears the first position of every segment (nothing precedes it in its segment),
-so the shifted loss never predicts across two packed examples.
+so the shifted loss never predicts across two packed examples. Attention across segments
+is the model's to mask, with `segment_ids`; `positions` are the rotary positions.
 
 **Packing** places examples first-fit, in order, into rows of `seq_len` tokens; a row
 holds whole examples, told apart by `segment_ids` (1, 2, ... within the row; 0 is
@@ -117,9 +121,9 @@ class Tokenizer:
       post-processor, as in transformers >= 5 (a disagreement warns at load).
     name: the model directory, for error messages.
   """
-  backend: tokenizers.Tokenizer
+  backend: tokenizers.Tokenizer = dataclasses.field(repr=False)   # its repr is the vocabulary
   special_tokens: Mapping[str, str]
-  chat_template: str | None
+  chat_template: str | None = dataclasses.field(repr=False)
   bos_id: int | None
   eos_id: int | None
   pad_id: int | None
@@ -409,8 +413,10 @@ def _plain(value: Any, where: str) -> Any:
     return _plain(value.item(), where)
   if isinstance(value, Mapping):
     return {_plain(k, where): _plain(v, where) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
+  if isinstance(value, list):
     return [_plain(v, where) for v in value]
+  if isinstance(value, tuple):
+    return tuple(_plain(v, where) for v in value)
   raise TypeError(f"{where}: a chat template sees only JSON data, got {type(value).__name__}")
 
 
@@ -521,7 +527,8 @@ def check_messages(messages: Any, where: str) -> None:
 # ----------------------------------------------------------------------------
 # JSONL
 
-_FORMATS = {frozenset({"text"}): "text", frozenset({"prompt", "completion"}): "completion",
+_FORMATS = {frozenset({"text"}): "text", frozenset({"prompt", "completion"}):
+            "prompt_completion",
             frozenset({"messages"}): "chat"}
 _KNOWN = frozenset({"text", "prompt", "completion", "messages"})
 _FORMAT_HELP = ('one of {"text": ...}, {"prompt": ..., "completion": ...} or '
@@ -545,7 +552,7 @@ def _json_type(x: Any) -> str:
 
 
 def example_format(example: Mapping[str, Any], where: str) -> str:
-  """`"text"`, `"completion"` or `"chat"`: the format of a valid example.
+  """`"text"`, `"prompt_completion"` or `"chat"`: the format of a valid example.
 
   Raises:
     ValueError: naming `where`, for unknown keys, a mix or half of a format, wrong types.
@@ -750,7 +757,7 @@ def tokenize_example(example: Mapping[str, Any], tokenizer: Tokenizer
   if kind == "text":
     ids = _append_eos(tokenizer.encode(example["text"], True), tokenizer, where)
     return np.asarray(ids, np.int32), np.ones(len(ids), np.bool_)
-  if kind == "completion":
+  if kind == "prompt_completion":
     prompt = _prompt_ids(tokenizer, example["prompt"])
     completion = _append_eos(tokenizer.encode(example["completion"], False), tokenizer, where)
     mask = np.zeros(len(prompt) + len(completion), np.bool_)
