@@ -1,7 +1,7 @@
 """The data pipeline of `lora-jax train`: JSONL files to packed, shuffled batches.
 
     tok = load_tokenizer(model_dir)                  # tokenizer.json + tokenizer_config.json
-    examples = read_jsonl("train.jsonl")             # validated dicts, each with its "source"
+    examples = read_jsonl("train.jsonl")             # validated dicts, each with its "_source"
     packed = pack([tokenize_example(e, tok) for e in examples], 2048, pad_id=tok.pad_id or 0)
     for batch in Batches(packed.rows, batch_size=8, seed=0):   # dicts of (8, 2048) arrays
       ...
@@ -531,6 +531,7 @@ _FORMATS = {frozenset({"text"}): "text", frozenset({"prompt", "completion"}):
             "prompt_completion",
             frozenset({"messages"}): "chat"}
 _KNOWN = frozenset({"text", "prompt", "completion", "messages"})
+SOURCE = "_source"   # where read_jsonl records "path:line"
 _FORMAT_HELP = ('one of {"text": ...}, {"prompt": ..., "completion": ...} or '
                 '{"messages": [...]}')
 
@@ -555,16 +556,14 @@ def example_format(example: Mapping[str, Any], where: str) -> str:
   """`"text"`, `"prompt_completion"` or `"chat"`: the format of a valid example.
 
   Raises:
-    ValueError: naming `where`, for unknown keys, a mix or half of a format, wrong types.
+    ValueError: naming `where`, for a mix or half of a format, wrong types.
   """
   if not isinstance(example, Mapping):
     raise ValueError(f"{where}: an example must be a JSON object ({_FORMAT_HELP}), got "
                      f"{_json_type(example)}")
-  keys = frozenset(example) - {"source"}
-  unknown = sorted(keys - _KNOWN)
-  if unknown:
-    raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a line is "
-                     f"{_FORMAT_HELP}")
+  # other keys (ids, metadata) are the data set's own and are ignored, as TRL does;
+  # the format keys must be exactly one format's
+  keys = frozenset(example) & _KNOWN
   kind = _FORMATS.get(keys)
   if kind is None:
     raise ValueError(f"{where}: keys {sorted(keys)} are not a format; a line is "
@@ -593,7 +592,7 @@ def _no_constant(name):
 
 def read_jsonl(path: str | os.PathLike, *, max_line_bytes: int = MAX_LINE_BYTES
                ) -> list[dict]:
-  """The examples of a JSONL file, validated, each with its `"source"` (`"path:line"`).
+  """The examples of a JSONL file, validated, each with its `"_source"` (`"path:line"`).
 
   Each non-blank line is one JSON object in one of the three formats (see the module
   doc); a file may mix them. Blank lines are skipped and a UTF-8 byte order mark is
@@ -601,12 +600,13 @@ def read_jsonl(path: str | os.PathLike, *, max_line_bytes: int = MAX_LINE_BYTES
   refused before it is read whole.
 
   Returns:
-    One dict per line: the line's keys plus `"source"`.
+    One dict per line: the line's keys plus `"_source"`; keys beyond
+    the format's (ids, metadata) are kept and ignored.
 
   Raises:
     FileNotFoundError: no such file.
     ValueError: naming the file and line: not UTF-8, not JSON (also NaN / Infinity and
-      duplicate keys), not an object, unknown keys, wrong types, malformed messages, a
+      duplicate keys), not an object, no or mixed format keys, wrong types, malformed messages, a
       line too long; or a file without examples.
   """
   path = pathlib.Path(path)
@@ -641,10 +641,11 @@ def read_jsonl(path: str | os.PathLike, *, max_line_bytes: int = MAX_LINE_BYTES
         raise ValueError(f"{where}: JSON nests too deeply") from None
       except ValueError as e:
         raise ValueError(f"{where}: not valid JSON: {e}") from None
-      if isinstance(obj, dict) and "source" in obj:
-        raise ValueError(f"{where}: unknown key 'source'; a line is {_FORMAT_HELP}")
+      if isinstance(obj, dict) and SOURCE in obj:
+        raise ValueError(f"{where}: key {SOURCE!r} is reserved (the reader records each "
+                         "example's file and line under it)")
       example_format(obj, where)
-      obj["source"] = where
+      obj[SOURCE] = where
       out.append(obj)
   if not out:
     raise ValueError(f"{path}: no examples (the file is empty or blank)")
@@ -738,7 +739,7 @@ def tokenize_example(example: Mapping[str, Any], tokenizer: Tokenizer
   """Token ids and loss mask of one example (formats and targets: see the module doc).
 
   Args:
-    example: a dict as `read_jsonl` returns it (its `"source"`, if any, names it in
+    example: a dict as `read_jsonl` returns it (its `"_source"`, if any, names it in
       errors), or one built in memory in the same formats.
     tokenizer: from `load_tokenizer`.
 
@@ -752,7 +753,7 @@ def tokenize_example(example: Mapping[str, Any], tokenizer: Tokenizer
       or a chat template (chat), or the template fails (`ChatTemplateError`); the message
       names the example's source.
   """
-  where = str(example.get("source", "example")) if isinstance(example, Mapping) else "example"
+  where = str(example.get(SOURCE, "example")) if isinstance(example, Mapping) else "example"
   kind = example_format(example, where)
   if kind == "text":
     ids = _append_eos(tokenizer.encode(example["text"], True), tokenizer, where)
