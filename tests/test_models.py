@@ -225,3 +225,56 @@ def test_equinox_mlp_through_partition_and_combine():
   _check_fwd_and_grad(apply, lp, x)
   shapes = dot_output_shapes(jax.make_jaxpr(lj.implicit(apply))(lp, x))
   assert not set(shapes) & _lora_kernel_shapes(lp)
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "scan"])
+def test_packed_segments_equal_separate_sequences(stacked):
+  """Two sequences packed in one row (segment ids, positions restarting at 0) give each
+  sequence's own logits; padding (segment 0) changes nothing."""
+  from lora_jax import models
+  cfg = models.DecoderConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+  params = models.init_params(jax.random.key(0), cfg, stacked=stacked)
+  a = jax.random.randint(jax.random.key(1), (1, 5), 0, 50)
+  b = jax.random.randint(jax.random.key(2), (1, 7), 0, 50)
+  row = jnp.concatenate([a, b, jnp.zeros((1, 4), jnp.int32)], axis=1)
+  seg = jnp.asarray([[1] * 5 + [2] * 7 + [0] * 4])
+  pos = jnp.asarray([list(range(5)) + list(range(7)) + [0] * 4])
+  got = models.forward(params, cfg, row, segment_ids=seg, positions=pos)
+  np.testing.assert_allclose(got[:, :5], models.forward(params, cfg, a), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[:, 5:12], models.forward(params, cfg, b), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"segment_ids \(1, 3\) must match input_ids \(1, 16\)"):
+    models.forward(params, cfg, row, segment_ids=seg[:, :3])
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_no_batch"])
+@pytest.mark.parametrize("stacked", [False, True], ids=["unrolled", "scan"])
+def test_remat_keeps_values_and_gradients(remat, stacked):
+  """Activation checkpointing recomputes, it does not change: the LoRA gradients with
+  each policy equal those without (through `implicit`), and the remat primitive is in
+  the differentiated program."""
+  import lora_jax as lj
+  from lora_jax import models
+  cfg = models.DecoderConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+  base = models.init_params(jax.random.key(0), cfg, stacked=stacked)
+  params = lj.init(jax.random.key(1), base, lj.LoraConfig(
+      rank=2, targets="all-linear", layouts=models.decoder.STACKED_LAYOUTS if stacked else {}))
+  params = jax.tree.map(lambda x: x.replace_children(b=0.1 * jnp.ones_like(x.b))
+                        if isinstance(x, lj.LoraWeight) else x, params,
+                        is_leaf=lambda x: isinstance(x, lj.LoraWeight))
+  adapter, frozen = lj.split(params)
+  ids = jax.random.randint(jax.random.key(2), (2, 9), 0, 50)
+
+  def loss(ad, remat):
+    out = lj.implicit(models.forward)(lj.combine(ad, frozen), cfg, ids, remat=remat)
+    return jnp.mean(jnp.sin(out))
+
+  want = jax.grad(loss)(adapter, None)
+  got = jax.grad(loss)(adapter, remat)
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(adapter, remat))
+  assert "remat" in jaxpr or "checkpoint" in jaxpr
+  with pytest.raises(ValueError, match=r"remat='some': expected one of none, full, dots"):
+    models.forward(base, cfg, ids, remat="some")

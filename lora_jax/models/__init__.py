@@ -8,10 +8,11 @@ are data (`lora_jax.models.families`) over one decoder (`lora_jax.models.decoder
 """
 
 from lora_jax.models import decoder, llama
-from lora_jax.models.decoder import (DecoderConfig, forward, generate, init_params, load_hf,
-                                     names, save_hf, stack_layers, unstack_layers)
+from lora_jax.models.decoder import (DecoderConfig, forward, generate, hidden_states,
+                                     init_params, load_hf, logits_from_hidden, names, save_hf,
+                                     stack_layers, unstack_layers)
 from lora_jax.models.families import FAMILIES, Family, family
 
 __all__ = ["DecoderConfig", "FAMILIES", "Family", "decoder", "family", "forward", "generate",
-           "init_params", "llama", "load_hf", "names", "save_hf", "stack_layers",
+           "hidden_states", "init_params", "logits_from_hidden", "llama", "load_hf", "names", "save_hf", "stack_layers",
            "unstack_layers"]

@@ -759,12 +759,33 @@ def _sliding_mask(mask: jax.Array, window: int, index) -> jax.Array:
   return mask & band[None]
 
 
+# activation checkpointing: what a layer keeps for the backward pass
+REMAT_POLICIES = {
+    "full": None,       # nothing: the whole layer is recomputed in the backward pass
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat(fn, remat: str | None):
+  """`fn` under `jax.checkpoint` with the named policy (None or "none": `fn` itself)."""
+  if remat in (None, "none"):
+    return fn
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}: expected one of none, {', '.join(REMAT_POLICIES)}")
+  return jax.checkpoint(fn, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+
 def _run(params, config: DecoderConfig, input_ids, positions, mask, cache=None, index=None,
-         causal=False, last_only=False):
+         causal=False, last_only=False, remat=None, head=True):
   """Embeddings -> layers -> norm -> logits. Returns (logits, cache).
 
   `last_only`: logits of the last position only, `(B, 1, V)`: all a prefill for
-  decoding needs (the output projection then runs on B rows, not B * T)."""
+  decoding needs (the output projection then runs on B rows, not B * T).
+  `remat`: a `REMAT_POLICIES` name, each layer checkpointed (training; no cache).
+  `head=False`: return the final-normed hidden states `(B, T, H)` instead of logits."""
+  if remat not in (None, "none") and cache is not None:
+    raise ValueError("remat applies to a forward without a KV cache")
   emb = params["embed_tokens"]["embedding"]
   h = jnp.take(emb, input_ids, axis=0)
   dtype = h.dtype
@@ -792,6 +813,7 @@ def _run(params, config: DecoderConfig, input_ids, positions, mask, cache=None, 
         c, s = (jnp.where(other_rope, t, u) for t, u in zip(tables[kinds[1]], (cos, sin)))
       h, cache = _layer(lp, config, h, c, s, m, cache, i, index, causal)
       return (h, cache, i + 1), None
+    body = _remat(body, remat)
     sliding = jnp.asarray([w is not None for w in windows])
     other_rope = jnp.asarray([r != kinds[0] for r in ropes])
     (h, cache, _), _ = lax.scan(body, (h, cache, jnp.zeros((), jnp.int32)),
@@ -801,27 +823,40 @@ def _run(params, config: DecoderConfig, input_ids, positions, mask, cache=None, 
     if len(layers) != config.num_hidden_layers:
       raise ValueError(f"{config.model_type}: params have {len(layers)} layers, config says "
                        f"num_hidden_layers={config.num_hidden_layers}")
+    layer = _remat(lambda lp, h, cos, sin, m, cache, i: _layer(
+        lp, config, h, cos, sin, m, cache, i, index, causal), remat)
     for i, lp in enumerate(layers):
       m = mask if windows[i] is None else window_masks[windows[i]]
       cos, sin = tables[ropes[i]]
-      h, cache = _layer(lp, config, h, cos, sin, m, cache, i, index, causal)
+      h, cache = layer(lp, h, cos, sin, m, cache, i)
   if last_only:
     h = h[:, -1:]
   h = _norm(config, h, params["norm"])
+  if not head:
+    return h, cache
+  return _head(params, config, h), cache
+
+
+def _head(params, config: DecoderConfig, h):
+  """Final-normed hidden states `(..., T, H)` -> logits `(..., T, V)` (tied or untied
+  head, Gemma 2's final soft-capping)."""
+  emb = params["embed_tokens"]["embedding"]
+  dtype = h.dtype
   if config.tie_word_embeddings or "lm_head" not in params:
     # (B,T,H) x (V,H) contracting H: a LoRA'd embedding contracts its out axis.
-    logits = lax.dot_general(h, emb.astype(dtype), (((2,), (1,)), ((), ())))
+    logits = lax.dot_general(h, emb.astype(dtype), (((h.ndim - 1,), (1,)), ((), ())))
   else:
     logits = jnp.matmul(h, params["lm_head"]["kernel"].astype(dtype))
   cap = config.final_logit_softcapping
   if cap:
     logits = jnp.tanh(logits / jnp.asarray(cap, logits.dtype)) * jnp.asarray(cap, logits.dtype)
-  return logits, cache
+  return logits
 
 
 def forward(params: Mapping[str, Any], config: DecoderConfig, input_ids: jax.Array, *,
             attention_mask: jax.Array | None = None,
-            positions: jax.Array | None = None) -> jax.Array:
+            positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+            remat: str | None = None) -> jax.Array:
   """Logits of a causal LM, as `LlamaForCausalLM(input_ids, attention_mask).logits`.
 
   Args:
@@ -833,27 +868,56 @@ def forward(params: Mapping[str, Any], config: DecoderConfig, input_ids: jax.Arr
       padded keys are not attended to.
     positions: optional `(batch, seq)` integer rotary positions; default
       `0..seq-1` (as transformers when `position_ids` is not given).
+    segment_ids: optional `(batch, seq)` integers for packed rows: a token attends
+      only to earlier tokens of its own segment; 0 marks padding (attends to and is
+      seen by nothing). Pass the per-segment `positions` with it.
+    remat: activation checkpointing per layer: None / "none", "full", "dots",
+      "dots_no_batch" (`REMAT_POLICIES`); the values are the same, the backward pass
+      recomputes what the policy does not keep.
 
   Returns:
     `(batch, seq, vocab)` logits in the compute dtype.
   """
+  h = hidden_states(params, config, input_ids, attention_mask=attention_mask,
+                    positions=positions, segment_ids=segment_ids, remat=remat)
+  return _head(params, config, h)
+
+
+def logits_from_hidden(params: Mapping[str, Any], config: DecoderConfig,
+                       hidden: jax.Array) -> jax.Array:
+  """`(..., H)` final hidden states (from `hidden_states`) -> `(..., V)` logits, so a
+  loss can compute the vocabulary projection chunk by chunk."""
+  return _head(params, config, hidden)
+
+
+def hidden_states(params: Mapping[str, Any], config: DecoderConfig, input_ids: jax.Array, *,
+                  attention_mask: jax.Array | None = None,
+                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                  remat: str | None = None) -> jax.Array:
+  """The final-normed hidden states `(batch, seq, hidden)` that `forward` projects to
+  logits (same arguments); `forward = logits_from_hidden(hidden_states(...))`."""
   input_ids = jnp.asarray(input_ids)
   if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
     raise ValueError(f"llama.forward: input_ids must be (batch, seq) integers, got "
                      f"{input_ids.shape} {input_ids.dtype}")
   B, T = input_ids.shape
+  for name, arr in (("attention_mask", attention_mask), ("positions", positions),
+                    ("segment_ids", segment_ids)):
+    if arr is not None and tuple(jnp.shape(arr)) != (B, T):
+      raise ValueError(f"llama.forward: {name} {tuple(jnp.shape(arr))} must match input_ids "
+                       f"{(B, T)}")
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   mask = jnp.tril(jnp.ones((T, T), bool))[None]
   if attention_mask is not None:
-    if tuple(attention_mask.shape) != (B, T):
-      raise ValueError(f"llama.forward: attention_mask {tuple(attention_mask.shape)} must "
-                       f"match input_ids {(B, T)}")
     mask = mask & jnp.asarray(attention_mask).astype(bool)[:, None, :]
-  else:
-    mask = jnp.broadcast_to(mask, (B, T, T))
-  logits, _ = _run(params, config, input_ids, positions, mask, causal=True)
-  return logits
+  if segment_ids is not None:
+    seg = jnp.asarray(segment_ids)
+    mask = mask & (seg[:, :, None] == seg[:, None, :]) & (seg != 0)[:, None, :]
+  mask = jnp.broadcast_to(mask, (B, T, T))
+  h, _ = _run(params, config, input_ids, positions, mask, causal=True, remat=remat,
+              head=False)
+  return h
 
 
 # ----------------------------------------------------------------------------
@@ -1320,8 +1384,11 @@ __all__ = [
   "DecoderConfig",
   "LAYER_TYPES",
   "Rope",
+  "REMAT_POLICIES",
   "forward",
   "generate",
+  "hidden_states",
+  "logits_from_hidden",
   "init_params",
   "is_stacked",
   "layer_shapes",
