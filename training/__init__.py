@@ -1,8 +1,15 @@
-"""`lora-jax train`: finetuning from a config file.
+"""`lora-jax train`: LoRA fine-tuning of a Hugging Face checkpoint from a config file.
 
-`training.data` turns JSONL files into packed, shuffled batches: it loads a Hugging Face
-tokenizer directory (`tokenizer.json` + `tokenizer_config.json`), renders chat
-templates as transformers' `apply_chat_template` does, tokenizes text, prompt/completion
-and chat examples with a loss mask, packs them into fixed-length rows and iterates over
-the rows in a resumable order.
+- `training.config`: the YAML config (`TrainConfig`; unknown keys are errors).
+- `training.data`: JSONL files to packed, shuffled, resumable batches (a Hugging Face
+  tokenizer directory, chat templates rendered as transformers' `apply_chat_template`,
+  loss masks on completions / assistant turns).
+- `training.loss`: the chunked cross-entropy.
+- `training.checkpoints`: orbax checkpoints of adapter, optimizer state and data position.
+- `training.trainer`: `train(config)`, the run itself; `training.cli` its command line.
 """
+
+from training.config import TrainConfig, load_config
+from training.trainer import train
+
+__all__ = ["TrainConfig", "load_config", "train"]
