@@ -16,6 +16,9 @@ def add_parser(sub) -> None:
                       "lora.r=8); repeatable")
   t.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                  help="stop (checkpointed) after this step; rerun to continue")
+  t.add_argument("--compile-cache", default=None, metavar="DIR",
+                 help="JAX's persistent compilation cache (default OUTPUT_DIR/jax_cache), so "
+                      "a resumed run does not compile again; 'none' to turn it off")
 
 
 def _override(d: dict, item: str) -> None:
@@ -31,6 +34,18 @@ def _override(d: dict, item: str) -> None:
   node[last] = yaml.safe_load(value)
 
 
+def _compile_cache(where: str | None, output_dir: str) -> None:
+  """A restarted run (after a crash, a preemption, `--stop-after`) finds its programs
+  compiled: XLA's compile is the first step's largest cost."""
+  import os
+  import jax
+  if where == "none" or jax.config.jax_compilation_cache_dir:
+    return            # off, or the user's own cache (JAX_COMPILATION_CACHE_DIR)
+  path = where or os.path.join(output_dir, "jax_cache")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def run_args(args) -> None:
   import pathlib
   from training import config as tconfig
@@ -44,6 +59,7 @@ def run_args(args) -> None:
     cfg = tconfig.from_dict(d, p.parent)
   else:
     cfg = tconfig.load_config(args.config)
+  _compile_cache(args.compile_cache, cfg.output_dir)
   result = train(cfg, stop_after=args.stop_after)
   summary = {k: result[k] for k in ("output_dir", "adapter_dir", "steps", "resumed_from")
              if k in result}
