@@ -66,9 +66,9 @@ the search `--max-runs` children per side and the whole run `--time-limit` secon
               --search-resolution 512 --max-runs 5 --variants full,full+arg,dots_no_batch,none
               --skip-search; --tiny: a toy model, for the test)
 
-Run on the 2-core machine this project has, loaded by other jobs (load average 5-7), it
-takes about 15 minutes; the load averages at start and end are printed (they move the
-step times, not the memory).
+On the 2-core machine this project has, shared with other jobs, a run took 551 s at a
+load average of 4-6 (about 15 minutes at 6-7); the load averages at start and end are
+printed (they move the step times, not the memory).
 """
 
 from __future__ import annotations
@@ -488,7 +488,8 @@ def _fixed_table(args, fixed, variants, log):
       "  + the logits its loss cannot avoid (ours: one chunk x vocab f32; PEFT: tokens x "
       "vocab f32, once); peak RSS = the process's lifetime peak; state = quantized base +\n"
       "  dense frozen + adapter + AdamW moments (a floor under pre-step, which adds the "
-      "runtime); XLA = argument + output + temp - alias of the compiled step")
+      "runtime); XLA = argument + output + temp - alias of the compiled step (a closed-over\n"
+      "  base is a constant of the executable, in none of these)")
   for key, name in rows:
     r = fixed[key]
     if r["ok"]:
