@@ -46,11 +46,6 @@ activations floor: the per-layer checkpoints any checkpointed step keeps
 one chunk of `loss_chunk x vocab` float32; PEFT: all of `tokens x vocab` float32, once,
 though its loss holds several such arrays).
 
-Ours also runs as "full+arg": the same `make_train_step`, jitted with the frozen base
-passed as an argument instead of closed over (as `trainer.train` does, which makes XLA
-compile the base into the executable as constants); a diagnostic of where our pre-step
-memory goes, not what users run. The headline is "full" as `trainer.train` runs it.
-
 The budget search (PEFT, and ours with the headline variant): it starts from the
 fixed-size run; while every length has fit, the next one is where the line through the
 last two fitting (length, peak RSS) points, or through (0, pre-step RSS) and the one point,
@@ -63,7 +58,7 @@ the search `--max-runs` children per side and the whole run `--time-limit` secon
 
     .venv/bin/python benchmarks/train_memory.py
     (options: --batch 1 --seq 2048 --budget-gib 3 --loss-chunk 1024 --steps 1
-              --search-resolution 512 --max-runs 5 --variants full,full+arg,dots_no_batch,none
+              --search-resolution 512 --max-runs 5 --variants full,dots_no_batch,none
               --skip-search; --tiny: a toy model, for the test)
 
 On the 2-core machine this project has, shared with other jobs, a run took 551 s at a
@@ -144,8 +139,7 @@ def _batch_ids(batch: int, n: int):
 # ----------------------------------------------------------------------------
 # children
 
-def child_ours(ckpt: str, batch: int, seq: int, remat: str, chunk: int, steps: int,
-               frozen_arg: bool = False) -> dict:
+def child_ours(ckpt: str, batch: int, seq: int, remat: str, chunk: int, steps: int) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -180,20 +174,12 @@ def child_ours(ckpt: str, batch: int, seq: int, remat: str, chunk: int, steps: i
              "positions": np.broadcast_to(np.arange(seq + 1, dtype=np.int32), ids.shape)[None],
              "loss_mask": np.ones_like(ids)[None]}
   batches = jax.device_put({k: np.ascontiguousarray(v) for k, v in batches.items()})
-  if frozen_arg:
-    # the same step with the frozen base a jit argument instead of a closed-over
-    # constant (trainer.train closes over it); a diagnostic, not what users run
-    def with_frozen(adapter, opt_state, batches, step_no, frozen):
-      return trainer.make_train_step(c, config, opt, frozen, dropout=False)(
-          adapter, opt_state, batches, step_no)
-    extra = (frozen,)
-    step = jax.jit(with_frozen, donate_argnums=(0, 1))
-  else:
-    extra = ()
-    step = jax.jit(trainer.make_train_step(c, config, opt, frozen, dropout=False),
-                   donate_argnums=(0, 1))
+  # the frozen base is a jit argument (trainer.train passes it so): a captured
+  # constant would be embedded in the compiled program
+  step = jax.jit(trainer.make_train_step(c, config, opt, dropout=False),
+                 donate_argnums=(0, 1))
   t = time.perf_counter()
-  compiled = step.lower(adapter, opt_state, batches, jnp.int32(0), *extra).compile()
+  compiled = step.lower(adapter, opt_state, frozen, batches, jnp.int32(0)).compile()
   compile_s = time.perf_counter() - t
   m = compiled.memory_analysis()
   xla = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
@@ -203,7 +189,7 @@ def child_ours(ckpt: str, batch: int, seq: int, remat: str, chunk: int, steps: i
   del adapter, opt_state
 
   def run_step():
-    box[0], box[1], loss, _ = compiled(box[0], box[1], batches, jnp.int32(0), *extra)
+    box[0], box[1], loss, _ = compiled(box[0], box[1], frozen, batches, jnp.int32(0))
     return float(jax.block_until_ready(loss))
 
   out = _measure(run_step, steps)
@@ -399,9 +385,8 @@ def main(argv=None):
   ap.add_argument("--child-timeout", type=float, default=300.0)
   ap.add_argument("--time-limit", type=float, default=1200.0,
                   help="no search child starts after this many seconds of the run")
-  ap.add_argument("--variants", default="full,full+arg,dots_no_batch,none",
-                  help="our remat policies at the fixed size (the first is the headline; "
-                  "+arg: the frozen base a jit argument, not a closed-over constant)")
+  ap.add_argument("--variants", default="full,dots_no_batch,none",
+                  help="our remat policies at the fixed size (the first is the headline)")
   ap.add_argument("--skip-search", action="store_true")
   ap.add_argument("--ckpt", help=argparse.SUPPRESS)
   ap.add_argument("--child", choices=["ours", "peft"], help=argparse.SUPPRESS)
@@ -411,9 +396,8 @@ def main(argv=None):
   if args.tiny:
     CFG.update(TINY)
   if args.child == "ours":
-    remat, arg = (args.remat[:-4], True) if args.remat.endswith("+arg") else (args.remat, False)
-    print(json.dumps(child_ours(args.ckpt, args.batch, args.seq, remat, args.loss_chunk,
-                                args.steps, frozen_arg=arg)), flush=True)
+    print(json.dumps(child_ours(args.ckpt, args.batch, args.seq, args.remat, args.loss_chunk,
+                                args.steps)), flush=True)
     return
   if args.child == "peft":
     print(json.dumps(child_peft(args.ckpt, args.batch, args.seq, args.steps)), flush=True)
@@ -462,7 +446,7 @@ def main(argv=None):
       f"{time.perf_counter() - t_start:.0f} s")
 
 
-VARIANT_NAMES = {"full": "ours, remat full", "full+arg": "ours, full, base as argument",
+VARIANT_NAMES = {"full": "ours, remat full",
                  "dots_no_batch": "ours, remat dots_no_batch", "none": "ours, remat none",
                  "dots": "ours, remat dots"}
 
@@ -488,8 +472,7 @@ def _fixed_table(args, fixed, variants, log):
       "  + the logits its loss cannot avoid (ours: one chunk x vocab f32; PEFT: tokens x "
       "vocab f32, once); peak RSS = the process's lifetime peak; state = quantized base +\n"
       "  dense frozen + adapter + AdamW moments (a floor under pre-step, which adds the "
-      "runtime); XLA = argument + output + temp - alias of the compiled step (a closed-over\n"
-      "  base is a constant of the executable, in none of these)")
+      "runtime); XLA = argument + output + temp - alias of the compiled step")
   for key, name in rows:
     r = fixed[key]
     if r["ok"]:
@@ -507,16 +490,12 @@ def _fixed_table(args, fixed, variants, log):
     log(f"  PEFT: {p['linear4bit']} bnb Linear4bit layers on CPU, attention "
         f"{p['attn']}, {p['versions']}")
   nh = CFG["num_attention_heads"]
-  blocked = T >= 128 and T % 4 == 0
-  probs = B * nh * T * T * 4 * (10 / 16 if blocked else 1)
-  log(f"  attention: one float32 (batch, heads, T, T) array of one layer, as our decoder "
-      f"materializes it ({'in 4 causal query blocks: 10/16 of T x T' if blocked else 'T x T'}), "
-      f"is {probs / MIB:.0f} MiB at T = {T}; it grows as T^2, PEFT's sdpa does not keep one")
-  if fixed.get("full", {}).get("ok") and fixed.get("full+arg", {}).get("ok"):
-    d = fixed["full"]["pre_step_rss"] - fixed["full+arg"]["pre_step_rss"]
-    base = sum(fixed["full"]["state"][k] for k in ("quantized base", "dense frozen"))
-    log(f"  the closed-over base costs ours {d / MIB:.0f} MiB of pre-step RSS (full vs "
-        f"full+arg; the base is {base / MIB:.0f} MiB)")
+  from lora_jax.models import decoder
+  blk = decoder.ATTN_BLOCK if T >= decoder.ATTN_CHECKPOINT_MIN_TOKENS else T
+  probs = B * nh * blk * T * 4
+  log(f"  attention: our decoder's largest score block, one float32 (batch, heads, "
+      f"{blk}, T) array, is {probs / MIB:.0f} MiB at T = {T} (query blocks of {blk} under "
+      "jax.checkpoint: linear in T)")
   head = fixed[variants[0]] if variants else None
   if p["ok"] and head and head["ok"]:
     ratio = head["step_increment"] / p["step_increment"]

@@ -278,3 +278,26 @@ def test_remat_keeps_values_and_gradients(remat, stacked):
   assert "remat" in jaxpr or "checkpoint" in jaxpr
   with pytest.raises(ValueError, match=r"remat='some': expected one of none, full, dots"):
     models.forward(base, cfg, ids, remat="some")
+
+
+def test_long_causal_attention_runs_in_checkpointed_blocks():
+  """From ATTN_CHECKPOINT_MIN_TOKENS on, causal attention runs in query blocks under
+  jax.checkpoint: the values and gradients equal one unblocked attention's, and the
+  backward pass keeps no (heads, T, T) array."""
+  from lora_jax.models import decoder
+  cfg = decoder.DecoderConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+  T = decoder.ATTN_CHECKPOINT_MIN_TOKENS + 37        # a partial last block
+  q = jax.random.normal(jax.random.key(0), (1, T, 2, 8))
+  k, v = (jax.random.normal(jax.random.key(i), (1, T, 1, 8)) for i in (1, 2))
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (1, T, T))
+
+  def loss(q, causal):
+    return jnp.sum(jnp.sin(decoder._attention(cfg, q, k, v, mask, causal=causal)))
+
+  np.testing.assert_allclose(loss(q, True), loss(q, False), rtol=1e-5)
+  np.testing.assert_allclose(jax.grad(loss)(q, True), jax.grad(loss)(q, False), rtol=1e-4,
+                             atol=1e-6)
+  jaxpr = jax.make_jaxpr(jax.grad(loss), static_argnums=1)(q, True)
+  shapes = {tuple(v.aval.shape) for e in jaxpr.jaxpr.eqns for v in e.outvars}
+  assert not any(len(s) == 4 and s[-2:] == (T, T) for s in shapes)

@@ -183,9 +183,9 @@ def test_gradient_accumulation_equals_one_big_batch(world, standard_promotion):
   outs = []
   for cc, shape in ((c, (2, 4)), (c1, (1, 8))):
     opt, _ = trainer.make_optimizer(cc)
-    step = jax.jit(trainer.make_train_step(cc, config, opt, frozen, False))
+    step = jax.jit(trainer.make_train_step(cc, config, opt, False))
     batch = {k: v[:8].reshape(shape + v.shape[1:]) for k, v in rows.items()}
-    outs.append(step(adapter, opt.init(adapter), batch, jnp.int32(0)))
+    outs.append(step(adapter, opt.init(adapter), frozen, batch, jnp.int32(0)))
   np.testing.assert_allclose(outs[0][2], outs[1][2], rtol=1e-5)
   assert float(outs[0][3]) == float(outs[1][3])
   for x, y in zip(jax.tree.leaves(outs[0][0]), jax.tree.leaves(outs[1][0])):

@@ -63,6 +63,7 @@ class QuantizeSection:
   block_size: int | None = None        # default: 64 (absmax formats), 128 (group-wise)
   double_quant: bool = True
   symmetric: bool | None = None        # group-wise integers: True / False (zero points)
+  icq: bool = False                    # IR-QLoRA's information calibration (nf4 / fp4)
 
 
 @dataclasses.dataclass(frozen=True)

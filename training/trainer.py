@@ -73,7 +73,7 @@ def load_base(c: TrainConfig):
     targets = _quant_targets(c.stacked)
     kw = {} if q.block_size is None else {"block_size": q.block_size}
     qc = qz.QuantConfig(q.format, double_quant=q.double_quant, symmetric=q.symmetric,
-                        targets=targets, **kw)
+                        targets=targets, icq=q.icq, **kw)
     params = qz.quantize(params, qc)
   return config, params
 
@@ -227,13 +227,16 @@ def loss_terms(params, config, batch, remat, chunk):
                                    chunk)
 
 
-def make_train_step(c: TrainConfig, config, opt, frozen, dropout: bool):
-  """`step(adapter, opt_state, batches (k, B, T), step) -> (adapter, opt_state, loss,
-  tokens)`: gradients summed over the k micro-batches by a scan, divided by the target
-  tokens of all of them (the loss of the whole batch, as one big batch would give)."""
+def make_train_step(c: TrainConfig, config, opt, dropout: bool):
+  """`step(adapter, opt_state, frozen, batches (k, B, T), step) -> (adapter, opt_state,
+  loss, tokens)`: gradients summed over the k micro-batches by a scan, divided by the
+  target tokens of all of them (the loss of the whole batch, as one big batch would
+  give). The frozen base is an argument, not a constant captured by the program: XLA
+  would otherwise embed the weights in the compiled program (measured: a 275 MB program
+  and +282 MiB resident for a 131 MiB base, benchmarks/train_memory.py)."""
   key0 = jax.random.key(c.seed + 1)
 
-  def micro(adapter, batch, key):
+  def micro(adapter, frozen, batch, key):
     def f(ad):
       params = lj.combine(ad, frozen)
       if dropout:
@@ -242,7 +245,7 @@ def make_train_step(c: TrainConfig, config, opt, frozen, dropout: bool):
     (s, n), g = _vg(f, adapter)
     return s, n, g
 
-  def step(adapter, opt_state, batches, step_no):
+  def step(adapter, opt_state, frozen, batches, step_no):
     key = jax.random.fold_in(key0, step_no)
     keys = jax.random.split(key, c.grad_accum)
     zero = jax.tree.map(jnp.zeros_like, adapter)
@@ -250,7 +253,7 @@ def make_train_step(c: TrainConfig, config, opt, frozen, dropout: bool):
     def body(carry, xs):
       s_acc, n_acc, g_acc = carry
       batch, k = xs
-      s, n, g = micro(adapter, batch, k)
+      s, n, g = micro(adapter, frozen, batch, k)
       return (s_acc + s, n_acc + n, jax.tree.map(jnp.add, g_acc, g)), None
 
     (s, n, g), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zero),
@@ -269,8 +272,8 @@ def _vg(f, adapter):
   return (s, n), g
 
 
-def make_eval_step(c: TrainConfig, config, frozen):
-  def ev(adapter, batch):
+def make_eval_step(c: TrainConfig, config):
+  def ev(adapter, frozen, batch):
     return loss_terms(lj.combine(adapter, frozen), config, batch, "none", c.loss_chunk)
   return ev
 
@@ -394,9 +397,9 @@ def train(config: TrainConfig | Mapping | str | os.PathLike, *, devices=None,
 
   dropout = c.lora.dropout > 0
   batch_sh = NamedSharding(mesh, P(None, ("data", "fsdp"), None))
-  step_fn = jax.jit(make_train_step(c, model_config, opt, frozen, dropout),
+  step_fn = jax.jit(make_train_step(c, model_config, opt, dropout),
                     out_shardings=(ad_sh, st_sh, repl, repl), donate_argnums=(0, 1))
-  eval_fn = jax.jit(make_eval_step(c, model_config, frozen), out_shardings=(repl, repl))
+  eval_fn = jax.jit(make_eval_step(c, model_config), out_shardings=(repl, repl))
   batches = tdata.Batches(train_rows.rows, c.batch_size, c.seed, start=position)
 
   metrics = Metrics(out / "metrics.jsonl", start_step)
@@ -414,7 +417,8 @@ def train(config: TrainConfig | Mapping | str | os.PathLike, *, devices=None,
     stacked = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
     tokens_done += int(np.count_nonzero(stacked["segment_ids"]))     # not padding
     stacked = jax.device_put(stacked, batch_sh)
-    adapter, opt_state, loss, ntok = step_fn(adapter, opt_state, stacked, jnp.int32(step))
+    adapter, opt_state, loss, ntok = step_fn(adapter, opt_state, frozen, stacked,
+                                             jnp.int32(step))
     done = step + 1
     loss_f = float(loss)
     if not math.isfinite(loss_f):
@@ -426,8 +430,8 @@ def train(config: TrainConfig | Mapping | str | os.PathLike, *, devices=None,
            "tokens_per_s": tokens_done / dt,
            "peak_rss_bytes": peak_rss_bytes(), "seconds": dt}
     if eval_rows is not None and (c.eval_every and done % c.eval_every == 0 or done == c.max_steps):
-      rec["eval_loss"] = eval_losses[done] = evaluate(eval_fn, adapter, eval_rows.rows, c,
-                                                      batch_sh)
+      rec["eval_loss"] = eval_losses[done] = evaluate(eval_fn, adapter, frozen,
+                                                      eval_rows.rows, c, batch_sh)
     if done % c.log_every == 0 or "eval_loss" in rec or done == last:
       metrics.write(rec)
     if bar is not None:
@@ -454,7 +458,7 @@ def train(config: TrainConfig | Mapping | str | os.PathLike, *, devices=None,
   return result
 
 
-def evaluate(eval_fn, adapter, rows, c: TrainConfig, batch_sh) -> float:
+def evaluate(eval_fn, adapter, frozen, rows, c: TrainConfig, batch_sh) -> float:
   """Mean loss per target token over the eval rows (batches in order; the last one
   padded with rows of weight 0)."""
   n = len(rows["input_ids"])
@@ -467,7 +471,7 @@ def evaluate(eval_fn, adapter, rows, c: TrainConfig, batch_sh) -> float:
     if short:
       batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
                for k, v in batch.items()}
-    s, m = eval_fn(adapter, jax.device_put(batch, NamedSharding(
+    s, m = eval_fn(adapter, frozen, jax.device_put(batch, NamedSharding(
         batch_sh.mesh, P(("data", "fsdp"), None))))
     total, count = total + float(s), count + float(m)
   return total / max(count, 1.0)

@@ -646,6 +646,12 @@ def _linear(x, p):
 # blocks; a LoRA training step of a 512-wide Llama at 8 x 256 tokens measured 4.5%
 # faster on CPU).
 CAUSAL_BLOCKS, CAUSAL_BLOCK_MIN_TOKENS = 4, 128
+# From this many tokens on, the query blocks are ATTN_BLOCK tokens long and each runs
+# under `jax.checkpoint`: the backward pass recomputes a block's (heads, block, keys)
+# scores instead of keeping every block's, so attention's memory grows linearly with the
+# sequence, not with its square (flash attention's trade, in XLA; the quadratic term
+# capped the longest sequence of a QLoRA step at PEFT's, benchmarks/train_memory.py).
+ATTN_BLOCK, ATTN_CHECKPOINT_MIN_TOKENS = 512, 1024
 
 
 def _attention(config: DecoderConfig, q, k, v, mask, causal: bool = False):
@@ -658,6 +664,13 @@ def _attention(config: DecoderConfig, q, k, v, mask, causal: bool = False):
   is padding, which no other position attends to.
   """
   T = q.shape[1]
+  if causal and k.shape[1] == T and T >= ATTN_CHECKPOINT_MIN_TOKENS:
+    block = jax.checkpoint(lambda q, k, v, m: _attention(config, q, k, v, m))
+    out = []
+    for s in range(0, T, ATTN_BLOCK):      # query block [s, e) sees keys [0, e)
+      e = min(T, s + ATTN_BLOCK)
+      out.append(block(q[:, s:e], k[:, :e], v[:, :e], mask[:, s:e, :e]))
+    return jnp.concatenate(out, axis=1)
   n = CAUSAL_BLOCKS
   if causal and T >= CAUSAL_BLOCK_MIN_TOKENS and T % n == 0 and k.shape[1] == T:
     c = T // n
