@@ -51,6 +51,7 @@ from merging import cli  # noqa: E402
 from training import data as tdata  # noqa: E402
 
 OUT = pathlib.Path("demo_out")
+TASKS = tuple(story.TASKS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,7 @@ def nbytes(tree) -> int:
 def stage_base(size: Size, seed: int) -> tuple[dict, pathlib.Path]:
   banner("1. three tasks, a tokenizer, and a base model that does them poorly")
   files = story.write_task_files(OUT / "data", size.n_train, size.n_eval, seed)
-  print(f"tasks {', '.join(story.TASKS)}: {size.n_train} train / {size.n_eval} held-out "
+  print(f"tasks {', '.join(TASKS)}: {size.n_train} train / {size.n_eval} held-out "
         f"eval problems each, in {OUT / 'data'}")
   run = story.pretrain_base(OUT / "base", steps=size.pretrain_steps, seed=seed)
   print(f"pretrained the base in {run['seconds']:.0f} s (loss {run['loss'][0]:.2f} -> "
@@ -128,7 +129,7 @@ def lora_jax_train(config_path: pathlib.Path) -> dict:
 def stage_adapters(files: dict, base: pathlib.Path, size: Size, seed: int) -> dict:
   banner("2. one LoRA adapter per task with `lora-jax train`, and one on their union")
   runs = {}
-  for task in story.TASKS + ("all",):
+  for task in TASKS + ("all",):
     train, ev = files[task] if task != "all" else (OUT / "data" / "all_train.jsonl",
                                                    OUT / "data" / "all_eval.jsonl")
     runs[task] = lora_jax_train(train_config(task, base, train, ev, size, seed))
@@ -146,7 +147,7 @@ class Evaluator:
 
   def __init__(self, files, tok, config, size: Size):
     self.tok, self.config = tok, config
-    self.examples = {t: tdata.read_jsonl(files[t][1]) for t in story.TASKS}
+    self.examples = {t: tdata.read_jsonl(files[t][1]) for t in TASKS}
     self.batch = min(64, size.n_eval)
     self.acc: dict[str, dict[str, float]] = {}
 
@@ -173,18 +174,16 @@ def merge_yaml(method: str, base: pathlib.Path, tuned: list[pathlib.Path]) -> di
 def stage_merges(runs, base_params, config, ev: Evaluator, seed: int) -> None:
   banner("3. merging the task adapters, and the task fine-tunes with `lora-jax merge`")
   adapters = [lj.load_adapter(runs[t]["dir"] / "adapter", base_params, config=config)
-              for t in story.TASKS]
-  rank = sum(int(x.rank) for x in jax.tree.leaves(
-      adapters[0], is_leaf=lambda x: isinstance(x, lj.LoraWeight))
-      if isinstance(x, lj.LoraWeight)) // max(1, len(jax.tree.leaves(
-          adapters[0], is_leaf=lambda x: isinstance(x, lj.LoraWeight))))
+              for t in TASKS]
+  rank = max(x.rank for x in jax.tree.leaves(adapters[0], is_leaf=lj.is_implicit)
+             if isinstance(x, lj.LoraWeight))
   for method, kw in (("cat", {}), ("linear", {}), ("svd", {"rank": 3 * rank}),
                      ("ties", {"density": 0.5, "rank": 3 * rank}),
                      ("dare_ties", {"density": 0.5, "rank": 3 * rank,
                                     "key": jax.random.key(seed)})):
     merged = mg.merge_adapters(adapters, method, weights=[1.0] * len(adapters), **kw)
     ev(f"adapters merged: {method}", merged)
-  tuned = [runs[t]["dir"] / "merged" for t in story.TASKS]
+  tuned = [runs[t]["dir"] / "merged" for t in TASKS]
   for method in ("task_arithmetic", "ties"):
     path = OUT / "configs" / f"merge_{method}.yml"
     path.write_text(yaml.safe_dump(merge_yaml(method, OUT / "base", tuned), sort_keys=False))
@@ -202,7 +201,7 @@ def stage_merges(runs, base_params, config, ev: Evaluator, seed: int) -> None:
 def stage_quantized(files, base: pathlib.Path, size: Size, seed: int, ev: Evaluator,
                     runs: dict) -> dict:
   banner("4. the same fine-tune on quantized bases: NF4 QLoRA, QA-LoRA folded to int4")
-  task = story.TASKS[0]
+  task = TASKS[0]
   train, evf = files[task]
   out = {}
   q = lora_jax_train(train_config(f"{task}_qlora", base, train, evf, size, seed,
@@ -212,8 +211,7 @@ def stage_quantized(files, base: pathlib.Path, size: Size, seed: int, ev: Evalua
   qbase = qz.quantize(dense, qz.QuantConfig("nf4", 32, targets=_targets()))
   qparams = lj.load_adapter(q["dir"] / "adapter", qbase, config=config)
   out["NF4 QLoRA"] = (ev(f"{task} QLoRA (NF4 base)", qparams, config), nbytes(qparams))
-  g = story_group(size)
-  qa = lj_train_qalora(files, base, size, seed, g)
+  qa = train_qalora(files, base, size, seed)
   fcfg, folded = models.load_hf(qa["dir"] / "folded_int4")
   out["QA-LoRA -> int4"] = (ev(f"{task} QA-LoRA folded int4", folded, fcfg), nbytes(folded))
   mcfg, merged = models.load_hf(runs[task]["dir"] / "merged")
@@ -228,12 +226,8 @@ def _targets() -> str:
   return trainer._quant_targets(True)
 
 
-def story_group(size: Size) -> int:
-  return 16 if size.rank >= 8 else 16
-
-
-def lj_train_qalora(files, base, size, seed, group):
-  task = story.TASKS[0]
+def train_qalora(files, base, size, seed):
+  task = TASKS[0]
   train, evf = files[task]
   return lora_jax_train(train_config(
       f"{task}_qalora", base, train, evf, size, seed, save_merged=False, fold_qalora=True,
@@ -249,27 +243,24 @@ def stage_serving(runs, base_params, config, tok, ev: Evaluator) -> dict:
   banner("5. serving: many adapters over one base in one batch")
   t0 = time.perf_counter()
   adapters = [lj.load_adapter(runs[t]["dir"] / "adapter", base_params, config=config)
-              for t in story.TASKS]
+              for t in TASKS]
   load_adapter_s = (time.perf_counter() - t0) / len(adapters)
   t0 = time.perf_counter()
-  for t in story.TASKS:
+  for t in TASKS:
     models.load_hf(runs[t]["dir"] / "merged")
-  load_model_s = (time.perf_counter() - t0) / len(story.TASKS)
+  load_model_s = (time.perf_counter() - t0) / len(TASKS)
   served = lj.stack_adapters(adapters)
   # one batch: rows of each task routed to its adapter, and rows for the base
   per = max(2, ev.batch // 4)
   rows, route = [], []
-  for i, t in enumerate(story.TASKS):
+  for i, t in enumerate(TASKS):
     rows += ev.examples[t][:per]
     route += [i] * per
-  rows += ev.examples[story.TASKS[0]][:per]
+  rows += ev.examples[TASKS[0]][:per]
   route += [-1] * per
   ids = jnp.asarray(route, jnp.int32)
   mixed = story.predict(lj.with_adapter_ids(served, ids), config, tok, rows,
                         batch_size=len(rows))
-  alone = []
-  for r, i in zip(rows, route):
-    alone.append(None)
   ok = True
   for i in sorted(set(route)):
     sel = [k for k, j in enumerate(route) if j == i]
@@ -277,7 +268,7 @@ def stage_serving(runs, base_params, config, tok, ev: Evaluator) -> dict:
                         [rows[k] for k in sel], batch_size=len(rows))
     ok &= all(mixed[k] == own[n] for n, k in enumerate(sel))
   correct = {t: np.mean([mixed[k] == rows[k]["completion"] for k in range(len(rows))
-                         if route[k] == i]) for i, t in enumerate(story.TASKS)}
+                         if route[k] == i]) for i, t in enumerate(TASKS)}
   print(f"  one batch of {len(rows)} rows over {len(adapters)} adapters + the base: every "
         f"row equals its adapter alone: {ok}; exact match per task "
         + ", ".join(f"{t} {a:.0%}" for t, a in correct.items()))
@@ -344,13 +335,13 @@ def plots(runs, ev: Evaluator, quant: dict, serving: dict) -> None:
   fig.savefig(OUT / "loss.png", dpi=100)
   plt.close(fig)
   names = list(ev.acc)
-  grid = np.array([[ev.acc[n][t] for t in story.TASKS] for n in names])
+  grid = np.array([[ev.acc[n][t] for t in TASKS] for n in names])
   fig, ax = plt.subplots(figsize=(6, 0.4 * len(names) + 1.5))
   im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-  ax.set_xticks(range(len(story.TASKS)), story.TASKS)
+  ax.set_xticks(range(len(TASKS)), TASKS)
   ax.set_yticks(range(len(names)), names)
   for i in range(len(names)):
-    for j in range(len(story.TASKS)):
+    for j in range(len(TASKS)):
       ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center",
               color="w" if grid[i, j] < 0.6 else "k", fontsize=8)
   fig.colorbar(im, ax=ax, label="exact match")
@@ -370,23 +361,23 @@ def plots(runs, ev: Evaluator, quant: dict, serving: dict) -> None:
 
 def summary(ev: Evaluator, serving: dict) -> dict:
   banner("6. summary: exact match on held-out problems")
-  print(f"  {'model':28s}" + "".join(f"{t:>8s}" for t in story.TASKS) + f"{'tasks >= 80%':>14s}")
+  print(f"  {'model':28s}" + "".join(f"{t:>8s}" for t in TASKS) + f"{'tasks >= 80%':>14s}")
   for name, row in ev.acc.items():
     good = sum(a >= 0.8 for a in row.values())
     print(f"  {name:28s}" + "".join(f"{a:8.1%}" for a in row.values()) + f"{good:>14d}")
   base = ev.acc["base"]
-  own = {t: ev.acc[f"{t} adapter"][t] for t in story.TASKS}
+  own = {t: ev.acc[f"{t} adapter"][t] for t in TASKS}
   merges = {n: r for n, r in ev.acc.items() if "merge" in n}
   best = max(merges, key=lambda n: np.mean(list(merges[n].values()))) if merges else None
   print(f"\n  each task adapter on its own task vs the base: "
-        + ", ".join(f"{t} {base[t]:.0%} -> {own[t]:.0%}" for t in story.TASKS))
+        + ", ".join(f"{t} {base[t]:.0%} -> {own[t]:.0%}" for t in TASKS))
   if best:
     row = merges[best]
-    keeps = [t for t in story.TASKS if row[t] >= 0.8 * own[t]]
+    keeps = [t for t in TASKS if row[t] >= 0.8 * own[t]]
     print(f"  best merge: {best}, mean {np.mean(list(row.values())):.0%}; it keeps at least "
-          f"80% of the task adapter's accuracy on {len(keeps)} of {len(story.TASKS)} tasks"
-          + (" (does every task)" if len(keeps) == len(story.TASKS) else
-             f" (not on {', '.join(t for t in story.TASKS if t not in keeps)}: merging "
+          f"80% of the task adapter's accuracy on {len(keeps)} of {len(TASKS)} tasks"
+          + (" (does every task)" if len(keeps) == len(TASKS) else
+             f" (not on {', '.join(t for t in TASKS if t not in keeps)}: merging "
              "interferes there, the union adapter does better)"))
   print("  (accuracies move by a few points with the seed and the step count; timings with "
         "the machine's load; the served rows' equality to each adapter alone does not)")
@@ -413,7 +404,7 @@ def main(argv=None) -> dict:
   ev("base", base_params)
   runs = stage_adapters(files, base, size, args.seed)
   banner("2b. every adapter on every task")
-  for t in story.TASKS + ("all",):
+  for t in TASKS + ("all",):
     ev(f"{t} adapter" if t != "all" else "union adapter (all tasks)",
        lj.load_adapter(runs[t]["dir"] / "adapter", base_params, config=config))
   stage_merges(runs, base_params, config, ev, args.seed)

@@ -61,7 +61,7 @@ class QuantizeSection:
   compressed-tensors) needs none of this."""
   format: str = "nf4"                  # nf4 | fp4 | int4 | int8 | int2 | int3
   block_size: int | None = None        # default: 64 (absmax formats), 128 (group-wise)
-  double_quant: bool = True
+  double_quant: bool | None = None     # default: true for nf4 / fp4 / int4 / int8 absmax
   symmetric: bool | None = None        # group-wise integers: True / False (zero points)
   icq: bool = False                    # IR-QLoRA's information calibration (nf4 / fp4)
 

@@ -71,11 +71,21 @@ def load_base(c: TrainConfig):
   if c.quantize is not None and c.lora.init != "loftq":
     q = c.quantize
     targets = _quant_targets(c.stacked)
-    kw = {} if q.block_size is None else {"block_size": q.block_size}
-    qc = qz.QuantConfig(q.format, double_quant=q.double_quant, symmetric=q.symmetric,
-                        targets=targets, icq=q.icq, **kw)
+    qc = qz.QuantConfig(q.format, symmetric=q.symmetric, targets=targets, icq=q.icq,
+                        **_quant_kw(q))
     params = qz.quantize(params, qc)
   return config, params
+
+
+def _quant_kw(q) -> dict:
+  """The QuantConfig options the config sets (the others keep QuantConfig's defaults,
+  which depend on the format)."""
+  kw = {}
+  if q.block_size is not None:
+    kw["block_size"] = q.block_size
+  if q.double_quant is not None:
+    kw["double_quant"] = q.double_quant
+  return kw
 
 
 def _quant_targets(stacked: bool) -> str:
@@ -102,9 +112,8 @@ def add_adapter(c: TrainConfig, key: jax.Array, base) -> Any:
   if c.lora.init == "loftq":
     import quantization as qz
     q = c.quantize or _default_quant()
-    kw = {} if q.block_size is None else {"block_size": q.block_size}
-    return qz.loftq(key, base, cfg, qz.QuantConfig(q.format, double_quant=q.double_quant,
-                                                   **kw), iters=c.lora.loftq_iters)
+    return qz.loftq(key, base, cfg, qz.QuantConfig(q.format, **_quant_kw(q)),
+                    iters=c.lora.loftq_iters)
   return lj.init(key, base, cfg)
 
 
