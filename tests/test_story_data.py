@@ -232,7 +232,7 @@ def toy_model():
 
 def _examples():
   """Prompts of every length the tasks have, so the batches are left-padded."""
-  return [e for t in sd.TASKS for e in sd.sample_problems(t, 4, 11, held_out=True)]
+  return [e for t in sd.TASKS for e in sd.sample_problems(t, 3, 11, held_out=True)]
 
 
 @pytest.mark.parametrize("adapter", [False, True])
@@ -248,30 +248,30 @@ def test_exact_match_equals_unbatched_greedy_decoding(toy_model, tok, adapter):
         if is_lora(x) else x, params, is_leaf=is_lora)
   plain = lj.merge(params) if adapter else params
   examples = _examples()
-  n = 6
+  n = 5
   ref = [tok.decode(_greedy_one(plain, config, tok.encode(e["prompt"], True), n, tok.eos_id))
          for e in examples]
   assert len(set(ref)) > 3, ref            # the check means something
   if adapter:
-    base = sd.predict(toy_model[1], config, tok, examples, max_new_tokens=n, batch_size=5)
+    base = sd.predict(toy_model[1], config, tok, examples, max_new_tokens=n, batch_size=4)
     assert base != ref                      # the adapter changes the answers
 
   # half of the examples get the reference answer as their completion
   scored = [dict(e, completion=r if i % 2 else "x") for i, (e, r) in
             enumerate(zip(examples, ref))]
   cache = models.decoder._generate_jit._cache_size()
-  assert sd.predict(params, config, tok, scored, max_new_tokens=n, batch_size=5) == ref
+  assert sd.predict(params, config, tok, scored, max_new_tokens=n, batch_size=4) == ref
   assert models.decoder._generate_jit._cache_size() <= cache + 1   # 3 batches, 1 program
   assert sd.exact_match(params, config, tok, scored, max_new_tokens=n,
-                        batch_size=5) == sum(i % 2 for i in range(len(scored))) / len(scored)
+                        batch_size=4) == sum(i % 2 for i in range(len(scored))) / len(scored)
 
 
 def test_predict_default_length_leaves_room_for_the_eos(toy_model, tok):
   config, params = toy_model
   examples = _examples()
   longest = max(len(e["completion"]) for e in examples)
-  got = sd.predict(params, config, tok, examples, batch_size=8)
-  want = sd.predict(params, config, tok, examples, max_new_tokens=longest + 1, batch_size=8)
+  got = sd.predict(params, config, tok, examples, batch_size=4)
+  want = sd.predict(params, config, tok, examples, max_new_tokens=longest + 1, batch_size=4)
   assert got == want and len(got) == len(examples)
   assert sd.predict(params, config, tok, []) == []
   with pytest.raises(ValueError, match="no examples"):
