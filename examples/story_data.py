@@ -36,9 +36,14 @@ position's most likely, and a base trained long enough would score well), and mi
 correct and mistaken answers in similar shares (the conflicting targets slow the
 pretraining so much that the base learns neither, and the adapters start from nothing).
 
-Measured on 2 shared CPU cores (see `main`): pretraining ~1 to 1.7 minutes; a rank-16
-adapter (alpha 32, adamw 3e-3, batches of 32) reaches 90-100% exact match on one task in
-about 1000 steps.
+Measured on 2 shared CPU cores (`main`, seed 0): pretraining 1500 steps takes 50-90 s
+(the machine's load decides) and leaves the base at 0-3% exact match on every task; a
+rank-16 adapter on every linear layer (alpha 32, adamw 3e-3 with a cosine decay to 1e-3,
+batches of 32 train problems, loss on the completion) then reaches 100% on 200 eval
+problems of its task after 1200 steps, 40-95 s. On bases pretrained 1000 steps instead,
+the adapters stalled (addition at 5%): do not cut the pretraining short. The deltas of
+the three adapters do not add up: their sum (or mean) on the base scores under 2% on
+every task, so the story's merge needs a method that keeps them apart.
 """
 
 from __future__ import annotations
@@ -82,8 +87,8 @@ class Task:
 
   Attributes:
     name: the task's name (file names, `TASKS` key).
-    sample: `rng -> prompt`, a random problem ("12+345=").
-    solve: `prompt -> completion`, the correct answer ("357").
+    sample: `rng -> prompt`, a random problem ("12+34=").
+    solve: `prompt -> completion`, the correct answer ("46").
     mistake: `prompt -> completion`, the systematic wrong answer of the pretraining mix.
     answer_chars: characters of a random (wrong) answer.
   """
@@ -102,9 +107,9 @@ def _operand(prompt: str, prefix: str) -> str:
 
 
 def _add_sample(rng: random.Random) -> str:
-  # both addends of ADD_DIGITS digits: with 1-digit and 2-digit addends mixed, aligning
-  # the columns is what a small model learns slowest (it stays under 20% exact after
-  # twice the training that gets equal lengths to 85%)
+  # both addends of ADD_DIGITS digits: trained on addition alone, the base model reached
+  # 87% exact on two 2-digit addends after 800 steps, but 19% on addends of 1-2 digits
+  # after 1500 (aligning the columns is slow to learn) and 2% on 3-digit ones after 800
   lo, hi = 10 ** (ADD_DIGITS - 1), 10 ** ADD_DIGITS
   return f"{rng.randrange(lo, hi)}+{rng.randrange(lo, hi)}="
 
@@ -156,7 +161,7 @@ def sample_problems(task: str, n: int, seed: int, *, held_out: bool) -> list[dic
 
   Raises:
     ValueError: unknown task, or `n` more than the side can supply in a reasonable number
-      of draws (the small 1-digit additions run out first, the rest does not).
+      of draws (additions run out first: of their 8100 problems ~1000 are held out).
   """
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
@@ -195,7 +200,7 @@ def _write_jsonl(path: pathlib.Path, rows: Sequence[Mapping[str, str]]) -> None:
 def write_task_files(out_dir: str | os.PathLike, n_train: int, n_eval: int, seed: int
                      ) -> dict[str, tuple[pathlib.Path, pathlib.Path]]:
   """Train and eval JSONL files of every task, in the prompt/completion format of
-  `training.data` (`{"prompt": "12+345=", "completion": "357"}` per line).
+  `training.data` (`{"prompt": "12+34=", "completion": "46"}` per line).
 
   Args:
     out_dir: directory (created if missing); files `{task}_train.jsonl`,
@@ -411,10 +416,12 @@ def pretrain_base(out_dir: str | os.PathLike, *, steps: int, seed: int,
 
 def _prompt_batches(tokenizer, prompts: Sequence[str], batch_size: int):
   """Left-padded batches of every prompt, all of one shape `(batch_size, P)` (P the
-  longest prompt; the last batch repeats its first row), so `models.generate` compiles
-  once: yields `(ids, attention_mask, rows)`, `rows` the number of real rows."""
+  longest prompt rounded up to a multiple of 8; the last batch repeats its first row),
+  so `models.generate` compiles once: yields `(ids, attention_mask, rows)`, `rows` the
+  number of real rows."""
   encoded = [tokenizer.encode(p, True) for p in prompts]
-  P = max(len(e) for e in encoded)
+  # rounded up, so the eval sets of tasks with prompts of similar length share a program
+  P = -(-max(len(e) for e in encoded) // 8) * 8
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
   for start in range(0, len(encoded), batch_size):
     chunk = encoded[start:start + batch_size]
@@ -442,7 +449,8 @@ def predict(params, config: models.DecoderConfig, tokenizer, examples: Sequence[
     params: the model's parameters (plain arrays or implicit leaves).
     config: its `DecoderConfig`.
     tokenizer: a `training.data.Tokenizer` (`load_tokenizer`) with an eos.
-    examples: dicts with a "prompt" (as `read_jsonl` returns them).
+    examples: dicts with a "prompt" (as `read_jsonl` returns them), and a "completion"
+      when `max_new_tokens` is None.
     max_new_tokens: tokens to generate; default the longest completion in `examples`
       plus one (its eos), so a right answer followed by more text is not cut to look right.
     batch_size: rows per generate call.
