@@ -446,7 +446,9 @@ def predict(params, config: models.DecoderConfig, tokenizer, examples: Sequence[
   the first `<eos>` (all of them if none came).
 
   Args:
-    params: the model's parameters (plain arrays or implicit leaves).
+    params: the model's parameters (plain arrays or implicit leaves). Parameters routed
+      per row (`lj.with_adapter_ids(served, ids)`, `ids` of shape `(len(examples),)`)
+      need `batch_size == len(examples)`: one batch, no padding rows.
     config: its `DecoderConfig`.
     tokenizer: a `training.data.Tokenizer` (`load_tokenizer`) with an eos.
     examples: dicts with a "prompt" (as `read_jsonl` returns them), and a "completion"
