@@ -65,9 +65,12 @@ class Size:
   rank: int
 
 
+# full: the base needs ~1500 pretraining steps to know the tasks' format (and their
+# systematic mistakes); an adapter ~800 steps of 8 packed rows (~35 problems) to fix one
+# task (examples/story_data.py has the measurements)
 SIZES = {
-    "full": Size(n_train=3000, n_eval=128, pretrain_steps=300, train_steps=150,
-                 batch_size=16, seq_len=64, rank=8),
+    "full": Size(n_train=3000, n_eval=100, pretrain_steps=1500, train_steps=800,
+                 batch_size=8, seq_len=64, rank=16),
     "toy": Size(n_train=200, n_eval=16, pretrain_steps=20, train_steps=6, batch_size=4,
                 seq_len=32, rank=4),
 }
@@ -105,7 +108,8 @@ def train_config(name: str, base: pathlib.Path, train_file, eval_file, size: Siz
          "output_dir": str((OUT / "runs" / name).resolve()),
          "lora": {"r": size.rank, "alpha": 2 * size.rank, "targets": "all-linear"},
          "max_steps": size.train_steps, "batch_size": size.batch_size,
-         "seq_len": size.seq_len, "learning_rate": 3e-3, "warmup_steps": 10,
+         "seq_len": size.seq_len, "learning_rate": 3e-3,
+         "warmup_steps": min(20, size.train_steps // 4),
          "save_every": size.train_steps, "eval_every": max(1, size.train_steps // 3),
          "eval_batches": 4, "seed": seed, "progress": False, "mesh": {"data": 1},
          "save_merged": True, **extra}
@@ -232,7 +236,9 @@ def train_qalora(files, base, size, seed):
   return lora_jax_train(train_config(
       f"{task}_qalora", base, train, evf, size, seed, save_merged=False, fold_qalora=True,
       quantize={"format": "int4", "block_size": 32, "symmetric": False},
-      lora={"r": size.rank, "alpha": 2 * size.rank, "targets": "all-linear",
+      # QA-LoRA's a is (in / L, r): with L = 32 (the smallest int4 group) and hidden 128,
+      # rank 4 is all the pooled inputs allow
+      lora={"r": min(size.rank, 4), "alpha": 2 * min(size.rank, 4), "targets": "all-linear",
             "use_qalora": True, "qalora_group_size": 32}))
 
 
