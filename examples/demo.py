@@ -267,16 +267,29 @@ def stage_serving(runs, base_params, config, tok, ev: Evaluator) -> dict:
   ids = jnp.asarray(route, jnp.int32)
   mixed = story.predict(lj.with_adapter_ids(served, ids), config, tok, rows,
                         batch_size=len(rows))
-  ok = True
+  # exactness: the served batch's logits equal each row's adapter (or the base) alone;
+  # greedy answers may still differ where two tokens nearly tie (an untrained toy model),
+  # so those are counted, not required
+  ids_np, mask_np, _ = next(story._prompt_batches(tok, [r["prompt"] for r in rows], len(rows)))
+  x, m = jnp.asarray(ids_np), jnp.asarray(mask_np)
+  fwd = lj.implicit(models.forward)
+  got = np.asarray(fwd(lj.with_adapter_ids(served, ids), config, x, attention_mask=m))
+  worst, same = 0.0, 0
   for i in sorted(set(route)):
-    sel = [k for k, j in enumerate(route) if j == i]
-    own = story.predict(base_params if i < 0 else adapters[i], config, tok,
+    sel = np.asarray([k for k, j in enumerate(route) if j == i])
+    own = np.asarray(fwd(base_params if i < 0 else adapters[i], config, x[sel],
+                         attention_mask=m[sel]))
+    valid = mask_np[sel].astype(bool)
+    worst = max(worst, float(np.abs(got[sel] - own)[valid].max()))
+    ans = story.predict(base_params if i < 0 else adapters[i], config, tok,
                         [rows[k] for k in sel], batch_size=len(rows))
-    ok &= all(mixed[k] == own[n] for n, k in enumerate(sel))
+    same += sum(mixed[k] == ans[n] for n, k in enumerate(sel))
+  ok = worst < 1e-4
   correct = {t: np.mean([mixed[k] == rows[k]["completion"] for k in range(len(rows))
                          if route[k] == i]) for i, t in enumerate(TASKS)}
-  print(f"  one batch of {len(rows)} rows over {len(adapters)} adapters + the base: every "
-        f"row equals its adapter alone: {ok}; exact match per task "
+  print(f"  one batch of {len(rows)} rows over {len(adapters)} adapters + the base: logits "
+        f"equal each row's adapter alone (max |diff| {worst:.1e}): {ok}; greedy answers "
+        f"equal on {same}/{len(rows)} rows; exact match per task "
         + ", ".join(f"{t} {a:.0%}" for t, a in correct.items()))
   timing = serve_timing(served, adapters, base_params, config, tok, rows, route)
   adapter_bytes = sum(nbytes(lj.split(a)[0]) for a in adapters)
@@ -286,7 +299,8 @@ def stage_serving(runs, base_params, config, tok, ev: Evaluator) -> dict:
   print(f"  memory: base + {len(adapters)} adapters "
         f"{(nbytes(base_params) + adapter_bytes) / 2**20:.2f} MiB, {len(adapters)} merged "
         f"copies {merged_bytes / 2**20:.2f} MiB")
-  return {"rows_equal_alone": bool(ok), "correct": correct, **timing,
+  return {"rows_equal_alone": bool(ok), "max_logit_diff": worst,
+          "answers_equal_alone": int(same), "rows": len(rows), "correct": correct, **timing,
           "load_adapter_s": load_adapter_s, "load_model_s": load_model_s,
           "adapter_bytes": adapter_bytes, "base_bytes": nbytes(base_params),
           "merged_bytes": merged_bytes}
