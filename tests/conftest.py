@@ -43,3 +43,44 @@ def standard_promotion():
   """optax mixes Python floats with int32 step counts, which strict promotion rejects."""
   with jax.numpy_dtype_promotion("standard"):
     yield
+
+
+def _bnb_reference_dequantize_on_avx512() -> None:
+  """bitsandbytes 0.50's CPU `dequantize_4bit` on AVX512 CPUs runs a C kernel that
+  indexes absmax by row, so a block that straddles two rows (in_features not a multiple
+  of the block) gets the wrong scale (errors ~5x the quantization error), and FP4's
+  code 8 comes out +0.0 where bnb's table (and its CUDA kernel) has -0.0. On such CPUs
+  the oracle is bitsandbytes' own reference implementation (`backends/default`, run
+  eagerly, "matches C++ / CUDA behavior"), registered as the CPU kernel for the session,
+  so transformers' bnb models compute what they compute on a GPU. Elsewhere the C
+  kernel agrees with it and is used as is."""
+  import sys
+  if "bitsandbytes" not in sys.modules:
+    return
+  try:
+    import torch
+    from bitsandbytes.backends.cpu import ops as cpu_ops
+    from bitsandbytes.backends.default import ops as ref_ops
+    from bitsandbytes.backends.utils import _get_4bit_code
+  except Exception:  # noqa: BLE001  (another bnb layout: leave it alone)
+    return
+  if not getattr(cpu_ops, "_has_avx512", False):
+    return
+  compute = getattr(ref_ops._dequantize_4bit_compute, "__wrapped__",
+                    ref_ops._dequantize_4bit_compute)
+
+  def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
+    A = A if A.dtype == torch.uint8 else A.view(torch.uint8)
+    return compute(A.reshape(-1), absmax.float(), _get_4bit_code(quant_type, A.device),
+                   blocksize, shape, dtype)
+
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", dequantize_4bit)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _bnb_oracle():
+  _bnb_reference_dequantize_on_avx512()
+  yield
