@@ -129,6 +129,25 @@ def _no_duplicates(pairs):
   return out
 
 
+def _no_constant(name):
+  raise ValueError(f"{name} is not JSON")
+
+
+def loads_json(text: str, *, allow_nan: bool = True) -> Any:
+  """`json.loads` that refuses a key given twice in one object (Python keeps the last
+  one silently) and, with `allow_nan=False`, the non-standard NaN / Infinity / -Infinity
+  constants. The one JSON parser of the data readers (checkpoint headers and configs,
+  JSONL training data, request bodies).
+
+  Raises:
+    json.JSONDecodeError: not JSON (with `msg`, `lineno`, `colno`).
+    ValueError: a duplicate key or a refused constant, naming it.
+    RecursionError: nesting deeper than Python's recursion limit.
+  """
+  return json.loads(text, object_pairs_hook=_no_duplicates,
+                    **({} if allow_nan else {"parse_constant": _no_constant}))
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> dict:
   """A JSON object from `path`; every error names the file (and line and column).
 
@@ -154,7 +173,7 @@ def _json_object(path: pathlib.Path, raw: bytes, what: str, offset: int = 0) -> 
     raise ValueError(f"{path}: {what} is not UTF-8 text (byte {raw[e.start]:#04x} at offset "
                      f"{offset + e.start})") from None
   try:
-    d = json.loads(text, object_pairs_hook=_no_duplicates)
+    d = loads_json(text)
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: {what} is not valid JSON: {e.msg} at line {e.lineno} column "
                      f"{e.colno}") from None
@@ -939,6 +958,7 @@ __all__ = [
     "CODES", "DTYPES", "INDEX", "LLAMA", "NameTable", "SINGLE", "ShardWriter", "TMP_PREFIX",
     "TensorInfo", "as_table", "atomic_directory", "checkpoint_files", "checkpoint_headers",
     "clean_stale", "code_of", "copy_inside", "inside", "param_path", "read_checkpoint",
-    "read_config", "read_header", "read_json", "read_metadata", "read_safetensors",
+    "loads_json", "read_config", "read_header", "read_json", "read_metadata",
+    "read_safetensors",
     "read_tensor", "write_json", "write_safetensors",
 ]

@@ -293,3 +293,30 @@ def test_peft_embedding_adapter_with_saved_base_layer(tmp_path):
     ours2 = lj.load_adapter(tmp_path / "ad", oparams)
   np.testing.assert_allclose(np.asarray(fwd(ours2, config, IDS)), logits(ref), atol=2e-4)
   del torch
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False,
+                                                              allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6),
+                                                                   inner, max_size=4),
+    max_leaves=12))
+def test_loads_json_equals_json_loads_on_valid_json(obj):
+  import json
+  text = json.dumps(obj)
+  assert checkpoint.loads_json(text) == json.loads(text)
+  assert checkpoint.loads_json(text, allow_nan=False) == json.loads(text)
+
+
+def test_loads_json_refuses_duplicate_keys_and_optionally_nan():
+  import json
+  with pytest.raises(ValueError, match="key 'a' appears twice"):
+    checkpoint.loads_json('{"x": {"a": 1, "a": 2}}')
+  assert np.isnan(checkpoint.loads_json('{"a": NaN}')["a"])
+  for c in ("NaN", "Infinity", "-Infinity"):
+    with pytest.raises(ValueError, match=f"{c} is not JSON"):
+      checkpoint.loads_json(f'[1, {c}]', allow_nan=False)
+  with pytest.raises(json.JSONDecodeError):
+    checkpoint.loads_json('{"a": 1,}')

@@ -577,19 +577,6 @@ def example_format(example: Mapping[str, Any], where: str) -> str:
   return kind
 
 
-def _no_duplicates(pairs):
-  out = {}
-  for k, v in pairs:
-    if k in out:
-      raise ValueError(f"key {k!r} appears twice")
-    out[k] = v
-  return out
-
-
-def _no_constant(name):
-  raise ValueError(f"{name} is not JSON")
-
-
 def read_jsonl(path: str | os.PathLike, *, max_line_bytes: int = MAX_LINE_BYTES
                ) -> list[dict]:
   """The examples of a JSONL file, validated, each with its `"_source"` (`"path:line"`).
@@ -634,7 +621,7 @@ def read_jsonl(path: str | os.PathLike, *, max_line_bytes: int = MAX_LINE_BYTES
       if not text.strip():
         continue
       try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        obj = checkpoint.loads_json(text, allow_nan=False)
       except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON: {e.msg} at column {e.colno}") from None
       except RecursionError:
