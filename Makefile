@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch alone first, so the CPU build on disk is used and no CUDA build is pulled.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,interop,demo]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,interop,demo,serve]'
 	# llm-compressor, the GPTQ oracle, without its declared dependencies: 0.14 pins
 	# transformers<=5.17 and compressed-tensors==0.19, yet imports and runs GPTQ with our
 	# transformers and compressed-tensors 0.20 (its runtime needs, loguru and requests,

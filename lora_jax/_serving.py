@@ -3,7 +3,8 @@
 `stack_adapters([p1, p2, ...])` turns the `LoraWeight` leaves of several adapter trees
 (same base) into `MultiLoraWeight` leaves holding every adapter's factors on an
 adapter axis; ranks are zero-padded to the largest (exact) and each adapter keeps its
-own scale. `with_adapter_ids(served, ids)` says which adapter each batch row uses
+own scale; `max_rank=R, slots=N` give the bank a capacity beyond the trees given (a
+server's fixed device bank: empty slots serve the base). `with_adapter_ids(served, ids)` says which adapter each batch row uses
 (`-1`: the base alone); the `dot_general` rule computes, per row `n`,
 
     y[n] = x[n] @ W + scale[ids[n]] * (x[n] @ A[ids[n]]) @ B[ids[n]]
@@ -118,14 +119,24 @@ def _is_low_rank(x):
   return isinstance(x, LowRankWeight)
 
 
+def _served_form(tree: Any) -> Any:
+  """Every leaf in the exact plain-LoRA form a bank holds: IEC as its effective factors
+  (`IecLoraWeight.as_lora()`), QA-LoRA with `a` expanded to `(in/L)/L * repeat(a, L)`
+  (`QALoraWeight.as_lora()`: `pool_L(x) @ a == x @ a_exp`); others unchanged."""
+  from lora_jax._qalora import QALoraWeight
+  tree = iec_to_lora(tree)
+  return jax.tree.map(lambda x: x.as_lora() if isinstance(x, QALoraWeight) else x, tree,
+                      is_leaf=lambda x: isinstance(x, QALoraWeight))
+
+
 def _servable(path: str, x: Any, k: int) -> None:
   """Refuse leaves a served batch cannot hold: anything trained other than LoRA / DoRA
   factors, whose rows would all share adapter 0's copy."""
   if _is_low_rank(x) and x.input_group() != 1:
     raise ValueError(
-        f"stack_adapters: {path} in adapter {k} is a {type(x).__name__} (QA-LoRA, pooled "
-        f"a {tuple(x.a.shape)}); served banks hold plain LoRA / DoRA factors. Merge it "
-        "(lj.merge, or qz.fold_qalora onto a group-wise quantized base)")
+        f"stack_adapters: {path} in adapter {k} is a {type(x).__name__} (pooled a "
+        f"{tuple(x.a.shape)}); served banks hold plain LoRA / DoRA factors. Merge it "
+        "(lj.merge)")
   if isinstance(x, ImplicitArray) and x.trainable_fields and not _is_low_rank(x):
     if isinstance(x, Trainable):
       raise ValueError(
@@ -161,22 +172,38 @@ def _traced(x) -> bool:
   return any(isinstance(c, jax.core.Tracer) for c in jax.tree.leaves(x))
 
 
-def stack_adapters(trees: Sequence[Any]) -> Any:
+def stack_adapters(trees: Sequence[Any], *, max_rank: int | None = None,
+                   slots: int | None = None, dora: bool = False) -> Any:
   """Stack LoRA/DoRA trees from `lj.init`/`lj.load_adapter` (one base) into one served tree
-  (IEC leaves enter as their exact LoRA form, `IecLoraWeight.as_lora()`).
+  (IEC and QA-LoRA leaves enter as their exact LoRA form, `as_lora()`).
 
   Each adapted kernel becomes a `MultiLoraWeight` whose bank holds every adapter's
-  factors (ranks zero-padded to the largest); plain leaves are shared.
+  factors (ranks zero-padded); plain leaves are shared.
+
+  Args:
+    trees: one or more adapter trees over the same base.
+    max_rank: the bank's rank capacity (default: the largest rank given), so that
+      `set_adapter` can later put in an adapter of any rank up to it.
+    slots: the bank's number of adapters (default `len(trees)`); slots past the given
+      trees start empty (zero factors and scale: they serve the base) until
+      `set_adapter` fills them.
+    dora: keep DoRA magnitude factors in the bank even when no tree given is DoRA, so
+      that a DoRA adapter can be set later (LoRA slots get factor 1).
 
   Raises:
     ValueError naming the path: the trees differ in structure, base shapes, layouts or
     base values (adapters trained on another base: same shapes, other weights; checked
-    by fingerprint), or hold fully trained / other trainable leaf kinds.
+    by fingerprint), hold fully trained / other trainable leaf kinds, an adapter's
+    rank exceeds `max_rank`, or more trees than `slots`.
   """
   if not trees:
     raise ValueError("stack_adapters needs at least one adapter tree")
-  # an IEC adapter is a plain LoRA with its effective factors (exact, same rank)
-  trees = [iec_to_lora(t) for t in trees]
+  n_slots = len(trees) if slots is None else int(slots)
+  if n_slots < len(trees):
+    raise ValueError(f"stack_adapters: {len(trees)} adapters do not fit slots={slots}")
+  if max_rank is not None and int(max_rank) < 1:
+    raise ValueError(f"stack_adapters: max_rank={max_rank} must be >= 1")
+  trees = [_served_form(t) for t in trees]
   for k, t in enumerate(trees):
     for path, x in _paths.leaves_with_paths(t, is_leaf=is_implicit):
       _servable(path, x, k)
@@ -207,14 +234,25 @@ def stack_adapters(trees: Sequence[Any]) -> Any:
     for k, lw in enumerate(leaves[1:], 1):
       _check_same_base(path, k, lw, leaves[0].w, fp, "stack_adapters")
     r = max(lw.rank for lw in leaves)
+    if max_rank is not None:
+      for k, lw in enumerate(leaves):
+        if lw.rank > int(max_rank):
+          raise ValueError(f"stack_adapters: {path}: adapter {k} has rank {lw.rank}, more "
+                           f"than max_rank={max_rank}")
+      r = int(max_rank)
+    empty = n_slots - len(leaves)
     a = jnp.stack([_pad_rank(lw.a, r, lw.a.ndim - 1) for lw in leaves], axis=nb)
     b = jnp.stack([_pad_rank(lw.b, r, nb) for lw in leaves], axis=nb)
+    a, b = _pad_axis(a, n_slots, nb), _pad_axis(b, n_slots, nb)
     batch = tuple(leaves[0].w.shape[:nb])
-    scales = jnp.broadcast_to(jnp.asarray([lw.scale for lw in leaves], jnp.float32),
-                              (*batch, len(leaves)))
+    scales = jnp.broadcast_to(
+        jnp.asarray([lw.scale for lw in leaves] + [0.0] * empty, jnp.float32),
+        (*batch, n_slots))
     mags = None
-    if any(isinstance(lw, DoraWeight) for lw in leaves):
+    if dora or any(isinstance(lw, DoraWeight) for lw in leaves):
       mags = jnp.stack([_magnitude_factor(lw) for lw in leaves], axis=nb)
+      mags = jnp.concatenate([mags, jnp.ones_like(jnp.take(mags, jnp.zeros(
+          (empty,), jnp.int32), axis=nb))], axis=nb) if empty else mags
     return MultiLoraWeight(w=leaves[0].w, a=a, b=b, scales=scales, mags=mags,
                            fingerprint=fp, axes=leaves[0].axes)
 
@@ -228,6 +266,9 @@ def _pad_rank(x, r, axis):
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, r - x.shape[axis])
   return jnp.pad(x, pad)
+
+
+_pad_axis = _pad_rank     # zero-pad `axis` to length n (ranks, or empty adapter slots)
 
 
 def _is_multi(x):
@@ -277,7 +318,7 @@ def set_adapter(served: Any, slot: int | jax.Array, tree: Any) -> Any:
   unchanged (and `checkify` reports it). The new adapter's base is checked against the
   served one (same object, or equal fingerprint) when concrete.
   """
-  new = dict(_paths.leaves_with_paths(iec_to_lora(tree), is_leaf=is_implicit))
+  new = dict(_paths.leaves_with_paths(_served_form(tree), is_leaf=is_implicit))
   for path, x in new.items():
     _servable(path, x, "new")
   multis = [x for _, x in _paths.leaves_with_paths(served, is_leaf=_is_multi) if _is_multi(x)]
@@ -305,7 +346,8 @@ def set_adapter(served: Any, slot: int | jax.Array, tree: Any) -> Any:
     nb, r = x.nbatch, x.a.shape[-1]
     if lw.rank > r:
       raise ValueError(f"set_adapter: {path} has rank {lw.rank}; the served bank holds rank "
-                       f"<= {r} (stack it with a larger-rank adapter first)")
+                       f"<= {r} (build it with lj.stack_adapters(..., max_rank={lw.rank}) "
+                       "or more)")
     if tuple(lw.shape) != tuple(x.shape) or lw.axes != x.axes:
       raise ValueError(f"set_adapter: {path} kernel {tuple(lw.shape)} ({lw.axes!r}) does not "
                        f"match the served base {tuple(x.shape)} ({x.axes!r})")

@@ -147,3 +147,75 @@ def test_dora_and_lora_adapters_in_one_batch(model, params, targets, layouts):
   plain = lj.stack_adapters([_adapter(params, 4, 2, targets, layouts)])
   with pytest.raises(ValueError, match="DoRA adapter but the served bank holds plain LoRA"):
     lj.set_adapter(plain, 0, new)
+
+
+def test_bank_capacity_max_rank_and_empty_slots():
+  """`stack_adapters(..., max_rank=R, slots=N)`: empty slots serve the base, a later
+  adapter of a higher rank (<= R) fits without recompiling, past R is a named error."""
+  params = {"up": jax.random.normal(KEY, (8, 16)) / 3, "down": jax.random.normal(KEY, (16, 12))}
+  small = _adapter(params, 1, 2, "up|down")
+  served = lj.stack_adapters([small], max_rank=8, slots=4)
+  up = served["up"]
+  assert up.n_adapters == 4 and up.a.shape == (4, 8, 8) and up.b.shape == (4, 8, 16)
+  np.testing.assert_array_equal(np.asarray(up.scales)[1:], 0.0)
+  traces = []
+
+  @jax.jit
+  def run(served, ids, x):
+    traces.append(1)
+    return lj.implicit(mlp)(lj.with_adapter_ids(served, ids), x)
+
+  x = jax.random.normal(KEY, (4, 8))
+  ids = jnp.array([0, 1, 2, 3])
+  got = run(served, ids, x)
+  np.testing.assert_allclose(got[0], mlp(lj.merge(small), x[:1])[0], rtol=1e-5, atol=1e-5)
+  for n in (1, 2, 3):     # empty slots: the base alone
+    np.testing.assert_allclose(got[n], mlp(params, x[n:n + 1])[0], rtol=1e-5, atol=1e-5)
+  big = _adapter(params, 2, 8, "up|down")
+  served = lj.set_adapter(served, 3, big)
+  got = run(served, ids, x)
+  np.testing.assert_allclose(got[3], mlp(lj.merge(big), x[3:])[0], rtol=1e-5, atol=1e-5)
+  assert len(traces) == 1
+  with pytest.raises(ValueError, match=r"down has rank 9; the served bank holds rank <= 8 "
+                                       r"\(build it with lj.stack_adapters\(..., max_rank=9\)"):
+    lj.set_adapter(served, 1, _adapter(params, 3, 9, "down"))
+  with pytest.raises(ValueError, match="adapter 0 has rank 2, more than max_rank=1"):
+    lj.stack_adapters([small], max_rank=1)
+  with pytest.raises(ValueError, match="2 adapters do not fit slots=1"):
+    lj.stack_adapters([small, small], slots=1)
+
+
+def test_lora_bank_reserved_for_dora_takes_a_dora_adapter_later():
+  params = {"up": jax.random.normal(KEY, (8, 16)) / 3, "down": jax.random.normal(KEY, (16, 4))}
+  lora = _adapter(params, 1, 2, "up|down")
+  dora = lj.init(jax.random.key(5), params,
+                 lj.LoraConfig(rank=4, alpha=4.0, targets="up|down", use_dora=True))
+  dora = jax.tree.map(lambda x: dataclasses.replace(x, b=0.3 * jnp.ones_like(x.b),
+                                                    m=x.m * 1.5)
+                      if isinstance(x, lj.DoraWeight) else x, dora,
+                      is_leaf=lambda x: isinstance(x, lj.DoraWeight))
+  with pytest.raises(ValueError, match="holds plain LoRA only"):
+    lj.set_adapter(lj.stack_adapters([lora], max_rank=4, slots=2), 1, dora)
+  served = lj.set_adapter(lj.stack_adapters([lora], max_rank=4, slots=2, dora=True), 1, dora)
+  x = jax.random.normal(KEY, (3, 8))
+  got = lj.implicit(mlp)(lj.with_adapter_ids(served, jnp.array([0, 1, -1])), x)
+  np.testing.assert_allclose(got[0], mlp(lj.merge(lora), x[:1])[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[1], mlp(lj.merge(dora), x[1:2])[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[2], mlp(params, x[2:])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_qalora_adapter_is_served_as_its_exact_lora():
+  import quantization as qz
+  params = {"up": jax.random.normal(KEY, (128, 64)) / 3, "down": jax.random.normal(KEY, (64, 8))}
+  qbase = qz.quantize(params, qz.QuantConfig(format="int4", block_size=32, symmetric=False))
+  qa = lj.init(jax.random.key(2), qbase, lj.LoraConfig(rank=2, alpha=4.0, targets="up|down",
+                                                       use_qalora=True, qalora_group_size=32))
+  qa = jax.tree.map(lambda x: dataclasses.replace(x, b=0.2 * jnp.ones_like(x.b))
+                    if isinstance(x, lj.QALoraWeight) else x, qa,
+                    is_leaf=lambda x: isinstance(x, lj.QALoraWeight))
+  served = lj.stack_adapters([qa], slots=2)
+  x = jax.random.normal(KEY, (2, 128))
+  got = lj.implicit(mlp)(lj.with_adapter_ids(served, jnp.array([0, 1])), x)
+  ref = lj.implicit(mlp)(qa, x)
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(got[1], lj.implicit(mlp)(qbase, x)[1], rtol=1e-4, atol=1e-5)
