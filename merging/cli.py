@@ -741,7 +741,7 @@ def _merge_parser(sub):
 
 
 def main(argv=None) -> int:
-  """`lora-jax merge|extract-lora|train ...`: 0 on success, 2 (one line on stderr) on bad
+  """`lora-jax merge|extract-lora|train|serve ...`: 0 on success, 2 (one line on stderr) on bad
   input, an unwritable output path, a full disk or exhausted memory."""
   ap = _Parser(prog="lora-jax", description="lora-jax command line")
   sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -750,6 +750,8 @@ def main(argv=None) -> int:
   extract_cli.add_parser(sub)
   from training import cli as train_cli
   train_cli.add_parser(sub)
+  from serving import cli as serve_cli
+  serve_cli.add_parser(sub)
   try:
     args = ap.parse_args(argv)
   except _UsageError as e:
@@ -761,6 +763,8 @@ def main(argv=None) -> int:
       extract_cli.run_args(args)
     elif args.command == "train":
       train_cli.run_args(args)
+    elif args.command == "serve":
+      serve_cli.run_args(args)
     else:
       if not args.safe_serialization:
         raise ValueError("--no-safe-serialization: lora-jax writes only safetensors (never "

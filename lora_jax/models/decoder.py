@@ -704,8 +704,10 @@ def _layer(lp, config: DecoderConfig, h, cos, sin, mask, cache=None, layer=None,
   """One decoder layer.
 
   With a cache (`{"k", "v"}` of shape `(L, B, S, nkv, hd)`), this layer's keys and
-  values are written in place at `[layer, :, index:index+T]` and attention runs
-  over all `S` slots of the layer (`mask` is `(B, T, S)`). Returns (h, cache).
+  values are written in place at `[layer, :, index:index+T]` (`index` a scalar) or at
+  `[layer, b, index[b]:index[b]+T]` (`index` of shape `(B,)`: each row at its own
+  length) and attention runs over all `S` slots of the layer (`mask` is `(B, T, S)`).
+  Returns (h, cache).
   """
   c = config
   B, T, _ = h.shape
@@ -724,7 +726,17 @@ def _layer(lp, config: DecoderConfig, h, cos, sin, mask, cache=None, layer=None,
     q = _norm(c, q, at["q_norm"])
     k = _norm(c, k, at["k_norm"])
   q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-  if cache is not None:
+  if cache is not None and jnp.ndim(index) == 1:
+    # one write slot per row (continuous batching: rows at different lengths)
+    rows = jnp.arange(B, dtype=jnp.int32)[:, None]
+    cols = jnp.asarray(index, jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    lyr = jnp.asarray(layer, jnp.int32)
+    ck = cache["k"].at[lyr, rows, cols].set(k.astype(cache["k"].dtype), mode="drop")
+    cv = cache["v"].at[lyr, rows, cols].set(v.astype(cache["v"].dtype), mode="drop")
+    cache = {"k": ck, "v": cv}
+    k = lax.dynamic_index_in_dim(ck, layer, axis=0, keepdims=False).astype(q.dtype)
+    v = lax.dynamic_index_in_dim(cv, layer, axis=0, keepdims=False).astype(q.dtype)
+  elif cache is not None:
     zero = jnp.zeros((), jnp.int32)
     start = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(index, jnp.int32), zero, zero)
     ck = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype)[None], start)
@@ -765,11 +777,13 @@ def _layer(lp, config: DecoderConfig, h, cos, sin, mask, cache=None, layer=None,
 def _sliding_mask(mask: jax.Array, window: int, index) -> jax.Array:
   """`mask (B, T, S)` with keys more than `window - 1` slots behind each query removed,
   as transformers' `sliding_window_overlay` (`kv > q - window`, in cache slots).
-  Queries sit at slots `index + 0..T-1` (`index` None: 0, a forward without cache)."""
+  Queries sit at slots `index + 0..T-1` (`index` None: 0, a forward without cache; a
+  `(B,)` index: each row's own slots)."""
   T, S = mask.shape[-2:]
-  q = jnp.arange(T, dtype=jnp.int32) + (0 if index is None else jnp.asarray(index, jnp.int32))
-  band = jnp.arange(S, dtype=jnp.int32)[None, :] > q[:, None] - jnp.int32(window)
-  return mask & band[None]
+  idx = jnp.zeros((), jnp.int32) if index is None else jnp.asarray(index, jnp.int32)
+  q = jnp.arange(T, dtype=jnp.int32)[None, :] + jnp.reshape(idx, (-1, 1))      # (1|B, T)
+  band = jnp.arange(S, dtype=jnp.int32)[None, None, :] > q[:, :, None] - jnp.int32(window)
+  return mask & band
 
 
 # activation checkpointing: what a layer keeps for the backward pass
