@@ -127,6 +127,9 @@ def _sampling(body: dict, engine: Engine) -> tuple[Sampling, list[str], bool]:
     stop = [stop]
   elif not (isinstance(stop, list) and all(isinstance(x, str) for x in stop) and len(stop) <= 8):
     raise ApiError(400, "'stop' must be a string or a list of at most 8 strings", "stop")
+  s.ignore_eos = body.get("ignore_eos", False)
+  if not isinstance(s.ignore_eos, bool):
+    raise ApiError(400, "'ignore_eos' must be true or false", "ignore_eos")
   stream = body.get("stream", False)
   if not isinstance(stream, bool):
     raise ApiError(400, "'stream' must be true or false", "stream")
@@ -241,12 +244,18 @@ class Server:
     data = [{"id": self.base_name, "object": "model", "created": self.created,
              "owned_by": "lora-jax", "root": self.base_name, "parent": None}]
     data += [{"id": n, "object": "model", "created": self.created, "owned_by": "lora-jax",
-              "root": str(self.engine.bank.sources[n]), "parent": self.base_name}
+              "root": n, "parent": self.base_name}
              for n in self.engine.bank.names()]
     return JSONResponse({"object": "list", "data": data})
 
   async def health(self, request: HttpRequest):
-    return JSONResponse({"status": "ok"})
+    """Liveness and counters: running / waiting requests, adapters resident in the
+    bank, adapter loads into it, compiles of each step kind, decode steps."""
+    e = self.engine
+    return JSONResponse({"status": "ok", "running": sum(r is not None for r in e.rows),
+                         "waiting": len(e.waiting), "resident": e.bank.resident(),
+                         "adapter_loads": e.bank.loads, "compiles": dict(e.traces),
+                         "decode_steps": e.steps})
 
   async def completions(self, request: HttpRequest):
     return await self._generate(request, chat=False)

@@ -76,15 +76,18 @@ class AdapterBank:
     self.base, self.config = base, config
     self.slots, self.max_rank = int(slots), int(max_rank)
     self.host_capacity = int(host_capacity or 4 * slots)
+    from lora_jax.models import decoder
+    layouts = decoder.STACKED_LAYOUTS if decoder.is_stacked(base) else {}
     zero = lj.init(jax.random.key(0), base, lj.LoraConfig(rank=1, alpha=1.0,
-                                                          targets=BANK_TARGETS))
+                                                          targets=BANK_TARGETS, layouts=layouts))
     self.served = lj.stack_adapters([zero], max_rank=max_rank, slots=slots, dora=True)
     self.served = self._with_arrays(self.served, jax.tree.map(
         lambda x: x * 0, self._arrays(self.served)))      # slot 0 empty too
     self.paths = [p for p, x in _paths.leaves_with_paths(self.served, is_leaf=_is_multi)
                   if _is_multi(x)]
     self._lock = threading.RLock()
-    self.sources: dict[str, pathlib.Path] = {}            # name -> adapter directory
+    self.sources: dict[str, Any] = {}     # name -> adapter directory (or in-memory tree)
+    self._trees: dict[str, _Parsed] = {}  # in-memory adapters, never dropped
     self._host: collections.OrderedDict[str, _Parsed] = collections.OrderedDict()
     self._slot_of: dict[str, int] = {}
     self._name_of: list[str | None] = [None] * slots
@@ -120,6 +123,15 @@ class AdapterBank:
     with self._lock:
       self.sources[name] = path
 
+  def register_tree(self, name: str, tree: Any) -> None:
+    """Make an in-memory adapter tree (`lj.init` / `lj.load_adapter` over this base)
+    servable as `name`; checked now."""
+    parsed = self._entries(name, tree)
+    with self._lock:
+      self.sources[name] = tree
+      self._host[name] = parsed
+      self._trees[name] = parsed
+
   def unregister(self, name: str) -> None:
     """Forget `name`; its slot is freed once no running request holds it."""
     with self._lock:
@@ -127,6 +139,7 @@ class AdapterBank:
         raise KeyError(name)
       del self.sources[name]
       self._host.pop(name, None)
+      self._trees.pop(name, None)
       slot = self._slot_of.pop(name, None)
       if slot is not None:
         self._name_of[slot] = None
@@ -142,6 +155,8 @@ class AdapterBank:
       if name in self._host:
         self._host.move_to_end(name)
         return self._host[name]
+      if name in self._trees:
+        return self._trees[name]
       if name not in self.sources:
         raise KeyError(name)
       src = self.sources[name]

@@ -83,8 +83,25 @@ def build(args):
   return make_app(server), server
 
 
+def _uvicorn_server():
+  import signal
+  import uvicorn
+
+  class Server(uvicorn.Server):
+    """uvicorn's server, but SIGTERM (a service manager's stop) ends with exit code 0
+    after the graceful shutdown; uvicorn re-raises it, which exits with -15."""
+
+    def handle_exit(self, sig, frame):
+      super().handle_exit(sig, frame)
+      captured = getattr(self, "_captured_signals", None)
+      if sig == signal.SIGTERM and captured and captured[-1] == sig:
+        captured.pop()
+  return Server
+
+
 def run_args(args) -> None:
   import uvicorn
+  _Server = _uvicorn_server()
   app, server = build(args)
   sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -93,7 +110,7 @@ def run_args(args) -> None:
   print(f"lora-jax serve: {server.base_name} with {len(server.engine.bank.sources)} adapters "
         f"on http://{host}:{port}/v1", flush=True)
   cfg = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)
-  uvicorn.Server(cfg).run(sockets=[sock])
+  _Server(cfg).run(sockets=[sock])
   print("lora-jax serve: stopped", file=sys.stderr, flush=True)
 
 

@@ -57,6 +57,7 @@ class Sampling:
   top_p: float = 1.0
   top_k: int = 0
   seed: int | None = None
+  ignore_eos: bool = False     # vLLM's extension: go on to max_tokens past an eos
 
 
 @dataclasses.dataclass(eq=False)
@@ -199,7 +200,7 @@ class Engine:
     """Hand `tok` to `req`; end it on eos, a stop, max_tokens or a cancel."""
     if req.cancelled:
       return self._finish(req, "cancelled")
-    if tok in self.eos:
+    if tok in self.eos and not req.sampling.ignore_eos:
       return self._finish(req, "stop")
     req.made += 1
     try:
