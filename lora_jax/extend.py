@@ -23,7 +23,11 @@ its test factory:
     def _dot(prim, x, leaf, *, dimension_numbers, **params):
       ...
 
-`quantization` and `merging` import only public names: these and `lora_jax`'s own.
+`quantization`, `merging`, `training` and `serving` import only public names: these and
+`lora_jax`'s own. For serving engines: `served_form(tree)` (every leaf in the plain
+LoRA / DoRA form a `MultiLoraWeight` bank holds: IEC and QA-LoRA as their exact LoRA)
+and `serving_magnitude(leaf)` (DoRA's fixed per-column factor `m / ||W + s A B||`, 1 for
+LoRA).
 """
 
 from lora_jax._implicit import (ImplicitArray, LeafCount, base, bind, data, frozen, implicit,
@@ -36,6 +40,8 @@ from lora_jax._paths import (check_same_structure, closest_paths, compile_patter
                              leaves_with_paths, map_with_path, path_str, select_paths,
                              tree_paths)
 from lora_jax._sharding import child_spec, implicit_spec_parts
+from lora_jax._serving import _magnitude_factor as serving_magnitude  # noqa: F401
+from lora_jax._serving import _served_form as served_form  # noqa: F401
 
 
 def is_float_kernel(x) -> bool:
@@ -53,4 +59,5 @@ __all__ = [
     "materialize_tree", "check_same_structure", "closest_paths", "compile_patterns",
     "first_match", "leaves_with_paths", "map_with_path", "path_str", "select_paths",
     "tree_paths", "child_spec", "implicit_spec_parts", "mutating_factors", "is_float_kernel", "base_fingerprint", "svd_factors",
+    "served_form", "serving_magnitude",
 ]

@@ -284,12 +284,12 @@ class Server:
     if not (isinstance(p, list) and p and len(p) <= 64):
       raise ApiError(400, "'prompt' must be a string, a list of strings, or token ids",
                      "prompt")
-    from training.data import _prompt_ids
+    from training.data import prompt_ids
     out = []
     V = self.engine.config.vocab_size
     for x in p:
       if isinstance(x, str):
-        out.append(_prompt_ids(self.tok, x))
+        out.append(prompt_ids(self.tok, x))
       elif isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool)
                                              and 0 <= t < V for t in x):
         out.append(list(x))

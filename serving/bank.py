@@ -30,9 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
-from lora_jax import _paths
-from lora_jax._serving import MultiLoraWeight, _magnitude_factor, _served_form
-from lora_jax._lora_weight import LowRankWeight
+from lora_jax import extend
+from lora_jax import extend as _paths      # leaves_with_paths, map_with_path
+from lora_jax.models import decoder
+
+MultiLoraWeight, LowRankWeight = lj.MultiLoraWeight, lj.LowRankWeight
+_magnitude_factor, _served_form = extend.serving_magnitude, extend.served_form
 
 # the kernels a bank holds: every projection of the decoder layers
 BANK_TARGETS = r"layers/(\d+/)?(self_attn|mlp)/[a-z_]+_proj/kernel"
@@ -76,7 +79,6 @@ class AdapterBank:
     self.base, self.config = base, config
     self.slots, self.max_rank = int(slots), int(max_rank)
     self.host_capacity = int(host_capacity or 4 * slots)
-    from lora_jax.models import decoder
     layouts = decoder.STACKED_LAYOUTS if decoder.is_stacked(base) else {}
     zero = lj.init(jax.random.key(0), base, lj.LoraConfig(rank=1, alpha=1.0,
                                                           targets=BANK_TARGETS, layouts=layouts))

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
-from lora_jax.models import decoder as D
+from lora_jax import models
 
 from serving.bank import AdapterBank, BankFull
 from serving.sampling import sample_rows
@@ -128,9 +128,10 @@ class Engine:
                           dtype) for k in ("k", "v")}
     pos = jnp.arange(P, dtype=jnp.int32)
     mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] < length)
-    h, small = D._run(s, c, tokens, pos[None], mask[None], small, 0, head=False)
+    h, small = models.cached_forward(s, c, tokens, pos[None], mask[None], small, 0,
+                                     head=False)
     h_last = jax.lax.dynamic_slice_in_dim(h, length - 1, 1, axis=1)
-    logits = D._head(s, c, h_last)[:, 0]
+    logits = models.logits_from_hidden(s, c, h_last)[:, 0]
     start = (0, row, 0, 0, 0)
     cache = {k: jax.lax.dynamic_update_slice(cache[k], small[k], start) for k in cache}
     tok = sample_rows(logits, *sampling)
@@ -145,8 +146,8 @@ class Engine:
 
   @staticmethod
   def _decode_core(s, config, tokens, positions, valid, cache, sampling):
-    logits, cache = D._run(s, config, tokens[:, None], positions[:, None],
-                           valid[:, None, :], cache, positions)
+    logits, cache = models.cached_forward(s, config, tokens[:, None], positions[:, None],
+                                          valid[:, None, :], cache, positions)
     return sample_rows(logits[:, -1], *sampling), cache
 
   # -- requests -------------------------------------------------------------------

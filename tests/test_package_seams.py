@@ -22,7 +22,7 @@ def _imports(path):
         yield node.lineno, f"{node.module}.{a.name}"
 
 
-@pytest.mark.parametrize("package", ["quantization", "merging"])
+@pytest.mark.parametrize("package", ["quantization", "merging", "training", "serving"])
 def test_dependent_packages_import_only_public_lora_jax_names(package):
   bad = [f"{p.relative_to(ROOT)}:{line}: {name}"
          for p in sorted((ROOT / package).rglob("*.py"))
@@ -43,7 +43,7 @@ def test_lora_jax_core_imports_neither_quantization_nor_merging():
 
 
 def test_no_source_file_cites_a_document_outside_the_repository():
-  for package in ("lora_jax", "quantization", "merging"):
+  for package in ("lora_jax", "quantization", "merging", "training", "serving"):
     for p in (ROOT / package).rglob("*.py"):
       text = p.read_text()
       assert "DESIGN.md" not in text and "../shared" not in text, p

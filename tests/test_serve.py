@@ -27,7 +27,7 @@ import train_testing as tt
 from lora_jax import models
 from serving.bank import AdapterBank
 from serving.engine import Engine, Request, Sampling
-from training.data import _prompt_ids, load_tokenizer
+from training.data import prompt_ids, load_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TARGETS = r".*(q|k|v|o|gate|up|down)_proj/kernel"
@@ -320,9 +320,9 @@ def test_greedy_completions_equal_generate_with_the_adapter_alone(served):
   for model in ["base", "task0", "task3", "task5"]:
     prompt = PROMPTS[len(model) % len(PROMPTS)]
     r = c.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0.0)
-    want = _expected(served, model, _prompt_ids(served["tok"], prompt), 10)
+    want = _expected(served, model, prompt_ids(served["tok"], prompt), 10)
     assert r.choices[0].text == want, model
-    assert r.usage.prompt_tokens == len(_prompt_ids(served["tok"], prompt))
+    assert r.usage.prompt_tokens == len(prompt_ids(served["tok"], prompt))
 
 
 @pytest.mark.slow
@@ -338,7 +338,7 @@ def test_32_concurrent_requests_over_8_adapters_with_4_slots(served):
   with concurrent.futures.ThreadPoolExecutor(32) as ex:
     results = list(ex.map(one, jobs, timeout=300))
   for (model, prompt, n), ch in zip(jobs, results):
-    want = _expected(served, model, _prompt_ids(served["tok"], prompt), n)
+    want = _expected(served, model, prompt_ids(served["tok"], prompt), n)
     assert ch.text == want, (model, prompt)
     assert ch.finish_reason in ("length", "stop")
   after = _health(served)
@@ -404,7 +404,7 @@ def test_a_cancelled_stream_frees_its_row_and_slot(served):
     time.sleep(0.2)
   r = _client(served).completions.create(model="task6", prompt="1+1=", max_tokens=3,
                                          temperature=0.0)
-  assert r.choices[0].text == _expected(served, "task6", _prompt_ids(served["tok"], "1+1="), 3)
+  assert r.choices[0].text == _expected(served, "task6", prompt_ids(served["tok"], "1+1="), 3)
 
 
 @pytest.mark.slow
@@ -437,12 +437,12 @@ def test_bad_input_is_a_4xx_and_the_server_keeps_serving(served):
   assert s == 200, e
   r = _client(served).completions.create(model="again", prompt="ab", max_tokens=5,
                                          temperature=0.0)
-  assert r.choices[0].text == _expected(served, "task2", _prompt_ids(served["tok"], "ab"), 5)
+  assert r.choices[0].text == _expected(served, "task2", prompt_ids(served["tok"], "ab"), 5)
   assert _raw(served, "/v1/unload_lora_adapter", {"lora_name": "again"})[0] == 200
   assert _raw(served, "/v1/completions", {"model": "again", "prompt": "a"})[0] == 404
   r = _client(served).completions.create(model="base", prompt="ab", max_tokens=4,
                                          temperature=0.0)
-  assert r.choices[0].text == _expected(served, "base", _prompt_ids(served["tok"], "ab"), 4)
+  assert r.choices[0].text == _expected(served, "base", prompt_ids(served["tok"], "ab"), 4)
 
 
 @pytest.mark.slow

@@ -649,7 +649,7 @@ def _append_eos(ids: list[int], tokenizer: Tokenizer, where: str) -> list[int]:
   return ids if ids and ids[-1] == tokenizer.eos_id else ids + [tokenizer.eos_id]
 
 
-def _prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
   """`prompt` with the special tokens the post-processor puts before it (a bos), but not
   those it puts after it (an eos, with `"<s> $A </s>"`): the completion follows."""
   with_special, plain = tokenizer.encode(prompt, True), tokenizer.encode(prompt, False)
@@ -746,7 +746,7 @@ def tokenize_example(example: Mapping[str, Any], tokenizer: Tokenizer
     ids = _append_eos(tokenizer.encode(example["text"], True), tokenizer, where)
     return np.asarray(ids, np.int32), np.ones(len(ids), np.bool_)
   if kind == "prompt_completion":
-    prompt = _prompt_ids(tokenizer, example["prompt"])
+    prompt = prompt_ids(tokenizer, example["prompt"])
     completion = _append_eos(tokenizer.encode(example["completion"], False), tokenizer, where)
     mask = np.zeros(len(prompt) + len(completion), np.bool_)
     mask[len(prompt):] = True
@@ -997,5 +997,5 @@ class Batches(Iterator[dict]):
 __all__ = [
     "Batches", "ChatTemplateError", "MAX_LINE_BYTES", "Packed", "Position", "Tokenizer",
     "assistant_spans", "check_messages", "epoch_order", "example_format", "load_tokenizer",
-    "pack", "read_jsonl", "render_chat", "tokenize_example",
+    "pack", "prompt_ids", "read_jsonl", "render_chat", "tokenize_example",
 ]

@@ -8,11 +8,12 @@ are data (`lora_jax.models.families`) over one decoder (`lora_jax.models.decoder
 """
 
 from lora_jax.models import decoder, llama
-from lora_jax.models.decoder import (DecoderConfig, forward, generate, hidden_states,
+from lora_jax.models.decoder import (DecoderConfig, cached_forward, forward, generate,
+                                     hidden_states,
                                      init_params, load_hf, logits_from_hidden, names, save_hf,
                                      stack_layers, unstack_layers)
 from lora_jax.models.families import FAMILIES, Family, family
 
 __all__ = ["DecoderConfig", "FAMILIES", "Family", "decoder", "family", "forward", "generate",
-           "hidden_states", "init_params", "logits_from_hidden", "llama", "load_hf", "names", "save_hf", "stack_layers",
+           "cached_forward", "hidden_states", "init_params", "logits_from_hidden", "llama", "load_hf", "names", "save_hf", "stack_layers",
            "unstack_layers"]

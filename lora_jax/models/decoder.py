@@ -917,6 +917,26 @@ def logits_from_hidden(params: Mapping[str, Any], config: DecoderConfig,
   return _head(params, config, hidden)
 
 
+def cached_forward(params: Mapping[str, Any], config: DecoderConfig, input_ids: jax.Array,
+                   positions: jax.Array, mask: jax.Array, cache: Mapping[str, jax.Array],
+                   index: jax.Array, *, head: bool = True) -> tuple[jax.Array, dict]:
+  """One forward over a preallocated KV cache: the step a serving engine runs.
+
+  Args:
+    input_ids: `(B, T)` int ids; positions: `(B, T)` int32 rotary positions.
+    mask: `(B, T, S)` bool, which cache slots each query sees (causality included).
+    cache: `{"k", "v"}`, each `(layers, B, S, kv_heads, head_dim)`.
+    index: write slot of the first token: a scalar (every row) or `(B,)` (each row at
+      its own length, continuous batching); sliding windows count slots from it.
+    head: False returns the final-normed hidden states `(B, T, H)` instead of logits
+      (`logits_from_hidden` on the positions that need them).
+
+  Returns:
+    (`(B, T, V)` logits or `(B, T, H)` hidden states, the updated cache).
+  """
+  return _run(params, config, input_ids, positions, mask, dict(cache), index, head=head)
+
+
 def hidden_states(params: Mapping[str, Any], config: DecoderConfig, input_ids: jax.Array, *,
                   attention_mask: jax.Array | None = None,
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
