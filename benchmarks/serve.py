@@ -100,7 +100,17 @@ def start_server(base_dir, adapters, slots, batch):
   line = proc.stdout.readline()
   if "http://" not in line:
     raise SystemExit(f"server did not start: {line} {proc.stderr.read()[-2000:]}")
-  return proc, line.strip().rsplit(" ", 1)[-1]
+  url = line.strip().rsplit(" ", 1)[-1]
+  t0 = time.monotonic()
+  while time.monotonic() - t0 < 300:        # bound, not listening until uvicorn runs
+    if proc.poll() is not None:
+      raise SystemExit(f"server exited: {proc.stderr.read()[-2000:]}")
+    try:
+      with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5):
+        return proc, url
+    except OSError:
+      time.sleep(0.2)
+  raise SystemExit("server never became healthy")
 
 
 def post(url, body, timeout=600):

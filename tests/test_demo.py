@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from train_testing import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -15,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.mark.interop
 def test_the_demo_story_runs_at_toy_size(tmp_path):
   env = {**os.environ, "PYTHONPATH": str(REPO),
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "XLA_FLAGS": xla_flags(1),
          "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
   out = tmp_path / "demo"
   p = subprocess.run([sys.executable, str(REPO / "examples" / "demo.py"), "--size", "toy",

@@ -234,8 +234,7 @@ def served(tmp_path_factory):
   _, obase = models.load_hf(other)
   tree, cfg = _adapter(obase, 0, 2)
   lj.save_adapter(adapters / "other_base" / "x", tree, cfg)   # not at the top: not listed
-  env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS":
-         "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": tt.xla_flags(1)}
   proc = subprocess.Popen(
       [sys.executable, "-c", "from merging.cli import main; raise SystemExit(main())",
        "serve", "--model", str(base_dir), "--adapters", str(adapters), "--max-adapters", "4",

@@ -300,7 +300,7 @@ def test_kill9_then_resume_gives_the_same_losses_step_for_step(world, tmp_path):
         world, tmp_path / name, max_steps=steps, save_every=5, lora={"dropout": 0.1},
         mesh={"data": 1}, stacked=False)))
   # one compilation cache for the three processes (the runs are the same program)
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+  env = {"XLA_FLAGS": tt.xla_flags(1),
          "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
   ref = _run_cli(tmp_path / "ref.yml", env=env)
   assert ref["steps"] == steps
@@ -329,7 +329,7 @@ def test_kill9_then_resume_gives_the_same_losses_step_for_step(world, tmp_path):
 def test_a_checkpoint_continues_on_another_mesh(world, tmp_path):
   """8 devices as (data 8, model 1) for 4 steps, then (data 2, model 4) for 4 more: the
   losses equal an uninterrupted (8, 1) run's."""
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  env = {"XLA_FLAGS": tt.xla_flags(8),
          "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
   for name in ("ref", "moved"):
     (tmp_path / f"{name}.yml").write_text(yaml.safe_dump(_cfg(

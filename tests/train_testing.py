@@ -62,3 +62,12 @@ def write_data(path: pathlib.Path, n: int, seed: int = 0, kind: str = "prompt") 
       lines.append({"text": f"{a}+{b}={a + b}"})
   path.write_text("".join(json.dumps(x) + "\n" for x in lines))
   return path
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a test's subprocess: `devices` host devices, and the suite's cheap
+  compile flags (conftest.FAST_COMPILE) kept, so a child compiles as fast as the suite."""
+  import os
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join([f"--xla_force_host_platform_device_count={devices}", *flags])
