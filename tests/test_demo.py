@@ -18,7 +18,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def test_the_demo_story_runs_at_toy_size(tmp_path):
   env = {**os.environ, "PYTHONPATH": str(REPO),
          "XLA_FLAGS": xla_flags(1),
-         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
+         # identical programs (one per task adapter) compile once
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   out = tmp_path / "demo"
   p = subprocess.run([sys.executable, str(REPO / "examples" / "demo.py"), "--size", "toy",
                       "--out", str(out)], env=env, capture_output=True, text=True,

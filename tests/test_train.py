@@ -301,7 +301,8 @@ def test_kill9_then_resume_gives_the_same_losses_step_for_step(world, tmp_path):
         mesh={"data": 1}, stacked=False)))
   # one compilation cache for the three processes (the runs are the same program)
   env = {"XLA_FLAGS": tt.xla_flags(1),
-         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   ref = _run_cli(tmp_path / "ref.yml", env=env)
   assert ref["steps"] == steps
   p = _run_cli(tmp_path / "killed.yml", env=env, wait=False)
@@ -330,7 +331,8 @@ def test_a_checkpoint_continues_on_another_mesh(world, tmp_path):
   """8 devices as (data 8, model 1) for 4 steps, then (data 2, model 4) for 4 more: the
   losses equal an uninterrupted (8, 1) run's."""
   env = {"XLA_FLAGS": tt.xla_flags(8),
-         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   for name in ("ref", "moved"):
     (tmp_path / f"{name}.yml").write_text(yaml.safe_dump(_cfg(
         world, tmp_path / name, max_steps=8, save_every=4, mesh={"data": 8, "model": 1})))
