@@ -294,10 +294,23 @@ class Engine:
       self._emit(r, int(tokens[r.row]))
     return True
 
+  def _fail_all(self, why: str) -> None:
+    """End every running and waiting request with an error and start from an empty
+    cache (a failed step may have consumed the donated one)."""
+    with self._lock:
+      waiting, self.waiting = list(self.waiting), collections.deque()
+    for req in [r for r in self.rows if r is not None] + waiting:
+      self._finish(req, "error", why)
+    self.cache = {k: jnp.zeros(v.shape, v.dtype) for k, v in self.cache.items()}
+
   def run(self, stop: threading.Event) -> None:
     """Step until `stop` is set; sleeps on a condition while idle."""
     while not stop.is_set():
-      worked = self.step()
+      try:
+        worked = self.step()
+      except Exception as e:  # noqa: BLE001  (one bad step must not stop the server)
+        self._fail_all(f"{type(e).__name__}: {e}")
+        worked = False
       if not worked:
         with self._lock:
           if not self.busy():
