@@ -251,6 +251,48 @@ def test_qlora_on_chat_data_and_the_merged_checkpoint(world, tmp_path, standard_
   assert (out / "merged" / "tokenizer.json").exists()
 
 
+def test_modulora_on_a_gptq_base_calibrated_on_the_training_rows(world, tmp_path,
+                                                                  standard_promotion):
+  """`quantize: {method: gptq}`: the base is `qz.gptq` of the dense base calibrated on the
+  first training rows through the model's forward (the same codes as calling it
+  directly), its error on those rows is below round-to-nearest's, and LoRA trains on it."""
+  import quantization as qz
+  q = {"format": "int4", "block_size": 32, "symmetric": False, "method": "gptq",
+       "calibration_rows": 16}
+  res = trainer.train(_cfg(world, tmp_path / "g", max_steps=3, quantize=q,
+                           lora={"targets": ["q_proj", "v_proj", "down_proj"]}))
+  assert len(res["losses"]) == 3
+  c = tconfig.from_dict(_cfg(world, tmp_path / "x", quantize=q))
+  tok = tdata.load_tokenizer(world / "base")
+  rows = trainer.load_rows(c.data, tok, c.seq_len, "training").rows
+  config, dense = models.load_hf(world / "base", stacked=c.stacked)
+  got = trainer.quantize_base(c, config, dense, rows)
+  qc = qz.QuantConfig("int4", 32, symmetric=False, targets=trainer._quant_targets(c.stacked))
+  batches = [(jnp.asarray(rows["input_ids"][i:i + 8]), jnp.asarray(rows["segment_ids"][i:i + 8]))
+             for i in (0, 8)]
+  want = qz.gptq(dense, lambda p, b: models.forward(p, config, b[0], segment_ids=b[1]),
+                 batches, qc, progress=False)
+  leaves = lambda t: [x for x in jax.tree.leaves(t, is_leaf=lj.is_implicit)
+                      if isinstance(x, qz.GroupQuantizedArray)]
+  assert len(leaves(got)) == len(leaves(want)) > 0
+  for a, b in zip(leaves(got), leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a.packed), np.asarray(b.packed))
+    np.testing.assert_array_equal(np.asarray(a.scales), np.asarray(b.scales))
+  rtn = qz.quantize(dense, qc)
+  ids, seg = batches[0]
+  ref = models.forward(dense, config, ids, segment_ids=seg)
+  err = lambda p: float(jnp.mean((lj.implicit(models.forward)(p, config, ids,
+                                                              segment_ids=seg) - ref) ** 2))
+  assert err(got) < err(rtn)
+  params = lj.load_adapter(res["adapter_dir"], got, config=config)
+  leaf = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, lj.LoraWeight))
+  assert any(isinstance(x, lj.LoraWeight) and isinstance(x.w, qz.GroupQuantizedArray)
+             for x in leaf)
+  with pytest.raises(ValueError, match="gptq quantizes to the group-wise integer formats"):
+    tconfig.from_dict(_cfg(world, tmp_path / "y", quantize={"format": "nf4",
+                                                            "method": "gptq"}))
+
+
 def test_run_bad_input_is_named(world, tmp_path, standard_promotion):
   with pytest.raises(ValueError, match=r"packs into \d+ rows of seq_len 32, fewer than "
                                        r"batch_size 4096"):

@@ -64,6 +64,8 @@ class QuantizeSection:
   double_quant: bool | None = None     # default: true for nf4 / fp4 / int4 / int8 absmax
   symmetric: bool | None = None        # group-wise integers: True / False (zero points)
   icq: bool = False                    # IR-QLoRA's information calibration (nf4 / fp4)
+  method: str = "rtn"                  # rtn (round to nearest) | gptq (group-wise formats)
+  calibration_rows: int = 32           # gptq: packed training rows it calibrates on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +125,7 @@ _SECTIONS = {"lora": LoraSection, "quantize": QuantizeSection, "mesh": MeshSecti
 _CHOICES = {
     ("lora", "init"): ("default", "gaussian", "zeros", "pissa", "olora", "loftq"),
     ("quantize", "format"): ("nf4", "fp4", "int4", "int8", "int2", "int3"),
+    ("quantize", "method"): ("rtn", "gptq"),
     ("", "lr_schedule"): ("constant", "cosine", "linear"),
     ("", "optimizer"): ("adamw", "adam", "sgd"),
     ("", "remat"): ("none", "full", "dots", "dots_no_batch"),
@@ -220,6 +223,17 @@ def _validate(c: TrainConfig) -> None:
     raise ValueError(f"learning_rate: must be > 0, got {c.learning_rate}")
   if not 0 <= c.lora.dropout < 1:
     raise ValueError(f"lora.dropout: must be in [0, 1), got {c.lora.dropout}")
+  q = c.quantize
+  if q is not None and q.method == "gptq":
+    if q.symmetric is None or q.format in ("nf4", "fp4"):
+      raise ValueError(f"quantize.method: gptq quantizes to the group-wise integer formats: "
+                       f"set quantize.format to int2 | int3 | int4 | int8 and "
+                       f"quantize.symmetric to true or false (got format {q.format!r}, "
+                       f"symmetric {q.symmetric!r})")
+    if q.calibration_rows < 1:
+      raise ValueError(f"quantize.calibration_rows: must be >= 1, got {q.calibration_rows}")
+    if q.icq:
+      raise ValueError("quantize.icq: ICQ calibrates NF4 / FP4 codes; not with gptq")
   if c.fold_qalora and not c.lora.use_qalora:
     raise ValueError("fold_qalora: true needs lora.use_qalora: true")
   axes = [c.mesh.data, c.mesh.fsdp, c.mesh.model]

@@ -63,18 +63,40 @@ def _dtype(name: str | None):
   return None if name is None else jnp.dtype(name)
 
 
-def load_base(c: TrainConfig):
-  """`(DecoderConfig, params)` of the base, quantized as `c.quantize` says."""
-  import quantization as qz
+def load_base(c: TrainConfig, calibration: Mapping[str, np.ndarray] | None = None):
+  """`(DecoderConfig, params)` of the base, quantized as `c.quantize` says.
+
+  `calibration`: packed training rows (`load_rows(...).rows`) for `method: gptq`, which
+  calibrates on the first `calibration_rows` of them in file order (deterministic)."""
   config, params = models.load_hf(c.base_model, dtype=_dtype(c.compute_dtype),
                                   stacked=c.stacked)
-  if c.quantize is not None and c.lora.init != "loftq":
-    q = c.quantize
-    targets = _quant_targets(c.stacked)
-    qc = qz.QuantConfig(q.format, symmetric=q.symmetric, targets=targets, icq=q.icq,
-                        **_quant_kw(q))
-    params = qz.quantize(params, qc)
-  return config, params
+  return config, quantize_base(c, config, params, calibration)
+
+
+def quantize_base(c: TrainConfig, config, params, calibration=None):
+  """`params` with the layers' projections quantized as `c.quantize` says (RTN, or GPTQ
+  calibrated through the model's own forward on training rows)."""
+  import quantization as qz
+  if c.quantize is None or c.lora.init == "loftq":
+    return params
+  q = c.quantize
+  qc = qz.QuantConfig(q.format, symmetric=q.symmetric, targets=_quant_targets(c.stacked),
+                      icq=q.icq, **_quant_kw(q))
+  if q.method != "gptq":
+    return qz.quantize(params, qc)
+  if calibration is None:
+    raise ValueError("quantize.method gptq needs calibration rows (the training data)")
+  ids = np.asarray(calibration["input_ids"])[:q.calibration_rows]
+  seg = calibration.get("segment_ids")
+  seg = None if seg is None else np.asarray(seg)[:q.calibration_rows]
+  n = c.batch_size
+  batches = [(jnp.asarray(ids[i:i + n]), None if seg is None else jnp.asarray(seg[i:i + n]))
+             for i in range(0, len(ids), n)]
+
+  def forward(p, batch):          # packed examples stay apart, as in training
+    x, s = batch
+    return models.forward(p, config, x, **({} if s is None else {"segment_ids": s}))
+  return qz.gptq(params, forward, batches, qc, progress=False)
 
 
 def _quant_kw(q) -> dict:
@@ -370,9 +392,11 @@ def train(config: TrainConfig | Mapping | str | os.PathLike, *, devices=None,
   out = pathlib.Path(c.output_dir)
   out.mkdir(parents=True, exist_ok=True)
   tok = tdata.load_tokenizer(c.base_model)
-  model_config, base = load_base(c)
+  model_config, base = models.load_hf(c.base_model, dtype=_dtype(c.compute_dtype),
+                                      stacked=c.stacked)
   train_rows = load_rows(c.data, tok, c.seq_len, "training")
   _check_vocab(train_rows.rows, model_config, c.data)
+  base = quantize_base(c, model_config, base, train_rows.rows)
   eval_rows = None
   if c.eval_data:
     eval_rows = load_rows(c.eval_data, tok, c.seq_len, "eval")
