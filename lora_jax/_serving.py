@@ -392,6 +392,37 @@ def _row_factors(m: MultiLoraWeight):
   return a, b
 
 
+# From this many batch rows on, the LoRA term runs as SGMV (rows sorted by adapter,
+# `lax.ragged_dot` over the bank: each adapter's factors read once) instead of the per-row
+# gather (BGMV: every row gathers its own (in, r) and (r, out) factors). Measured on CPU
+# (benchmarks/lora_gather.py, d 1024, rank 16, 8 adapters): SGMV/BGMV 2.5x at 1 row,
+# 1.5x at 16, 0.93x at 64, 0.26x at 256, 0.62x at 1024; a decode batch of a few rows
+# keeps the gather, a batched forward of many sequences sorts.
+SGMV_MIN_ROWS = 64
+
+
+def _sgmv(x, m: MultiLoraWeight, precision, preferred_element_type):
+  """The LoRA term of every row of `x (B, ..., in)` (2-D "io" kernel, contracting x's last
+  axis) by sort-by-adapter and `ragged_dot`; rows without an adapter get zeros."""
+  n = m.n_adapters
+  valid = _valid_ids(m)
+  ids = jnp.where(valid, m.ids, n)                                  # n: a zero group
+  per_row = int(np.prod(x.shape[1:-1])) if x.ndim > 2 else 1
+  tok = jnp.repeat(ids, per_row)
+  xf = x.reshape(-1, x.shape[-1])
+  order = jnp.argsort(tok)
+  sizes = jnp.bincount(tok, length=n + 1).astype(jnp.int32)
+  a = jnp.concatenate([m.a, jnp.zeros((1,) + m.a.shape[1:], m.a.dtype)]).astype(x.dtype)
+  b = m.b * m.scales.reshape(-1, 1, 1).astype(m.b.dtype)
+  b = jnp.concatenate([b, jnp.zeros((1,) + b.shape[1:], b.dtype)]).astype(x.dtype)
+  t = lax.ragged_dot(xf[order], a, sizes, precision=precision,
+                     preferred_element_type=preferred_element_type).astype(x.dtype)
+  y = lax.ragged_dot(t, b, sizes, precision=precision,
+                     preferred_element_type=preferred_element_type)
+  y = jnp.zeros_like(y).at[order].set(y)
+  return y.reshape(x.shape[:-1] + (y.shape[-1],))
+
+
 @register_dot_rule(MultiLoraWeight)
 def _multi_dot_rule(prim, x, m, *, dimension_numbers, precision=None,
                     preferred_element_type=None, **params):
@@ -413,6 +444,10 @@ def _multi_dot_rule(prim, x, m, *, dimension_numbers, precision=None,
     return NotImplemented
   base = bind(prim, x, m.w, dimension_numbers=dimension_numbers, precision=precision,
               preferred_element_type=preferred_element_type, **params)
+  if (x.shape[0] >= SGMV_MIN_ROWS and m.axes == "io" and tuple(lc) == (x.ndim - 1,)
+      and m.mags is None):
+    y = _sgmv(x, m, precision, preferred_element_type)
+    return base + y.astype(base.dtype)
   a, b = _row_factors(m)
   a, b = a.astype(x.dtype), b.astype(x.dtype)
   # contract x's lc with a's matching in axes (a: batch, *in, r), batch over rows

@@ -219,3 +219,23 @@ def test_qalora_adapter_is_served_as_its_exact_lora():
   ref = lj.implicit(mlp)(qa, x)
   np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(got[1], lj.implicit(mlp)(qbase, x)[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("xshape", [(80, 8), (70, 3, 8)])
+def test_many_rows_run_as_sgmv_and_equal_each_adapter_alone(xshape):
+  """From SGMV_MIN_ROWS rows on, the LoRA term is sort-by-adapter + ragged_dot (one read
+  of each adapter's factors); every row still equals its adapter alone."""
+  from lora_jax import _serving
+  assert xshape[0] >= _serving.SGMV_MIN_ROWS
+  params = {"up": jax.random.normal(KEY, (8, 16)) / 3, "down": jax.random.normal(KEY, (16, 4))}
+  adapters = [_adapter(params, s, r, "up|down") for s, r in [(1, 2), (2, 4), (3, 3)]]
+  served = lj.stack_adapters(adapters, slots=4)
+  ids = jnp.asarray(np.random.default_rng(0).integers(-1, 4, xshape[0]), jnp.int32)
+  x = jax.random.normal(KEY, xshape)
+  fn = lj.implicit(mlp)
+  jaxpr = str(jax.make_jaxpr(fn)(lj.with_adapter_ids(served, ids), x))
+  assert "ragged_dot" in jaxpr
+  got = jax.jit(fn)(lj.with_adapter_ids(served, ids), x)
+  for n, i in enumerate(np.asarray(ids)):
+    ref = params if i < 0 or i == 3 else lj.merge(adapters[i])
+    np.testing.assert_allclose(got[n], mlp(ref, x[n:n + 1])[0], rtol=1e-5, atol=1e-5)
