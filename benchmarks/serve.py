@@ -7,7 +7,8 @@ rank 16 (alpha 32) on every projection, each with a random non-zero `b`.
 1. The server (`lora-jax serve --max-adapters 8 --max-batch 16`) in a subprocess; a load
    generator sends `--requests` completions (prompts of 8-24 characters, `--max-tokens`
    new tokens each, greedy, `ignore_eos`) from `--concurrency` client threads, for:
-   the base alone; one adapter; 8 and 64 adapters with uniform popularity; 8 and 64
+   the base alone (a server with no bank, `--max-adapters 0`); the base's rows through
+   the bank (adapter id -1); one adapter; 8 and 64 adapters with uniform popularity; 8 and 64
    with skewed popularity (Zipf, exponent 1, as S-LoRA and Punica report). It prints
    completion tokens/s and p50/p99 request latency, and the ratio to the base alone
    (target with 8 adapters: >= 0.8x). 64 adapters over 8 slots means evictions: each
@@ -17,7 +18,9 @@ rank 16 (alpha 32) on every projection, each with a random non-zero `b`.
    order (its mixed-adapter batch), greedy, `--max-tokens` new tokens; torch on 2 threads.
 3. Cold load: an adapter from disk to usable in the bank (`AdapterBank.parse` + `acquire`,
    i.e. read safetensors, pad, copy into a slot) against loading the merged full model
-   (`models.load_hf` of its saved merged checkpoint), medians of 5.
+   (`models.load_hf` of its saved merged checkpoint), medians of 5; for the served model
+   and for a larger one (`--cold-hidden 1024 --cold-layers 8`, ~100M parameters), since
+   the switching argument is about models whose weights take long to read.
 4. The engine's decode step (16 rows, 8 adapters) in process, against its limit on this
    machine: max(FLOPs / the measured f32 matmul rate, bytes / the measured memory
    bandwidth), bytes being the weights, the bank's gathered factors and the KV cache.
@@ -201,6 +204,11 @@ def cold_load(root, config, base, n=5):
   return statistics.median(t_ad[1:]), statistics.median(t_full), t_ad[0]
 
 
+def _mib(path: pathlib.Path) -> str:
+  n = sum(f.stat().st_size for f in path.rglob("*.safetensors"))
+  return f"{n / 2**20:.1f}"
+
+
 def matmul_rate():
   a = jnp.ones((2048, 2048), jnp.float32)
   f = jax.jit(lambda a: a @ a)
@@ -269,20 +277,33 @@ def main(argv=None):
   ap.add_argument("--hidden", type=int, default=256)
   ap.add_argument("--layers", type=int, default=4)
   ap.add_argument("--no-peft", action="store_true")
+  ap.add_argument("--cold-hidden", type=int, default=1024, help="the cold-load model's width")
+  ap.add_argument("--cold-layers", type=int, default=8)
   ap.add_argument("--quick", action="store_true", help="a tiny run (the test's)")
   a = ap.parse_args(argv)
   n_ad = 64
   if a.quick:
     a.requests, a.concurrency, a.max_tokens, a.hidden, a.layers, n_ad = 8, 4, 4, 32, 1, 8
+    a.cold_hidden, a.cold_layers = 64, 1
   root = pathlib.Path(tempfile.mkdtemp(prefix="serve_bench_"))
   base_dir, config, base, trees = build(root, n_ad, a.hidden, a.layers)
-  scen = [("base alone", ["base"], False), ("1 adapter", ["a0"], False),
+  scen = [("base via the bank", ["base"], False), ("1 adapter", ["a0"], False),
           ("8 adapters, uniform", [f"a{i}" for i in range(8)], False),
           ("8 adapters, skewed", [f"a{i}" for i in range(8)], True),
           (f"{n_ad} adapters, uniform", [f"a{i}" for i in range(n_ad)], False),
           (f"{n_ad} adapters, skewed", [f"a{i}" for i in range(n_ad)], True)]
-  proc, url = start_server(base_dir, root / "adapters", slots=8, batch=a.concurrency)
   rows = {}
+  # the base alone: a server with no bank (--max-adapters 0), no LoRA work in its steps
+  proc, url = start_server(base_dir, root / "adapters", slots=0, batch=a.concurrency)
+  try:
+    for w in ["x" * 8, "x" * 20, "x" * 30]:                                # compile
+      post(url, {"model": "base", "prompt": w, "max_tokens": 2})
+    rows["base alone"] = run_load(url, workload(a.requests, ["base"], False, seed=1),
+                                  a.concurrency, a.max_tokens)
+  finally:
+    proc.terminate()
+    proc.wait(timeout=60)
+  proc, url = start_server(base_dir, root / "adapters", slots=8, batch=a.concurrency)
   try:
     post(url, {"model": "a0", "prompt": "warm up", "max_tokens": 2})     # compile
     for i, w in enumerate(["x" * 8, "x" * 20, "x" * 30]):                  # prefill buckets
@@ -307,24 +328,36 @@ def main(argv=None):
   if not a.no_peft:
     peft = {}
     for name, ms, skew in scen:
-      if name in ("base alone", "1 adapter", "8 adapters, uniform", f"{n_ad} adapters, uniform"):
+      if name in ("base via the bank", "1 adapter", "8 adapters, uniform",
+                  f"{n_ad} adapters, uniform"):
         peft[name] = peft_run(root, config, workload(a.requests, ms, skew, seed=1),
                               a.concurrency, a.max_tokens)
     print(f"\nPEFT + transformers, static batches of {a.concurrency}:")
     for name, (tps, p50, p99) in peft.items():
-      print(f"{name:<24} {tps:8.1f} {p50:7.2f} {p99:7.2f}   ours/PEFT "
-            f"{rows[name][0] / tps:5.2f}x")
+      ours = rows["base alone" if name == "base via the bank" else name][0]
+      print(f"{'base alone' if name == 'base via the bank' else name:<24} {tps:8.1f} "
+            f"{p50:7.2f} {p99:7.2f}   ours/PEFT {ours / tps:5.2f}x")
     out["peft"] = peft
   t_ad, t_full, t_first = cold_load(root, config, base)
-  print(f"\ncold load, disk to usable: adapter {t_ad * 1e3:.1f} ms (first, with its compile: "
-        f"{t_first * 1e3:.0f} ms), merged full model {t_full * 1e3:.1f} ms: "
-        f"{t_full / t_ad:.1f}x faster")
+  print(f"\ncold load, disk to usable (this {a.hidden}-wide model, "
+        f"{_mib(root / 'merged')} MiB): adapter {t_ad * 1e3:.1f} ms (first, with the bank "
+        f"update's compile: {t_first * 1e3:.0f} ms), merged full model {t_full * 1e3:.1f} ms: "
+        f"merged / adapter {t_full / t_ad:.1f}x")
+  big = root / "big"
+  _, bconfig, bbase, _ = build(big, 6, a.cold_hidden, a.cold_layers)
+  bt_ad, bt_full, _ = cold_load(big, bconfig, bbase)
+  print(f"cold load, a {a.cold_hidden}-wide x {a.cold_layers}-layer model "
+        f"({_mib(big / 'merged')} MiB; adapter {_mib(big / 'adapters' / 'a1')} MiB): adapter "
+        f"{bt_ad * 1e3:.1f} ms, merged full model {bt_full * 1e3:.1f} ms: "
+        f"merged / adapter {bt_full / bt_ad:.1f}x")
+  del bbase
   step, flop_s, byte_s = decode_limit(config, base, root, rows=a.concurrency)
   lim = max(flop_s, byte_s)
   print(f"decode step, {a.concurrency} rows over 8 adapters: {step * 1e3:.2f} ms; limit "
         f"{lim * 1e3:.3f} ms (FLOPs {flop_s * 1e3:.3f} ms, bytes {byte_s * 1e3:.3f} ms): "
         f"{step / lim:.1f}x the limit")
-  out.update(cold={"adapter_s": t_ad, "merged_s": t_full}, decode={"step_s": step,
+  out.update(cold={"adapter_s": t_ad, "merged_s": t_full, "big_adapter_s": bt_ad,
+                   "big_merged_s": bt_full}, decode={"step_s": step,
                                                                     "limit_s": lim})
   print("RESULT " + json.dumps(out, default=float))
   return out

@@ -74,17 +74,21 @@ class AdapterBank:
 
   def __init__(self, base: Any, config: Any, *, slots: int, max_rank: int,
                host_capacity: int | None = None):
-    if slots < 1 or max_rank < 1:
-      raise ValueError(f"AdapterBank: slots={slots} and max_rank={max_rank} must be >= 1")
+    if slots < 0 or max_rank < 1:
+      raise ValueError(f"AdapterBank: slots={slots} must be >= 0 and max_rank={max_rank} >= 1")
     self.base, self.config = base, config
     self.slots, self.max_rank = int(slots), int(max_rank)
-    self.host_capacity = int(host_capacity or 4 * slots)
-    layouts = decoder.STACKED_LAYOUTS if decoder.is_stacked(base) else {}
-    zero = lj.init(jax.random.key(0), base, lj.LoraConfig(rank=1, alpha=1.0,
-                                                          targets=BANK_TARGETS, layouts=layouts))
-    self.served = lj.stack_adapters([zero], max_rank=max_rank, slots=slots, dora=True)
-    self.served = self._with_arrays(self.served, jax.tree.map(
-        lambda x: x * 0, self._arrays(self.served)))      # slot 0 empty too
+    self.host_capacity = int(host_capacity or 4 * max(slots, 1))
+    if slots == 0:            # the base alone: no bank, no LoRA work in the steps
+      self.served = base
+    else:
+      layouts = decoder.STACKED_LAYOUTS if decoder.is_stacked(base) else {}
+      zero = lj.init(jax.random.key(0), base, lj.LoraConfig(
+          rank=1, alpha=1.0, targets=BANK_TARGETS, layouts=layouts))
+      self.served = lj.stack_adapters([zero], max_rank=max_rank, slots=slots, dora=True)
+      self.served = self._with_arrays(self.served, {     # slot 0 empty too
+          p: {**d, "a": d["a"] * 0, "b": d["b"] * 0, "scales": d["scales"] * 0}
+          for p, d in self._arrays(self.served).items()})
     self.paths = [p for p, x in _paths.leaves_with_paths(self.served, is_leaf=_is_multi)
                   if _is_multi(x)]
     self._lock = threading.RLock()
@@ -120,6 +124,8 @@ class AdapterBank:
   def register(self, name: str, path: str | os.PathLike) -> None:
     """Make adapter directory `path` servable as `name` (parsed on first use)."""
     path = pathlib.Path(path)
+    if self.slots == 0:
+      raise AdapterError(f"{path}: this server has no adapter slots (--max-adapters 0)")
     if not (path / "adapter_config.json").is_file():
       raise AdapterError(f"{path}: not a PEFT adapter directory (no adapter_config.json)")
     with self._lock:

@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
                  help="directory of PEFT adapter directories, each served under its name; "
                       "runtime loads (/v1/load_lora_adapter) are read only from inside it")
   s.add_argument("--max-adapters", type=int, default=8, metavar="N",
-                 help="device bank slots: adapters resident at once (LRU beyond)")
+                 help="device bank slots: adapters resident at once (LRU beyond); 0: the "
+                      "base alone, no bank")
   s.add_argument("--max-rank", type=int, default=16, metavar="R",
                  help="largest adapter rank the bank holds")
   s.add_argument("--max-batch", type=int, default=8, metavar="B",
@@ -64,10 +65,11 @@ def build(args):
   if max_len > config.max_position_embeddings or max_len < 2:
     raise ValueError(f"--max-model-len {max_len}: must be in [2, max_position_embeddings="
                      f"{config.max_position_embeddings}]")
-  for flag, v in (("--max-adapters", args.max_adapters), ("--max-rank", args.max_rank),
-                  ("--max-batch", args.max_batch)):
+  for flag, v in (("--max-rank", args.max_rank), ("--max-batch", args.max_batch)):
     if v < 1:
       raise ValueError(f"{flag} {v}: must be >= 1")
+  if args.max_adapters < 0:
+    raise ValueError(f"--max-adapters {args.max_adapters}: must be >= 0 (0: the base alone)")
   bank = AdapterBank(params, config, slots=args.max_adapters, max_rank=args.max_rank)
   root = None
   if args.adapters is not None:
@@ -75,7 +77,8 @@ def build(args):
     if not root.is_dir():
       raise FileNotFoundError(f"--adapters {root}: not a directory")
     for d in sorted(root.iterdir()):
-      if d.is_dir() and not d.is_symlink() and (d / "adapter_config.json").is_file():
+      if (d.is_dir() and not d.is_symlink() and (d / "adapter_config.json").is_file()
+          and args.max_adapters > 0):
         bank.register(d.name, d)
   engine = Engine(config, bank, max_batch=args.max_batch, max_len=max_len,
                   eos_ids=_eos_ids(model_dir, tok))

@@ -116,8 +116,12 @@ class Engine:
     """tokens (1, P) right-padded, length (): the first token and the cache with the
     prompt's keys/values in row `row`, slots 0..P-1."""
     self.traces[f"prefill{tokens.shape[1]}"] += 1
-    return lj.implicit(self._prefill_core)(lj.with_adapter_ids(served, adapter), config,
+    return lj.implicit(self._prefill_core)(self._route(served, adapter), config,
                                            tokens, length, cache, row, sampling)
+
+  def _route(self, served, ids):
+    """The served tree with each row's adapter; the base itself when there is no bank."""
+    return served if self.bank.slots == 0 else lj.with_adapter_ids(served, ids)
 
   @staticmethod
   def _prefill_core(s, config, tokens, length, cache, row, sampling):
@@ -141,7 +145,7 @@ class Engine:
     """One token for every row: tokens/positions/ids (B,), valid (B, S) bool with each
     row's new slot already set."""
     self.traces["decode"] += 1
-    return lj.implicit(self._decode_core)(lj.with_adapter_ids(served, ids), config, tokens,
+    return lj.implicit(self._decode_core)(self._route(served, ids), config, tokens,
                                           positions, valid, cache, sampling)
 
   @staticmethod

@@ -208,6 +208,21 @@ def test_bank_refuses_what_it_cannot_serve(tmp_path):
   assert bank.acquire("b") == slot and bank.resident() == {"b": slot}
 
 
+def test_no_bank_serves_the_base_alone(tmp_path):
+  """`--max-adapters 0`: the steps hold no LoRA work at all, and still equal generate."""
+  from serving.bank import AdapterError
+  config, base, ads = _case("dense", tmp_path)
+  bank = AdapterBank(base, config, slots=0, max_rank=8)
+  assert bank.served is base
+  with pytest.raises(AdapterError, match="no adapter slots"):
+    bank.register("x", tmp_path)
+  engine = Engine(config, bank, max_batch=2, max_len=40)
+  jobs = [(k, [1, 9 + k, 10], None, 6) for k in range(3)]
+  got = _run_engine(engine, jobs)
+  for k, prompt, _, n in jobs:
+    assert got[k] == _greedy(base, config, prompt, n)
+
+
 def test_a_failing_step_ends_its_requests_with_an_error_and_the_engine_goes_on(tmp_path):
   config, base, ads = _case("dense", tmp_path)
   bank = AdapterBank(base, config, slots=1, max_rank=8)
