@@ -491,7 +491,7 @@ def _fixed_table(args, fixed, variants, log):
         f"{p['attn']}, {p['versions']}")
   nh = CFG["num_attention_heads"]
   from lora_jax.models import decoder
-  blk = decoder.ATTN_BLOCK if T >= decoder.ATTN_CHECKPOINT_MIN_TOKENS else T
+  blk = decoder.ATTN_BLOCK if T >= decoder.ATTN_FLASH_MIN_TOKENS else T
   probs = B * nh * blk * T * 4
   log(f"  attention: our decoder's largest score block, one float32 (batch, heads, "
       f"{blk}, T) array, is {probs / MIB:.0f} MiB at T = {T} (query blocks of {blk} under "
