@@ -491,11 +491,16 @@ def _fixed_table(args, fixed, variants, log):
         f"{p['attn']}, {p['versions']}")
   nh = CFG["num_attention_heads"]
   from lora_jax.models import decoder
-  blk = decoder.ATTN_BLOCK if T >= decoder.ATTN_CHECKPOINT_MIN_TOKENS else T
-  probs = B * nh * blk * T * 4
-  log(f"  attention: our decoder's largest score block, one float32 (batch, heads, "
-      f"{blk}, T) array, is {probs / MIB:.0f} MiB at T = {T} (query blocks of {blk} under "
-      "jax.checkpoint: linear in T)")
+  if T >= decoder.ATTN_FLASH_MIN_TOKENS:
+    blk = decoder.ATTN_BLOCK
+    tile = B * nh * blk * blk * 4
+    log(f"  attention: flash attention from {decoder.ATTN_FLASH_MIN_TOKENS} tokens on; its "
+        f"score tile, one float32 (batch, heads, {blk}, {blk}) array, is {tile / MIB:.0f} "
+        f"MiB whatever T (online softmax over key blocks, custom VJP: linear in T)")
+  else:
+    probs = B * nh * T * T * 4
+    log(f"  attention: not flash below {decoder.ATTN_FLASH_MIN_TOKENS} tokens; its scores, "
+        f"at most one float32 (batch, heads, T, T) array, are {probs / MIB:.0f} MiB at T = {T}")
   head = fixed[variants[0]] if variants else None
   if p["ok"] and head and head["ok"]:
     ratio = head["step_increment"] / p["step_increment"]

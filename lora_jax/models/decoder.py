@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import pathlib
@@ -646,31 +647,30 @@ def _linear(x, p):
 # blocks; a LoRA training step of a 512-wide Llama at 8 x 256 tokens measured 4.5%
 # faster on CPU).
 CAUSAL_BLOCKS, CAUSAL_BLOCK_MIN_TOKENS = 4, 128
-# From this many tokens on, the query blocks are ATTN_BLOCK tokens long and each runs
-# under `jax.checkpoint`: the backward pass recomputes a block's (heads, block, keys)
-# scores instead of keeping every block's, so attention's memory grows linearly with the
-# sequence, not with its square (flash attention's trade, in XLA; the quadratic term
-# capped the longest sequence of a QLoRA step at PEFT's, benchmarks/train_memory.py).
-ATTN_BLOCK, ATTN_CHECKPOINT_MIN_TOKENS = 512, 1024
+# From ATTN_FLASH_MIN_TOKENS on, causal attention is flash attention in XLA
+# (`_flash_attention`): ATTN_BLOCK queries x ATTN_BLOCK keys at a time with an online
+# softmax, key blocks above the diagonal skipped, and a custom VJP that recomputes
+# each tile's probabilities from the saved log-sum-exp (FlashAttention-2's backward).
+# Forward and backward then hold O(T * ATTN_BLOCK) scores, never (T, T) or
+# (ATTN_BLOCK, T). Before, 512-query blocks under `jax.checkpoint` each still built
+# (heads, 512, T) float32 scores, so a QLoRA step still grew faster than linearly
+# (benchmarks/train_memory.py, benchmarks/RESULTS.md).
+ATTN_BLOCK, ATTN_FLASH_MIN_TOKENS = 512, 1024
 
 
 def _attention(config: DecoderConfig, q, k, v, mask, causal: bool = False):
   """q (B,T,nh,hd), k/v (B,S,nkv,hd), mask (B,T,S) bool -> (B,T,nh*hd).
 
   `causal=True` promises that `mask` is causal with S == T (key j > query i is
-  masked), which lets long sequences run in query blocks that skip masked keys. A
-  query row with no visible key at all (a left-padding position) then spreads over
-  the keys of its block instead of all keys: a different value at a position that
-  is padding, which no other position attends to.
+  masked), which lets long sequences skip the masked keys. A query row with no
+  visible key at all (a left-padding or segment-0 position) is padding that no other
+  position attends to; its value depends on the path: the dense path spreads it
+  evenly over all S keys, the 4-block path over the keys of its block, and the flash
+  path (T >= ATTN_FLASH_MIN_TOKENS) returns zeros for it, with zero gradients.
   """
   T = q.shape[1]
-  if causal and k.shape[1] == T and T >= ATTN_CHECKPOINT_MIN_TOKENS:
-    block = jax.checkpoint(lambda q, k, v, m: _attention(config, q, k, v, m))
-    out = []
-    for s in range(0, T, ATTN_BLOCK):      # query block [s, e) sees keys [0, e)
-      e = min(T, s + ATTN_BLOCK)
-      out.append(block(q[:, s:e], k[:, :e], v[:, :e], mask[:, s:e, :e]))
-    return jnp.concatenate(out, axis=1)
+  if causal and k.shape[1] == T and T >= ATTN_FLASH_MIN_TOKENS:
+    return _flash_attention(config, q, k, v, mask, ATTN_BLOCK)
   n = CAUSAL_BLOCKS
   if causal and T >= CAUSAL_BLOCK_MIN_TOKENS and T % n == 0 and k.shape[1] == T:
     c = T // n
@@ -697,6 +697,149 @@ def _attention(config: DecoderConfig, q, k, v, mask, causal: bool = False):
   probs = (e / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype)
   out = jnp.einsum("bhts,bshd->bthd", probs, v)
   return out.reshape(B, T, nh * hd)
+
+
+# ----------------------------------------------------------------------------
+# Flash attention in XLA
+
+def _flash_attention(config: DecoderConfig, q, k, v, mask, block: int):
+  """Causal `_attention` (S == T) in `block` x `block` tiles: the same scores
+  (scaling, soft-capping in q's dtype, float32 from there on) and the same GQA (query
+  head h reads key/value head h // g), an online softmax over the key blocks up to
+  the diagonal, and a custom VJP that recomputes each tile's probabilities
+  (FlashAttention-2). A query row with no visible key gets zeros (and zero
+  gradients): never NaN. T is padded to a multiple of `block` (padded keys masked,
+  padded query rows dropped); the mask is then padded too, a copy of (B, T, T) bools.
+
+  The query heads that share a key/value head are stacked on the row axis of a tile
+  ((g x block) rows against block keys), so GQA needs no repeated keys or values and
+  every dot is a plain 4-D (batch, kv head) batched matmul.
+  """
+  B, T, nh, hd = q.shape
+  nkv = k.shape[2]
+  g = nh // nkv
+  nb = -(-T // block)
+  pad = nb * block - T
+  if pad:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    mask = jnp.pad(mask, ((0, 0), (0, pad), (0, pad)))
+  # (B, T, nh, hd) -> (blocks, B, nkv, g * block, hd): row r of a tile is query head
+  # kv * g + r // block at position r % block of the block
+  qb = q.reshape(B, nb, block, nkv, g, hd).transpose(1, 0, 3, 4, 2, 5)
+  qb = qb.reshape(nb, B, nkv, g * block, hd)
+  kb, vb = (x.reshape(B, nb, block, nkv, hd).transpose(1, 0, 3, 2, 4) for x in (k, v))
+  qpas = config.query_pre_attn_scalar
+  scaling = float((qpas if qpas else hd) ** -0.5)
+  cap = config.attn_logit_softcapping
+  out = _flash(qb, kb, vb, mask, scaling, float(cap) if cap else None)
+  out = out.reshape(nb, B, nkv, g, block, hd).transpose(1, 0, 4, 2, 3, 5)
+  return out.reshape(B, nb * block, nh * hd)[:, :T]
+
+
+def _flash_tile(qi, kj, mask, i, j, scaling, cap):
+  """Float32 scores of query block i against key block j, masked keys -inf, and the
+  soft-capping's tanh (None without capping). qi (B, nkv, g*bs, hd), kj (B, nkv, bs,
+  hd), mask (B, T, T) padded; returns (B, nkv, g*bs, bs)."""
+  B, nkv, rows, _ = qi.shape
+  bs = kj.shape[2]
+  g = rows // bs
+  s = jnp.einsum("bhqd,bhkd->bhqk", qi, kj) * jnp.asarray(scaling, qi.dtype)
+  t = None
+  if cap:
+    t = jnp.tanh(s / jnp.asarray(cap, s.dtype))
+    s = t * jnp.asarray(cap, s.dtype)
+  m = lax.dynamic_slice(mask, (0, i * bs, j * bs), (B, bs, bs))
+  s = s.astype(jnp.float32).reshape(B, nkv, g, bs, bs)
+  s = jnp.where(m[:, None, None], s, -jnp.inf).reshape(B, nkv, rows, bs)
+  return s, t
+
+
+def _flash_forward(qb, kb, vb, mask, scaling, cap):
+  """(out (blocks, B, nkv, rows, hd) in q's dtype, lse (blocks, B, nkv, rows) float32)."""
+  nb = qb.shape[0]
+  f32 = jnp.float32
+
+  def query_block(_, xs):
+    i, qi = xs
+    B, nkv, rows, hd = qi.shape
+
+    def key_block(j, carry):
+      m, l, acc = carry
+      s, _ = _flash_tile(qi, kb[j], mask, i, j, scaling, cap)
+      # m starts at float32's lowest (finite), so a row whose keys so far are all
+      # masked keeps exp(-inf - m) = 0 and never sees inf - inf
+      m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+      alpha = jnp.exp(m - m_new)
+      p = jnp.exp(s - m_new[..., None])
+      l = alpha * l + jnp.sum(p, axis=-1)
+      pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(vb.dtype), vb[j],
+                      preferred_element_type=f32)
+      return m_new, l, alpha[..., None] * acc + pv
+
+    init = (jnp.full((B, nkv, rows), jnp.finfo(f32).min, f32), jnp.zeros((B, nkv, rows), f32),
+            jnp.zeros((B, nkv, rows, hd), f32))
+    m, l, acc = lax.fori_loop(0, i + 1, key_block, init)    # key blocks 0..i (causal)
+    seen = l > 0                                             # False: no visible key
+    l = jnp.where(seen, l, 1.0)
+    out = (acc / l[..., None]).astype(qb.dtype)
+    return None, (out, jnp.where(seen, m + jnp.log(l), 0.0))
+
+  _, (out, lse) = lax.scan(query_block, None, (jnp.arange(nb), qb))
+  return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(qb, kb, vb, mask, scaling, cap):
+  """`_flash_forward`'s output, differentiable in q, k, v (not in the mask)."""
+  return _flash_forward(qb, kb, vb, mask, scaling, cap)[0]
+
+
+def _flash_fwd(qb, kb, vb, mask, scaling, cap):
+  out, lse = _flash_forward(qb, kb, vb, mask, scaling, cap)
+  return out, (qb, kb, vb, mask, out, lse)
+
+
+def _flash_bwd(scaling, cap, res, dout):
+  """FlashAttention-2's backward: per key block j (a scan), the query blocks i >= j
+  recompute their tile's probabilities P = exp(S - lse) and add dV_j += P^T dO_i,
+  dS = P * (dO_i V_j^T - D_i), dQ_i += dS K_j, dK_j += dS^T Q_i (times the scaling
+  and the soft-capping's 1 - tanh^2); dQ is one float32 accumulator in the carry."""
+  f32 = jnp.float32
+  qb, kb, vb, mask, out, lse = res
+  nb = qb.shape[0]
+  # D = rowsum(dO * O): the softmax's gradient is P * (dP - D)
+  dsum = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1)
+
+  def key_block(dq, xs):
+    j, kj, vj = xs
+
+    def query_block(i, carry):      # query blocks j..nb-1 see key block j
+      dq, dk, dv = carry
+      qi, doi = qb[i], dout[i]
+      s, t = _flash_tile(qi, kj, mask, i, j, scaling, cap)
+      p = jnp.exp(s - lse[i][..., None])               # masked keys: exp(-inf) = 0
+      dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p.astype(vb.dtype), doi,
+                           preferred_element_type=f32)
+      dp = jnp.einsum("bhqd,bhkd->bhqk", doi, vj, preferred_element_type=f32)
+      ds = p * (dp - dsum[i][..., None])
+      if cap:                         # d(cap tanh(x / cap)) / dx = 1 - tanh^2
+        tf = t.astype(f32)
+        ds = ds * (1.0 - tf * tf)
+      ds = (ds * scaling).astype(qb.dtype)
+      dqi = jnp.einsum("bhqk,bhkd->bhqd", ds, kj, preferred_element_type=f32)
+      dq = lax.dynamic_update_index_in_dim(dq, dq[i] + dqi, i, axis=0)
+      dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds, qi, preferred_element_type=f32)
+      return dq, dk, dv
+
+    zeros = jnp.zeros(kj.shape, f32)
+    dq, dk, dv = lax.fori_loop(j, nb, query_block, (dq, zeros, zeros))
+    return dq, (dk, dv)
+
+  dq, (dk, dv) = lax.scan(key_block, jnp.zeros(qb.shape, f32), (jnp.arange(nb), kb, vb))
+  return dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _layer(lp, config: DecoderConfig, h, cos, sin, mask, cache=None, layer=None, index=None,
