@@ -21,7 +21,6 @@ import pathlib
 import threading
 import time
 import uuid
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest

@@ -34,7 +34,7 @@ import dataclasses
 import itertools
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
