@@ -480,5 +480,9 @@ def test_config_and_init_errors():
         qz.QuantConfig(format="nf4", block_size=64))
   with pytest.raises(ValueError, match=r"a \(5, 4\) and b \(4, 24\)"):
     lj.QALoraWeight(w=w, a=jnp.zeros((5, R)), b=jnp.zeros((R, N)), group_size=L)
-  with pytest.raises(ValueError, match="stack_adapters: .* is a QALoraWeight"):
-    lj.stack_adapters([_tree(_qa(w, jax.random.key(1)))])
+  # served as its exact LoRA since stack_adapters takes QA-LoRA (tests/test_serving.py);
+  # a QA-LoRA leaf that is not an adapter of the bank's base is still refused
+  with pytest.raises(ValueError, match=r"stack_adapters: .*q_proj/kernel: adapter 1 has "
+                                       r"kernel \(128, 12\)"):
+    lj.stack_adapters([_tree(_qa(w, jax.random.key(1))),
+                       _tree(_qa(w[:, :12], jax.random.key(2)))])
