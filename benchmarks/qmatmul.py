@@ -14,9 +14,11 @@ output). The bf16 qwix row casts the QArray's dequant type to bfloat16
 (`QArray.astype`). Prints median times and ratios to f32 dense.
 
 The Pallas kernels run only on GPU/TPU (on CPU they run in the interpreter, which
-says nothing about speed), so they are not timed here.
+says nothing about speed), so they are not timed here: `--device` runs
+benchmarks/qmatmul_device.py instead, which times them on a GPU or TPU.
 
     python benchmarks/qmatmul.py
+    python benchmarks/qmatmul.py --device     # on a GPU or TPU host
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import dataclasses
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -55,6 +58,10 @@ def _nbytes(tree) -> int:
 
 
 def main():
+  if "--device" in sys.argv[1:]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import qmatmul_device
+    sys.exit(qmatmul_device.main([a for a in sys.argv[1:] if a != "--device"]))
   ap = argparse.ArgumentParser()
   ap.add_argument("--dim", type=int, default=4096)
   ap.add_argument("--batches", type=int, nargs="+", default=[1, 256])

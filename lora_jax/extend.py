@@ -27,7 +27,9 @@ its test factory:
 `lora_jax`'s own. For serving engines: `served_form(tree)` (every leaf in the plain
 LoRA / DoRA form a `MultiLoraWeight` bank holds: IEC and QA-LoRA as their exact LoRA)
 and `serving_magnitude(leaf)` (DoRA's fixed per-column factor `m / ||W + s A B||`, 1 for
-LoRA).
+LoRA). For kernel authors: `per_platform({"cpu": f, "cuda": g, "tpu": h}, *args)`, one
+call lowered per target platform (a Pallas kernel on GPU/TPU, XLA on CPU), right in
+AOT compilation and in a multi-platform `jax.export`.
 """
 
 from lora_jax._implicit import (ImplicitArray, LeafCount, base, bind, data, frozen, implicit,
@@ -42,6 +44,7 @@ from lora_jax._paths import (check_same_structure, closest_paths, compile_patter
 from lora_jax._sharding import child_spec, implicit_spec_parts
 from lora_jax._serving import _magnitude_factor as serving_magnitude  # noqa: F401
 from lora_jax._serving import _served_form as served_form  # noqa: F401
+from lora_jax._platform import PLATFORMS, per_platform
 
 
 def is_float_kernel(x) -> bool:
@@ -59,5 +62,5 @@ __all__ = [
     "materialize_tree", "check_same_structure", "closest_paths", "compile_patterns",
     "first_match", "leaves_with_paths", "map_with_path", "path_str", "select_paths",
     "tree_paths", "child_spec", "implicit_spec_parts", "mutating_factors", "is_float_kernel", "base_fingerprint", "svd_factors",
-    "served_form", "serving_magnitude",
+    "served_form", "serving_magnitude", "PLATFORMS", "per_platform",
 ]

@@ -3,8 +3,11 @@
 Backends: "xla" dequantizes and calls `dot_general`; when the weight is large it
 walks the output columns in tiles (`lax.map`), so at most one tile of
 dequantized weight exists at a time. "pallas" runs the Pallas kernel for the
-current platform (Triton on GPU, Mosaic on TPU), which dequantizes inside its K
-loop. "auto" picks "pallas" on GPU/TPU and "xla" elsewhere.
+platform (Triton on GPU, Mosaic on TPU; the interpreter on CPU), which dequantizes
+inside its K loop. "auto" runs the kernel on GPU/TPU and XLA elsewhere. Both are
+chosen per platform when the program is lowered (`lax.platform_dependent`), not from
+`jax.default_backend()` at trace time, so an AOT-compiled or exported program gets
+the right path on each platform.
 
 Gradients: a `custom_vjp` sends `dx = dy @ W^T` (W dequantized on the fly, tiled
 the same way) to x, and zeros to the quantized weight's children: the codes are
@@ -22,6 +25,7 @@ from jax import lax
 from jax.extend.core import primitives as P
 
 import lora_jax as lj
+from lora_jax.extend import per_platform
 from quantization import _pallas
 from quantization import _formats as F
 from quantization._array import QuantizedArray, add_tau
@@ -162,24 +166,17 @@ def matmul_t_xla(y: jax.Array, q, *, precision=None,
   return acc.astype(out_dtype)
 
 
-def _platform() -> str:
-  return jax.default_backend()
-
-
 def _resolve(backend: str, q: QuantizedArray | None = None) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"qz.matmul: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-  if backend == "auto":
-    return "auto-pallas" if _platform() in ("gpu", "cuda", "rocm", "tpu") else "xla"
   return backend
 
 
-def _forward(x, q, backend, tiles, interpret, precision, preferred_element_type):
-  has_kernel = isinstance(q, QuantizedArray) and q.layout == "rows" and not q.icq
-  if backend == "xla" or (backend == "auto-pallas" and not has_kernel):
-    # group-wise kinds, bnb's flat layout and ICQ have no Pallas kernel: "auto" takes XLA
-    return matmul_xla(x, q, precision=precision,
-                      preferred_element_type=preferred_element_type)
+def _has_kernel(q) -> bool:
+  return isinstance(q, QuantizedArray) and q.layout == "rows" and not q.icq
+
+
+def _check_kernel_leaf(q) -> None:
   if not isinstance(q, QuantizedArray):
     raise ValueError(f"qz.matmul: backend 'pallas' has kernels for QuantizedArray "
                      f"(nf4/fp4/int4/int8) only, not {type(q).__name__}; use 'xla' or 'auto'")
@@ -194,15 +191,45 @@ def _forward(x, q, backend, tiles, interpret, precision, preferred_element_type)
         f"qz.matmul: backend 'pallas' has no kernel for ICQ taus (QuantConfig(icq=True)); "
         f"this weight {q.shape} ({q.format}, block {q.block_size}) has them: use "
         "backend='xla' or 'auto'")
-  platform = "tpu" if _platform() == "tpu" else "gpu"
-  if interpret is None:
-    interpret = _platform() not in ("gpu", "cuda", "rocm", "tpu")
+
+
+def _kernel(x, q, platform, tiles, interpret, out_dtype):
+  """The Pallas kernel for `platform` ("gpu" or "tpu") on x (..., in)."""
   x2 = x.reshape(-1, x.shape[-1])
   k, n = q.kernel_shape
   y = _pallas.qmatmul(x2, q.codes, q.scales(), fmt=q.format, block=q.block_size,
                       in_features=k, tiles=tiles, platform=platform, interpret=interpret,
-                      out_dtype=preferred_element_type or x.dtype)
+                      out_dtype=out_dtype)
   return y.reshape(*x.shape[:-1], n)
+
+
+def _forward(x, q, backend, tiles, interpret, precision, preferred_element_type):
+  if backend == "xla" or (backend == "auto" and not _has_kernel(q)):
+    # group-wise kinds, bnb's flat layout and ICQ have no Pallas kernel: "auto" takes XLA
+    return matmul_xla(x, q, precision=precision,
+                      preferred_element_type=preferred_element_type)
+  _check_kernel_leaf(q)
+  out_dtype = preferred_element_type or x.dtype
+  if interpret is not None:
+    # forced either way: one path, the kernel of the platform traced on
+    kind = "tpu" if jax.default_backend() == "tpu" else "gpu"
+    return _kernel(x, q, kind, tiles, interpret, out_dtype)
+  # Chosen per platform when the program is lowered (`extend.per_platform`), not
+  # from `jax.default_backend()` now: a program traced on a CPU host and compiled or
+  # exported for GPU/TPU carries the kernel there and XLA (or the interpreter) on CPU.
+  if backend == "auto":
+    cpu = functools.partial(matmul_xla, precision=precision,
+                            preferred_element_type=preferred_element_type)
+  else:
+    cpu = functools.partial(_kernel, platform="gpu", tiles=tiles, interpret=True,
+                            out_dtype=out_dtype)
+  gpu = functools.partial(_kernel, platform="gpu", tiles=tiles, interpret=False,
+                          out_dtype=out_dtype)
+  tpu = functools.partial(_kernel, platform="tpu", tiles=tiles, interpret=False,
+                          out_dtype=out_dtype)
+  y = per_platform({"cpu": lambda x, q: cpu(x, q).astype(out_dtype), "cuda": gpu,
+                    "rocm": gpu, "tpu": tpu}, x, q)
+  return y
 
 
 def _zero_cotangent(q):
@@ -248,7 +275,9 @@ def matmul(x: jax.Array, q, backend: str = "auto", *,
       ("pallas" on CPU runs the kernel in the interpreter; it refuses the other kinds,
       the flat layout and ICQ leaves with a ValueError).
     tiles: `QMatmulTiles` for the Pallas kernels.
-    interpret: force (or forbid) Pallas interpret mode; default: on off GPU/TPU.
+    interpret: force (or forbid) Pallas interpret mode, which also fixes the kernel at
+      trace time (the TPU one if tracing on TPU, else the GPU one); default None: per
+      platform at lowering, the interpreter on CPU and the compiled kernels on GPU/TPU.
     precision, preferred_element_type: as `lax.dot_general`.
 
   Returns:

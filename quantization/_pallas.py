@@ -7,10 +7,25 @@ and tile sizes in a frozen dataclass.
 
 Two kernels share the same math:
 
-- GPU (Triton lowering): grid `(M / block_m, N / block_n)`; each program walks K
-  in a `fori_loop`, loading `block_k` columns of x and of the packed codes.
+- GPU (Triton lowering, asked for explicitly with `pltriton.CompilerParams`):
+  grid `(M / block_m, N / block_n)`; each program walks K in a `fori_loop`, loading
+  `block_k` columns of x and of the packed codes per step. Triton's blocks are
+  pointers into global memory, so the whole-K BlockSpecs cost no shared memory;
+  block dims are powers of two, at least 16 (what `tl.dot` takes).
 - TPU (Mosaic lowering): grid `(M / block_m, N / block_n, K / block_k)` with K
-  last (sequential on TPU); the float32 output block is the accumulator.
+  last ("arbitrary", sequential); the float32 output block is the accumulator.
+  Block shapes follow Mosaic's tiling rules, checked in the wrapper
+  (`check_tpu_blocks`).
+
+Why not Mosaic GPU, JAX's default GPU backend for `pl.pallas_call` since 0.9: a
+Mosaic GPU kernel is a different program, not these kernels with other block
+shapes. Its BlockSpecs are staged through shared memory (at most 256 elements per
+block dimension), and with K tiled on the grid like the TPU kernel (which fits
+those limits) its lowering still stops at the first `dot_general`: Mosaic GPU has
+no dot in its lane-level semantics; matmuls are `plgpu.wgmma` on shared-memory refs
+in warpgroup semantics (Hopper and newer), and `pl.pallas_call` on Mosaic GPU is
+deprecated for `plgpu.kernel`. `GPU_LOWERING` is the one switch; a Mosaic GPU
+kernel would be a third kernel behind it.
 
 Inputs are prepared by the wrapper: for 4-bit formats x is split into its even
 and odd columns (the high and low nibble of each code byte), so the kernel never
@@ -30,8 +45,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 from quantization import _formats as F
+
+# The Pallas GPU lowering the GPU kernel is written for (see the module docstring).
+GPU_LOWERING = "triton"
+# Triton's `tl.dot` takes power-of-two block dims of at least 16.
+TRITON_MIN_BLOCK = 16
+# Mosaic TPU: the last block dim a multiple of 128 lanes, the one before it of the
+# sublane tiling for the dtype's width (8 rows of 32 bits, 16 of 16, 32 of 8), unless
+# the block spans the whole array dim.
+TPU_LANES = 128
+TPU_SUBLANES = {4: 8, 2: 16, 1: 32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +68,43 @@ class QMatmulTiles:
   block_m: int = 128
   block_n: int = 128
   block_k: int = 512
+  num_warps: int = 4          # Triton only
+  num_stages: int = 2         # Triton only
 
 
 def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
+
+
+def _triton_block(tile: int, extent: int) -> int:
+  """The largest power of two <= `tile` that is not past `extent` rounded up to a power
+  of two, and at least TRITON_MIN_BLOCK."""
+  cover = 1 << max(0, int(extent) - 1).bit_length()
+  return max(TRITON_MIN_BLOCK, 1 << (int(min(tile, cover)).bit_length() - 1))
+
+
+def gpu_compiler_params(tiles: QMatmulTiles):
+  """Compiler params that pick the Pallas GPU lowering `GPU_LOWERING` (jax 0.10 picks
+  Mosaic GPU when none are given)."""
+  if GPU_LOWERING == "triton":
+    return pltriton.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+  raise ValueError(f"qmatmul: no GPU kernel for the {GPU_LOWERING!r} lowering")
+
+
+def check_tpu_blocks(blocks) -> None:
+  """Raise a ValueError naming the operand unless every (name, block shape, array
+  shape, dtype) follows Mosaic TPU's tiling rule for the last two block dims."""
+  for name, block, full, dtype in blocks:
+    sub = TPU_SUBLANES[np.dtype(dtype).itemsize]
+    (b0, b1), (f0, f1) = block[-2:], full[-2:]
+    ok1 = b1 == f1 or b1 % TPU_LANES == 0
+    ok0 = b0 == f0 or b0 % sub == 0
+    if not (ok0 and ok1):
+      raise ValueError(
+          f"qmatmul (TPU): the {name} block {tuple(block)} of the {np.dtype(dtype).name} "
+          f"array {tuple(full)} breaks Mosaic's tiling: its last dim must be a multiple of "
+          f"{TPU_LANES} or {f1}, the one before it a multiple of {sub} or {f0}; "
+          "choose QMatmulTiles accordingly")
 
 
 def _lookup(codes, fmt: str):
@@ -161,11 +221,24 @@ def qmatmul(x: jax.Array, codes: jax.Array, scales: jax.Array, *, fmt: str, bloc
   out_dtype = out_dtype or x.dtype
   compute_dtype = x.dtype
 
-  block_m = min(tiles.block_m, _round_up(m, 8))
-  block_n = min(tiles.block_n, _round_up(n, 8))
-  block_k = max(block, _round_up(min(tiles.block_k, k_pad), block))
-  if block_m <= 0 or block_n <= 0:
+  if min(tiles.block_m, tiles.block_n, tiles.block_k) <= 0:
     raise ValueError(f"qmatmul: tiles must be positive, got {tiles=}")
+  if platform == "gpu":
+    # powers of two, >= 16: Triton's block shapes
+    block_m, block_n = _triton_block(tiles.block_m, m), _triton_block(tiles.block_n, n)
+    block_k = max(block, _round_up(min(tiles.block_k, k_pad), block))
+  else:
+    # rounded to Mosaic's tiling: a block spans its whole (padded) array dim or is a
+    # multiple of the sublane (rows) or lane (128) tile
+    sub = TPU_SUBLANES[jnp.dtype(x.dtype).itemsize]
+    block_m = _round_up(min(tiles.block_m, m), sub)
+    block_n = _round_up(n, 32) if tiles.block_n >= n else _round_up(tiles.block_n, TPU_LANES)
+    # whole quantization blocks whose scale rows fill a sublane tile (8 f32 rows) and
+    # whose code columns fill 128 lanes, unless one K block covers all of K
+    step = int(np.lcm(block * 8, TPU_LANES * per))
+    block_k = _round_up(min(tiles.block_k, k_pad), step)
+    if block_k >= k_pad:
+      block_k = k_pad
   mp, np_, kp = _round_up(m, block_m), _round_up(n, block_n), _round_up(k_pad, block_k)
 
   x = jnp.pad(x, ((0, mp - m), (0, kp - k)))
@@ -186,11 +259,17 @@ def qmatmul(x: jax.Array, codes: jax.Array, scales: jax.Array, *, fmt: str, bloc
         kernel, grid=(grid_m, grid_n), in_specs=in_specs,
         out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+        compiler_params=gpu_compiler_params(tiles),
         interpret=interpret, name=f"qmatmul_{fmt}_gpu")(*xs, codes, scales_t)
   else:
     kernel = functools.partial(qmatmul_kernel_tpu, fmt=fmt, block=block, block_k=block_k,
                                compute_dtype=compute_dtype)
     bkc = block_k // per
+    check_tpu_blocks([*((f"x{'' if len(xs) == 1 else ('_even', '_odd')[i]}", (block_m, bkc),
+                         xx.shape, xx.dtype) for i, xx in enumerate(xs)),
+                      ("codes", (block_n, bkc), codes.shape, codes.dtype),
+                      ("scales", (block_k // block, block_n), scales_t.shape, scales_t.dtype),
+                      ("output", (block_m, block_n), (mp, np_), jnp.float32)])
     in_specs = ([pl.BlockSpec((block_m, bkc), lambda i, j, kk: (i, kk)) for _ in xs]
                 + [pl.BlockSpec((block_n, bkc), lambda i, j, kk: (j, kk)),
                    pl.BlockSpec((block_k // block, block_n), lambda i, j, kk: (kk, j))])
@@ -198,6 +277,8 @@ def qmatmul(x: jax.Array, codes: jax.Array, scales: jax.Array, *, fmt: str, bloc
         kernel, grid=(grid_m, grid_n, k_steps), in_specs=in_specs,
         out_specs=pl.BlockSpec((block_m, block_n), lambda i, j, kk: (i, j)),
         out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret, name=f"qmatmul_{fmt}_tpu")(*xs, codes, scales_t)
   return out[:m, :n].astype(out_dtype)
 
@@ -216,4 +297,3 @@ def qmatmul_reference(x: jax.Array, codes: jax.Array, scales: jax.Array, *, fmt:
   return y.astype(out_dtype or x.dtype)
 
 
-del np

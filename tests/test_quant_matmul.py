@@ -134,7 +134,11 @@ def test_xla_tiling_matches_untiled_and_bounds_memory():
 def test_auto_picks_xla_on_cpu():
   if ON_ACCEL:
     pytest.skip("CPU-only check")
-  assert _matmul._resolve("auto") == "xla"
+  q = _q(0, 64, 8)
+  x = jnp.ones((2, 64))
+  hlo = jax.jit(lambda x, q: qz.matmul(x, q)).lower(x, q).as_text()
+  assert "custom_call" not in hlo                  # no kernel in the CPU program
+  np.testing.assert_array_equal(qz.matmul(x, q), qz.matmul(x, q, "xla"))
   with pytest.raises(ValueError, match="unknown backend 'cuda'; known: auto, xla, pallas"):
     qz.matmul(jnp.ones((1, 64)), _q(0, 64, 8), "cuda")
 

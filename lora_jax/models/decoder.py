@@ -51,6 +51,7 @@ from jax import lax
 
 from lora_jax import checkpoint
 from lora_jax._implicit import ImplicitArray, implicit
+from lora_jax._platform import per_platform
 
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -665,6 +666,106 @@ ATTN_BLOCK, ATTN_FLASH_MIN_TOKENS = 512, 1024
 def _attention(config: DecoderConfig, q, k, v, mask, causal: bool = False):
   """q (B,T,nh,hd), k/v (B,S,nkv,hd), mask (B,T,S) bool -> (B,T,nh*hd).
 
+  Chosen per platform when the program is lowered (`extend.per_platform`): on CPU
+  `_attention_xla` (dense, 4-block causal, or flash from ATTN_FLASH_MIN_TOKENS, all
+  tuned for XLA:CPU); on GPU/TPU `jax.nn.dot_product_attention` (grouped heads without
+  repeated keys; cuDNN's fused kernel on CUDA when GPU_ATTENTION = "cudnn") below
+  ATTN_FLASH_MIN_TOKENS and our flash attention above. Gemma 2's soft-capping, which
+  jax.nn does not do, is `_attention_xla` everywhere.
+  """
+  if config.attn_logit_softcapping:
+    return _attention_xla(config, q, k, v, mask, causal)
+  if (causal and k.shape[1] == q.shape[1] >= ATTN_FLASH_MIN_TOKENS
+      and GPU_ATTENTION != "cudnn"):
+    # every platform's choice at this length: called directly, since the per-platform
+    # call's backward recomputes the forward, which XLA does not merge back for the
+    # flash loops (a 2048-token LoRA step measured ~9% slower on CPU)
+    return _flash_attention(config, q, k, v, mask, ATTN_BLOCK)
+  return _attention_per_platform(q, k, v, mask, _AttnSettings(config, causal))
+
+
+@dataclasses.dataclass(frozen=True)
+class _AttnSettings:
+  config: DecoderConfig
+  causal: bool
+
+
+def _nn_attention(settings, q, k, v, mask, implementation=None):
+  """`jax.nn.dot_product_attention` with our mask and scaling; query rows that see no
+  key attend to key 0 instead (their output is padding; a fully masked row is
+  undefined in a fused kernel)."""
+  c = settings.config
+  B, T, nh, hd = q.shape
+  qpas = c.query_pre_attn_scalar
+  mask = mask.at[..., 0].set(mask[..., 0] | ~jnp.any(mask, axis=-1))
+  # jax.nn promotes q's dtype with float32 itself: traced under standard promotion so
+  # that a caller's strict promotion does not stop the GPU/TPU lowering
+  with jax.numpy_dtype_promotion("standard"):
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],
+                                       scale=(qpas or hd) ** -0.5,
+                                       implementation=implementation)
+  return out.reshape(B, T, nh * hd)
+
+
+# What CUDA/ROCm attention calls: "xla" (`jax.nn.dot_product_attention`'s XLA path) or
+# "cudnn" (cuDNN's fused flash attention, bf16/f16, head dim a multiple of 8 up to 128).
+# "xla" by default: in jax 0.10.2 the cuDNN call lowers only with a device assignment
+# (its custom_partitioning asserts without one), so a program holding it cannot be
+# exported (`jax.export`) or AOT-lowered for CUDA, and no GPU here has run it.
+GPU_ATTENTION = "xla"
+
+
+def _cudnn_ok(q) -> bool:
+  return (GPU_ATTENTION == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16)
+          and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+
+
+def _attention_impls(settings):
+  def cpu(q, k, v, m):
+    return _attention_xla(settings.config, q, k, v, m, settings.causal)
+
+  def accelerator(q, k, v, m):
+    if settings.causal and k.shape[1] == q.shape[1] >= ATTN_FLASH_MIN_TOKENS:
+      # jax.nn's XLA path would build (B, heads, T, T) scores
+      return _flash_attention(settings.config, q, k, v, m, ATTN_BLOCK)
+    return _nn_attention(settings, q, k, v, m, "xla")
+
+  def gpu(q, k, v, m):
+    return _nn_attention(settings, q, k, v, m, "cudnn") if _cudnn_ok(q) else accelerator(
+        q, k, v, m)
+
+  return {"cpu": cpu, "cuda": gpu, "rocm": accelerator, "tpu": accelerator}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_per_platform(q, k, v, mask, settings):
+  return per_platform(_attention_impls(settings), q, k, v, mask)
+
+
+def _attention_pp_fwd(q, k, v, mask, settings):
+  return _attention_per_platform(q, k, v, mask, settings), (q, k, v, mask)
+
+
+def _attention_pp_bwd(settings, res, g):
+  # Each platform differentiates its own implementation. The forward is recomputed
+  # here; under jit XLA merges it with the forward pass's identical ops (CSE), and
+  # under remat it is recomputed anyway.
+  def vjp(impl):
+    def f(q, k, v, mask, g):
+      _, pull = jax.vjp(lambda q, k, v: impl(q, k, v, mask), q, k, v)
+      return pull(g)
+    return f
+  dq, dk, dv = per_platform({p: vjp(f) for p, f in _attention_impls(settings).items()},
+                            *res, g)
+  return dq, dk, dv, np.zeros(res[3].shape, jax.dtypes.float0)
+
+
+_attention_per_platform.defvjp(_attention_pp_fwd, _attention_pp_bwd)
+
+
+def _attention_xla(config: DecoderConfig, q, k, v, mask, causal: bool = False):
+  """q (B,T,nh,hd), k/v (B,S,nkv,hd), mask (B,T,S) bool -> (B,T,nh*hd), in XLA.
+
   `causal=True` promises that `mask` is causal with S == T (key j > query i is
   masked), which lets long sequences skip the masked keys. A query row with no
   visible key at all (a left-padding or segment-0 position) is padding that no other
@@ -679,7 +780,7 @@ def _attention(config: DecoderConfig, q, k, v, mask, causal: bool = False):
   if causal and T >= CAUSAL_BLOCK_MIN_TOKENS and T % n == 0 and k.shape[1] == T:
     c = T // n
     return jnp.concatenate(
-        [_attention(config, q[:, i * c:(i + 1) * c], k[:, :(i + 1) * c], v[:, :(i + 1) * c],
+        [_attention_xla(config, q[:, i * c:(i + 1) * c], k[:, :(i + 1) * c], v[:, :(i + 1) * c],
                     mask[:, i * c:(i + 1) * c, :(i + 1) * c]) for i in range(n)], axis=1)
   B, T, nh, hd = q.shape
   g = nh // k.shape[2]
