@@ -64,7 +64,13 @@ def test_auto_matmul_exports_a_kernel_per_platform(m, k, n, fmt, dtype):
   assert not custom_calls(export_for(fn, x, q, platforms=("cpu",)))
   np.testing.assert_array_equal(np.asarray(exp.call(x, q), np.float32),
                                 np.asarray(qz.matmul(x, q, "xla"), np.float32))
-  # each accelerator alone gets its own kernel only
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_each_accelerator_alone_gets_its_own_kernel_only(fmt):
+  q = _weight(320, 96, fmt, jnp.bfloat16)
+  x = jnp.ones((4, 320), jnp.bfloat16)
+  fn = lambda x, q: qz.matmul(x, q)                      # noqa: E731
   assert custom_calls(export_for(fn, x, q, platforms=("cuda",))) == {TRITON}
   assert custom_calls(export_for(fn, x, q, platforms=("tpu",))) == {MOSAIC}
 
@@ -213,10 +219,8 @@ def test_multi_lora_decode_step_exports_for_every_platform():
   gen = lambda served, prompt: llama.generate(served, CFG, prompt, 2)      # noqa: E731
   exp = export_for(gen, served, prompt)
   assert {TRITON, MOSAIC} <= custom_calls(exp)
-  out = exp.call(served, prompt)
-  np.testing.assert_array_equal(out, jax.jit(gen)(served, prompt))
-  alone = llama.generate(ads[0], CFG, prompt[2:], 2)
-  np.testing.assert_array_equal(out[2], alone[0])
+  # (that each row equals its adapter alone is tests/test_serving.py's)
+  np.testing.assert_array_equal(exp.call(served, prompt), jax.jit(gen)(served, prompt))
 
 
 def _score_dots(exp) -> set[str]:
@@ -311,11 +315,11 @@ def test_device_benchmark_script_refuses_cpu_and_checks_its_outputs():
   cmd = [sys.executable, str(root / "benchmarks" / "qmatmul.py"), "--device"]
   refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
   assert refused.returncode == 2 and "no GPU or TPU here" in refused.stderr
-  small = ["--allow-cpu", "--shapes", "256x128", "100x64", "--batches", "1", "16",
+  small = ["--allow-cpu", "--shapes", "100x64", "--batches", "1", "16",
            "--formats", "nf4", "int8", "--reps", "1", "--copy-mib", "4"]
   run = subprocess.run(cmd + small, env=env, capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stdout + run.stderr
-  rows = [line for line in run.stdout.splitlines() if line.startswith(("256x128", "100x64"))]
-  assert len(rows) == 8                     # 2 shapes x 2 formats x 2 batches
+  rows = [line for line in run.stdout.splitlines() if line.startswith("100x64")]
+  assert len(rows) == 4                     # 2 formats x 2 batches
   assert all(float(r.split()[-1]) < 3e-2 for r in rows)     # max rel err column
   assert "outputs agree: yes" in run.stdout and "copy bandwidth" in run.stdout

@@ -126,10 +126,13 @@ def test_engine_rows_equal_generate_with_each_adapter_alone(kind, tmp_path):
   engine = Engine(config, bank, max_batch=3, max_len=40)
   rng = np.random.default_rng(0)
   jobs = []
+  lengths = [3, 13, 6, 10]          # mixed across the batch's rows
   for k in range(8):
-    prompt = [1] + rng.integers(7, 40, size=int(rng.integers(2, 14))).tolist()
-    adapter = ([None] + names)[k % (len(names) + 1)]
-    jobs.append((k, prompt, adapter, 9 + k % 3))
+    i = k % (len(names) + 1)
+    # one prompt length and token count per adapter: the references `generate` then
+    # compile once per adapter, not once per request
+    prompt = [1] + rng.integers(7, 40, size=lengths[i]).tolist()
+    jobs.append((k, prompt, ([None] + names)[i], 9 + i % 3))
   got = _run_engine(engine, jobs)
   for k, prompt, adapter, n in jobs:
     params = base if adapter is None else ads[names.index(adapter)]
