@@ -25,27 +25,16 @@ to check this script (tests/test_platform_export.py does).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import quantization as qz
+from qmatmul import _time        # benchmarks/ is on the path: run as a script or from it
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
-
-
-def _time(fn, reps: int) -> float:
-  jax.block_until_ready(fn())
-  ts = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t)
-  return statistics.median(ts)
 
 
 def copy_bandwidth(reps: int, mib: int) -> float:

@@ -40,6 +40,29 @@ def _weight(k, n, fmt, dtype, block=64, seed=0):
   return qz.quantize_array(w.astype(dtype), fmt, block, fmt != "int8")
 
 
+def test_per_platform_runs_the_cpu_implementation_here_and_lowers_each_for_its_own():
+  """`extend.per_platform`: eager, jitted and vmapped calls run the CPU implementation;
+  an export holds each platform's own (told apart by a constant only it has); a missing
+  platform without "default" is refused, naming it."""
+  impls = {"cpu": lambda x, y: {"s": x * 2.0 + y}, "tpu": lambda x, y: {"s": x * 7.0 + y},
+           "default": lambda x, y: {"s": x * 5.0 + y}}
+  x, y = jnp.arange(3.0), jnp.ones(3)
+  call = lambda x, y: extend.per_platform(impls, x, y)["s"]        # noqa: E731
+  want = x * 2.0 + y
+  np.testing.assert_array_equal(call(x, y), want)
+  np.testing.assert_array_equal(jax.jit(call)(x, y), want)
+  xs = jnp.stack([x, x + 1])
+  np.testing.assert_array_equal(jax.vmap(call, in_axes=(0, None))(xs, y), xs * 2.0 + y[None])
+  exp = export_for(call, x, y)
+  text = exp.mlir_module()
+  assert all(f"{c:.0f}.000000e+00" in text for c in (2, 5, 7))     # cpu, cuda (default), tpu
+  np.testing.assert_array_equal(exp.call(x, y), want)
+  only_tpu = export_for(call, x, y, platforms=("tpu",)).mlir_module()
+  assert "7.000000e+00" in only_tpu and "2.000000e+00" not in only_tpu
+  with pytest.raises(ValueError, match=r"no implementation for \['cuda', 'rocm'\]"):
+    extend.per_platform({"cpu": impls["cpu"], "tpu": impls["tpu"]}, x, y)
+
+
 # M: GEMV, a small and a large GEMM; K: a multiple of the K tile, and not (1376 = 21.5
 # blocks of 64 pads to 1408); every format, bf16 and f32.
 MATMUL_CASES = [
