@@ -90,8 +90,7 @@ def _impl(*leaves, **params):
 
 def _batch(args, dims, *, impls, in_tree, out_tree, cpu_jaxpr):
   """vmap: each platform's implementation vmapped over the same axes."""
-  in_axes = jax.tree.unflatten(in_tree, [None if d is None else d
-                                         for d in dims])
+  in_axes = jax.tree.unflatten(in_tree, list(dims))      # None: not mapped
   vmapped = {p: jax.vmap(impls(p), in_axes=tuple(in_axes), out_axes=0) for p in PLATFORMS}
   out = per_platform(vmapped, *jax.tree.unflatten(in_tree, list(args)))
   flat = jax.tree.leaves(out)

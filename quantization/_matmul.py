@@ -5,7 +5,7 @@ walks the output columns in tiles (`lax.map`), so at most one tile of
 dequantized weight exists at a time. "pallas" runs the Pallas kernel for the
 platform (Triton on GPU, Mosaic on TPU; the interpreter on CPU), which dequantizes
 inside its K loop. "auto" runs the kernel on GPU/TPU and XLA elsewhere. Both are
-chosen per platform when the program is lowered (`lax.platform_dependent`), not from
+chosen per platform when the program is lowered (`extend.per_platform`), not from
 `jax.default_backend()` at trace time, so an AOT-compiled or exported program gets
 the right path on each platform.
 
@@ -166,7 +166,7 @@ def matmul_t_xla(y: jax.Array, q, *, precision=None,
   return acc.astype(out_dtype)
 
 
-def _resolve(backend: str, q: QuantizedArray | None = None) -> str:
+def _check_backend(backend: str) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"qz.matmul: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
   return backend
@@ -227,9 +227,8 @@ def _forward(x, q, backend, tiles, interpret, precision, preferred_element_type)
                           out_dtype=out_dtype)
   tpu = functools.partial(_kernel, platform="tpu", tiles=tiles, interpret=False,
                           out_dtype=out_dtype)
-  y = per_platform({"cpu": lambda x, q: cpu(x, q).astype(out_dtype), "cuda": gpu,
-                    "rocm": gpu, "tpu": tpu}, x, q)
-  return y
+  return per_platform({"cpu": lambda x, q: cpu(x, q).astype(out_dtype), "cuda": gpu,
+                       "rocm": gpu, "tpu": tpu}, x, q)
 
 
 def _zero_cotangent(q):
@@ -299,7 +298,7 @@ def matmul(x: jax.Array, q, backend: str = "auto", *,
                      f"W {q.shape}: the last axis of x must be {q.kernel_shape[0]}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"qz.matmul: x must be floating, got {np.dtype(x.dtype).name}")
-  backend = _resolve(backend, q)
+  backend = _check_backend(backend)
   return _qmatmul(x, q, backend, tiles or _pallas.QMatmulTiles(), interpret, precision,
                   preferred_element_type)
 
